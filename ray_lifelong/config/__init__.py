@@ -1,0 +1,21 @@
+"""Typed configs: ``load_config(path, overrides) -> LifelongConfig``."""
+
+from ray_lifelong.config.load import ConfigError, load_config, save_config, to_yaml, validate
+from ray_lifelong.config.schema import (
+    DataConfig,
+    DebugConfig,
+    DemoConfig,
+    DomainConfig,
+    LifelongConfig,
+    ModelConfig,
+    RayConfig,
+    ScalingConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "ConfigError", "DataConfig", "DebugConfig", "DemoConfig", "DomainConfig", "LifelongConfig",
+    "ModelConfig", "RayConfig", "ScalingConfig", "TokenizerConfig", "TrainConfig",
+    "load_config", "save_config", "to_yaml", "validate",
+]

@@ -1,0 +1,101 @@
+"""Load, validate and save :class:`LifelongConfig` (schema <- YAML <- ``key=value`` overrides)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ray_lifelong.config.schema import ARCHS, LifelongConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> LifelongConfig:
+    """Return the typed config of ``path`` with ``key=value`` ``overrides`` applied.
+
+    Raises:
+        ConfigError: unknown key, wrong type, missing file or an inconsistent value; the message
+            names the file and the dotted key.
+    """
+    where = str(path) if path is not None else "<defaults>"
+    schema = OmegaConf.structured(LifelongConfig)
+    try:
+        layers = [schema]
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file not found: {path}")
+            layers.append(OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{where}: invalid config key {key!r}: {_first_line(e)}") from None
+    validate(cfg, where)
+    return cfg
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def validate(cfg: LifelongConfig, where: str = "<config>") -> None:
+    """Cross-field checks the type system cannot express; all problems are reported at once."""
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            problems.append(f"{key}: {msg}")
+
+    m, d, t = cfg.model, cfg.data, cfg.train
+    need(m.arch in ARCHS, "model.arch", f"must be one of {ARCHS}, got {m.arch!r}")
+    need(m.hidden_size % max(m.num_heads, 1) == 0, "model.hidden_size",
+         f"{m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    need(d.seq_len <= m.max_position_embeddings, "data.seq_len",
+         f"{d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    need(d.seq_len >= 8, "data.seq_len", "must be at least 8")
+    need(0 < d.mlm_probability < 1, "data.mlm_probability", "must be in (0, 1)")
+    need(d.on_bad_record in ("error", "skip"), "data.on_bad_record", "must be 'error' or 'skip'")
+    need(cfg.tokenizer.kind in ("auto", "wordpiece", "bpe"), "tokenizer.kind",
+         "must be auto, wordpiece or bpe")
+    need(t.lr_decay in ("linear", "cosine", "constant"), "train.lr_decay", "must be linear, cosine or constant")
+    need(t.steps > 0, "train.steps", "must be positive")
+    need(t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
+    need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
+    need(cfg.scaling.num_workers >= 1, "scaling.num_workers", "must be >= 1")
+    names = [dom.name for dom in d.domains]
+    need(len(set(names)) == len(names), "data.domains", f"domain names repeat: {names}")
+    for i, dom in enumerate(d.domains):
+        key = f"data.domains[{i}]"
+        need(dom.name not in ("", "???") and dom.name.replace("_", "").replace("-", "").isalnum(),
+             f"{key}.name", f"must be a short alphanumeric name, got {dom.name!r}")
+        need(bool(dom.train), f"{key}.train", f"domain {dom.name!r} lists no training sources")
+        need(dom.format in ("auto", "jsonl", "parquet", "text"), f"{key}.format",
+             "must be auto, jsonl, parquet or text")
+        steps = dom.steps if dom.steps is not None else t.steps
+        need(steps > 0, f"{key}.steps", "must be positive")
+        bs = dom.batch_size if dom.batch_size is not None else t.batch_size
+        per_step = t.micro_batch_size * cfg.scaling.num_workers
+        need(bs % per_step == 0, f"{key}.batch_size" if dom.batch_size is not None else "train.batch_size",
+             f"global batch {bs} is not a multiple of train.micro_batch_size x scaling.num_workers = {per_step}")
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems))
+
+
+def save_config(cfg: LifelongConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, loadable again with :func:`load_config`."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(to_yaml(cfg))
+
+
+def to_yaml(cfg: LifelongConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,182 @@
+"""Typed configuration of a lifelong pre-training run.
+
+The dataclasses below are the one schema; YAML files under ``configs/`` carry only values. OmegaConf
+merges schema <- YAML <- ``key=value`` overrides and rejects unknown keys and wrong types, so a typo
+fails at load time instead of silently training with a default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+ARCHS = ("bert", "gpt2")
+
+
+@dataclass
+class DomainConfig:
+    """One emerging domain = one training stage, in the order listed."""
+
+    name: str = "???"
+    """Short identifier; also names the domain's prompt token ``<dom:NAME>``."""
+    train: List[str] = field(default_factory=list)
+    """Training sources: local paths, globs, directories or URIs pyarrow reads (``s3://bucket/x/*.jsonl.gz``)."""
+    valid: List[str] = field(default_factory=list)
+    """Validation sources, same forms. Needed for the perplexity matrix."""
+    format: str = "auto"
+    """``auto`` (from the file extension), ``jsonl``, ``parquet`` or ``text`` (one document per line)."""
+    text_field: str = "text"
+    """Field (jsonl) or column (parquet) holding the document text."""
+    steps: Optional[int] = None
+    """Optimizer steps of this domain's stage; ``None`` takes ``train.steps``."""
+    batch_size: Optional[int] = None
+    """Global sequences per optimizer step for this stage; ``None`` takes ``train.batch_size``."""
+    lr: Optional[float] = None
+    """Peak learning rate for this stage; ``None`` takes ``train.lr``."""
+
+
+@dataclass
+class DataConfig:
+    domains: List[DomainConfig] = field(default_factory=list)
+    """The domains in arrival order."""
+    seq_len: int = 128
+    """Tokens per packed training sequence, special tokens included."""
+    mlm_probability: float = 0.15
+    """Share of tokens selected for MLM prediction (BERT); 80% [MASK], 10% random, 10% kept."""
+    on_bad_record: str = "error"
+    """``error``: stop with the file and line of the first bad record; ``skip``: drop and count it."""
+    read_num_cpus: float = 0.25
+    """Logical CPUs per file-reading task. Kept fractional so reads are scheduled next to the trainers."""
+    tokenize_num_cpus: float = 0.25
+    """Logical CPUs per tokenizer actor."""
+    tokenize_actors: int = 1
+    """Maximum size of the tokenizer actor pool (autoscales from 1)."""
+    tokenize_batch_size: int = 128
+    """Documents per tokenizer call."""
+    read_chunk_docs: int = 256
+    """Documents per block emitted by a file reader, so a large file streams instead of loading whole."""
+    shuffle_buffer: int = 0
+    """Per-worker local shuffle buffer in sequences (0 = stream order)."""
+    eval_max_sequences: int = 128
+    """Cap on validation sequences per domain (keeps the PPL matrix cheap)."""
+
+
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = None
+    """An existing Hugging Face tokenizer directory. ``None``: train one into the run directory."""
+    kind: str = "auto"
+    """``auto`` (WordPiece for bert, byte-level BPE for gpt2), ``wordpiece`` or ``bpe``."""
+    vocab_size: int = 8000
+    min_frequency: int = 2
+    sample_docs_per_domain: int = 2000
+    """Documents read from each domain's training sources to train the tokenizer."""
+    reserved_prompt_tokens: int = 4
+    """Extra unused ``<dom:reserved_i>`` tokens, so later domains get a prompt without a new vocabulary."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "bert"
+    """``bert`` (BertForMaskedLM, MLM) or ``gpt2`` (GPT2LMHeadModel, causal LM)."""
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_heads: int = 2
+    intermediate_size: int = 512
+    max_position_embeddings: int = 512
+    dropout: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Default optimizer steps per stage."""
+    batch_size: int = 16
+    """Global sequences per optimizer step (all workers, all accumulation micro-steps)."""
+    micro_batch_size: int = 16
+    """Sequences per worker per forward pass; accumulation = batch_size / (micro_batch_size * workers)."""
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-6
+    warmup_ratio: float = 0.06
+    """Share of the stage's steps with linear warmup."""
+    lr_decay: str = "linear"
+    """``linear``, ``cosine`` or ``constant`` after warmup."""
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+    bf16: bool = True
+    """bf16 autocast on GPU (ignored on CPU, where fp32 is faster)."""
+    log_every: int = 10
+    eval_every: int = 0
+    """Validation on every domain each N steps (0: only at the end of the stage)."""
+    checkpoint_every: int = 50
+    """Report a checkpoint every N steps (and always at the end)."""
+    seed: int = 0
+    torch_threads: int = 0
+    """torch intra-op threads per worker (0 leaves Ray's default, one per logical CPU of the worker)."""
+
+
+@dataclass
+class ScalingConfig:
+    """Mirrors ``ray.train.ScalingConfig``."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    """Fractional on small machines so Ray Data's read and tokenize tasks still get a CPU."""
+    gpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None
+    """Cluster address; ``None`` joins ``RAY_ADDRESS`` when set (ray job submit) or starts a local one."""
+    num_cpus: Optional[int] = None
+    """Logical CPUs of a locally started cluster (``None``: the machine's)."""
+    storage_path: Optional[str] = None
+    """Where Ray Train writes checkpoints (local, NFS or ``s3://``); ``None``: ``<run dir>/checkpoints``."""
+    max_failures: int = 2
+    """Worker-group restarts per stage before it fails (each restart resumes from the last checkpoint)."""
+    num_to_keep: int = 2
+    """Checkpoints kept per stage."""
+
+
+@dataclass
+class DemoConfig:
+    """The embedded synthetic multi-domain corpus, written on first use."""
+
+    enabled: bool = False
+    dir: str = "data/demo"
+    domains: List[str] = field(default_factory=lambda: ["sports", "cooking", "astronomy", "finance"])
+    train_docs: int = 1200
+    valid_docs: int = 80
+    shards: int = 2
+    seed: int = 0
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests: kill one worker process once at this step of this stage."""
+
+    crash_at_step: Optional[int] = None
+    crash_stage: int = 0
+    crash_marker: Optional[str] = None
+    """File created before the crash so that the restarted worker does not crash again."""
+
+
+@dataclass
+class LifelongConfig:
+    run_name: str = "run"
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)

@@ -1,0 +1,119 @@
+"""Ray Data pipelines: read a domain's files -> tokenize (actor pool) -> pack into sequences.
+
+The datasets are lazy; they execute while the Ray Train workers pull batches through
+``get_dataset_shard(...).iter_torch_batches``, so the corpus is never materialised whole. Only the
+small capped validation sets are materialised once per stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from ray_lifelong.config.schema import DataConfig, DomainConfig
+from ray_lifelong.data.packing import PackSpec, pack
+from ray_lifelong.data.sources import BadRecord, iter_documents, resolve_sources
+
+
+@ray.remote(num_cpus=0)
+class BadRecordLog:
+    """Collects records skipped under ``on_bad_record: skip`` (deduplicated across epochs/retries)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, int], str] = {}
+
+    def add(self, records: list[tuple[str, int, str]]) -> None:
+        for path, line, reason in records:
+            self._seen.setdefault((path, line), reason)
+
+    def summary(self) -> dict:
+        by_file: dict[str, int] = {}
+        for path, _ in self._seen:
+            by_file[path] = by_file.get(path, 0) + 1
+        examples = [f"{p}, line {ln}: {r}" for (p, ln), r in list(self._seen.items())[:5]]
+        return {"count": len(self._seen), "by_file": by_file, "examples": examples}
+
+
+def _read_files(batch: dict, *, fmt: str, text_field: str, on_bad_record: str, chunk: int, log=None):
+    """Generator UDF: one input row per file path, streaming blocks of ``chunk`` documents out."""
+    for path in batch["path"]:
+        skipped: list[BadRecord] = []
+        texts: list[str] = []
+        for text in iter_documents(str(path), fmt=fmt, text_field=text_field,
+                                   on_bad_record=on_bad_record, report_bad=skipped.append):
+            texts.append(text)
+            if len(texts) >= chunk:
+                yield {"text": np.asarray(texts, dtype=object)}
+                texts = []
+        if texts:
+            yield {"text": np.asarray(texts, dtype=object)}
+        if skipped and log is not None:
+            log.add.remote([(b.path, b.line, b.reason) for b in skipped])
+
+
+class TokenizePack:
+    """Ray Data callable class: tokenize a batch of documents and pack it into fixed-length rows.
+
+    One instance lives in each actor of the pool, so the tokenizer is loaded once per actor and the
+    tokens left over at the end of a batch carry into the next one instead of being dropped.
+    """
+
+    def __init__(self, tokenizer_dir: str, seq_len: int, arch: str, prompt: str | None = None) -> None:
+        from ray_lifelong.data.tokenizer import load_tokenizer
+
+        self.tok = load_tokenizer(tokenizer_dir)
+        self.spec = pack_spec(self.tok, seq_len, arch, prompt)
+        self.carry: list[int] = []
+
+    def __call__(self, batch: dict) -> dict:
+        enc = self.tok(list(batch["text"]), add_special_tokens=False)["input_ids"]
+        rows, self.carry = pack(enc, self.spec, self.carry)
+        return {"input_ids": rows}
+
+
+def pack_spec(tokenizer, seq_len: int, arch: str, prompt: str | None = None) -> PackSpec:
+    """Row layout per architecture: BERT ``[CLS] (prompt) body [SEP]``, GPT-2 ``(prompt) body``."""
+    prompt_ids = (tokenizer.convert_tokens_to_ids(prompt),) if prompt else ()
+    if arch == "bert":
+        return PackSpec(seq_len, tokenizer.sep_token_id, (tokenizer.cls_token_id, *prompt_ids),
+                        (tokenizer.sep_token_id,))
+    return PackSpec(seq_len, tokenizer.eos_token_id, prompt_ids, ())
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    tokenizer_dir: str
+    arch: str
+    data: DataConfig
+
+
+def domain_dataset(dom: DomainConfig, split: str, opts: StreamOptions, log=None,
+                   prompt: str | None = None) -> ray.data.Dataset:
+    """The lazy dataset of packed ``input_ids`` rows of one domain split (``train`` or ``valid``).
+
+    Raises:
+        DataError: a source pattern matches no file (checked here, before any Ray work starts).
+    """
+    patterns = dom.train if split == "train" else dom.valid
+    files = resolve_sources(patterns, what=f"domain {dom.name!r} {split}")
+    d = opts.data
+    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
+    ds = ds.map_batches(
+        _read_files, batch_size=1, num_cpus=d.read_num_cpus,
+        fn_kwargs=dict(fmt=dom.format, text_field=dom.text_field, on_bad_record=d.on_bad_record,
+                       chunk=d.read_chunk_docs, log=log))
+    return ds.map_batches(
+        TokenizePack, batch_size=d.tokenize_batch_size, num_cpus=d.tokenize_num_cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, d.tokenize_actors)),
+        fn_constructor_kwargs=dict(tokenizer_dir=opts.tokenizer_dir, seq_len=d.seq_len, arch=opts.arch,
+                                   prompt=prompt))
+
+
+def quiet_ray_data() -> None:
+    """No progress bars: one log line per interval is the interface (works in CI logs too)."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_options.verbose_progress = False

@@ -1,0 +1,118 @@
+"""Train (``tokenizers``) or load a Hugging Face fast tokenizer, with reserved domain-prompt tokens.
+
+Nothing is downloaded: a tokenizer is trained locally on a sample of the configured domains, or loaded
+from a local Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from ray_lifelong.config.schema import DomainConfig, TokenizerConfig
+from ray_lifelong.data.sources import iter_documents, resolve_sources
+
+BERT_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+                 "sep_token": "[SEP]", "mask_token": "[MASK]"}
+GPT2_EOS = "<|endoftext|>"
+
+
+def prompt_token(domain: str) -> str:
+    """The reserved vocabulary token of a domain's prompt (ELLE), e.g. ``<dom:news>``."""
+    return f"<dom:{domain}>"
+
+
+def prompt_tokens(domains: Iterable[str], reserved: int = 0) -> list[str]:
+    return [prompt_token(d) for d in domains] + [prompt_token(f"reserved{i}") for i in range(reserved)]
+
+
+def tokenizer_kind(cfg: TokenizerConfig, arch: str) -> str:
+    if cfg.kind != "auto":
+        return cfg.kind
+    return "wordpiece" if arch == "bert" else "bpe"
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    out_dir: str | os.PathLike,
+    *,
+    kind: str,
+    vocab_size: int,
+    prompts: list[str],
+    min_frequency: int = 2,
+):
+    """Train a WordPiece (BERT-style) or byte-level BPE (GPT-2-style) tokenizer and save it.
+
+    Returns:
+        The loaded Hugging Face tokenizer of ``out_dir``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "wordpiece":
+        specials = list(BERT_SPECIALS.values())
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                            special_tokens=specials + prompts)
+        tok.train_from_iterator(texts, trainer=trainer)
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        hf = PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=prompts,
+                                     model_max_length=1 << 20, **BERT_SPECIALS)
+    elif kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                      special_tokens=[GPT2_EOS] + prompts,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer=trainer)
+        hf = PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=prompts,
+                                     bos_token=GPT2_EOS, eos_token=GPT2_EOS, unk_token=GPT2_EOS,
+                                     model_max_length=1 << 20)
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r} (wordpiece or bpe)")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(out_dir))
+    return load_tokenizer(out_dir)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load a local Hugging Face tokenizer directory (never the Hub)."""
+    from transformers import AutoTokenizer
+
+    if not Path(path, "tokenizer.json").exists() and not Path(path, "tokenizer_config.json").exists():
+        raise FileNotFoundError(f"{path}: not a Hugging Face tokenizer directory (no tokenizer.json)")
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def ensure_prompt_tokens(tokenizer, domains: Iterable[str]) -> int:
+    """Add missing ``<dom:NAME>`` tokens to a loaded tokenizer; return how many were added."""
+    missing = [t for t in prompt_tokens(domains) if tokenizer.convert_tokens_to_ids(t) in
+               (None, tokenizer.unk_token_id)]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing},
+                                     replace_additional_special_tokens=False)
+    return len(missing)
+
+
+def sample_texts(domains: list[DomainConfig], docs_per_domain: int) -> Iterable[str]:
+    """The first ``docs_per_domain`` documents of each domain's training sources (bad records skipped)."""
+    for dom in domains:
+        files = resolve_sources(dom.train, what=f"domain {dom.name!r} train")
+        docs = itertools.chain.from_iterable(
+            iter_documents(f, fmt=dom.format, text_field=dom.text_field, on_bad_record="skip")
+            for f in files)
+        yield from itertools.islice(docs, docs_per_domain)
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """Ids never selected for MLM masking (specials and prompts)."""
+    return sorted(set(tokenizer.all_special_ids))

@@ -1,0 +1,53 @@
+"""A stage checkpoint is a self-describing directory:
+
+    model/            HF ``save_pretrained`` weights + config + tokenizer (loads with AutoModelFor...)
+    train_state.pt    optimizer and LR-scheduler state
+    state.json        step, data position (epoch, micro-batches consumed), tokens, loss history
+    config.yaml       the resolved run config
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ray_lifelong.config.load import save_config
+
+
+@dataclass
+class TrainState:
+    """Counters a resumed stage continues from. Ray Data restarts an epoch from its beginning after
+    a restore, so the data position is kept here and the consumed micro-batches are skipped."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    tokens: int = 0
+    data_wait_s: float = 0.0
+    compute_s: float = 0.0
+    restarts: int = 0
+    history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+
+
+def save_checkpoint(directory: str | Path, *, model, tokenizer, optimizer, scheduler, state: TrainState,
+                    cfg) -> None:
+    d = Path(directory)
+    model.save_pretrained(d / "model")
+    tokenizer.save_pretrained(str(d / "model"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, d / "train_state.pt")
+    (d / "state.json").write_text(json.dumps(asdict(state)))
+    save_config(cfg, d / "config.yaml")
+
+
+def load_state(directory: str | Path) -> TrainState:
+    return TrainState(**json.loads((Path(directory) / "state.json").read_text()))
+
+
+def load_optimizer_state(directory: str | Path, optimizer, scheduler) -> None:
+    blob = torch.load(Path(directory) / "train_state.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])

@@ -1,0 +1,254 @@
+"""The per-worker training loop of one stage (runs inside Ray Train workers).
+
+Read top to bottom: [1] model and state (resume > previous stage > fresh), [2] DDP + optimizer,
+[3] data shard, [4] the step loop (accumulate, clip, step, log, evaluate, checkpoint), [5] final
+evaluation and report. Ray touch-points are marked with ``# [ray]``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+from torch import distributed as dist
+
+from ray_lifelong.data.packing import mlm_mask, mlm_mask_fixed
+from ray_lifelong.data.sources import DataError
+from ray_lifelong.data.tokenizer import load_tokenizer, special_token_ids
+from ray_lifelong.eval.metrics import perplexity
+from ray_lifelong.models.build import LMObjective, build_model, lm_loss, load_model
+from ray_lifelong.stage.checkpoint import (
+    TrainState,
+    load_optimizer_state,
+    load_state,
+    save_checkpoint,
+)
+from ray_lifelong.stage.schedule import lr_multiplier
+from ray_lifelong.stage.spec import StageSpec, materialize_tokenizer
+
+EVAL_MASK_SEED = 1234
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    spec: StageSpec = config["spec"]
+    cfg, t = spec.cfg, spec.cfg.train
+    ctx = ray.train.get_context()  # [ray]
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()  # [ray]
+    if t.torch_threads:
+        torch.set_num_threads(t.torch_threads)
+    tokenizer = load_tokenizer(materialize_tokenizer(spec.tokenizer_files))
+    torch.manual_seed(t.seed + 1000 * spec.index + rank)
+
+    # [1] model and state: a retry of this stage > the previous stage's model > a fresh model
+    resume = ray.train.get_checkpoint()  # [ray]
+    state = TrainState()
+    if resume is not None:
+        with resume.as_directory() as d:
+            model = load_model(str(Path(d) / "model"), cfg.model.arch)
+            state = load_state(d)
+            state.restarts += 1
+            opt_dir = tempfile.mkdtemp()
+            Path(opt_dir, "train_state.pt").write_bytes(Path(d, "train_state.pt").read_bytes())
+    elif spec.init_checkpoint is not None:
+        with spec.init_checkpoint.as_directory() as d:
+            model = load_model(str(Path(d) / "model"), cfg.model.arch)
+    else:
+        model = build_model(cfg.model, len(tokenizer), pad_id=tokenizer.pad_token_id,
+                            eos_id=tokenizer.eos_token_id, seed=t.seed)
+    if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+                         f"{model.get_input_embeddings().weight.shape[0]}")
+
+    # [2] DDP and optimizer
+    objective = ray.train.torch.prepare_model(LMObjective(model))  # [ray] moves to device, wraps DDP if world > 1
+    inner: LMObjective = objective.module if hasattr(objective, "module") else objective
+    optimizer = _build_optimizer(inner.model, spec.lr, t)
+    warmup = int(t.warmup_ratio * spec.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, spec.steps, warmup=warmup, decay=t.lr_decay, min_ratio=t.min_lr_ratio))
+    if resume is not None:
+        load_optimizer_state(opt_dir, optimizer, scheduler)
+
+    # [3] data: this worker's share of the domain stream, and the (unsplit) validation sets
+    train_shard = ray.train.get_dataset_shard("train")  # [ray]
+    accum = spec.grad_accum(world)
+    masker = _Masker(tokenizer, cfg.data.mlm_probability, cfg.model.arch)
+    use_bf16 = t.bf16 and device.type == "cuda"
+    seq_tokens = spec.batch_size * cfg.data.seq_len
+    if rank == 0:
+        print(f"[stage {spec.index} {spec.domain}] start at step {state.step}/{spec.steps} "
+              f"(workers={world}, accumulation={accum}, restarts={state.restarts})", flush=True)
+
+    # [4] step loop
+    micro, loss_acc, log_t0, log_tok0 = 0, 0.0, time.perf_counter(), state.tokens
+    while state.step < spec.steps:
+        seen = 0
+        batches = train_shard.iter_torch_batches(  # [ray] streams while we train
+            batch_size=t.micro_batch_size, drop_last=True, dtypes=torch.long,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=(t.seed + state.epoch) if cfg.data.shuffle_buffer else None)
+        wait0 = time.perf_counter()
+        for batch in batches:
+            seen += 1
+            if seen <= state.batches_in_epoch:  # consumed before a restart: skip, don't train twice
+                wait0 = time.perf_counter()
+                continue
+            c0 = time.perf_counter()
+            state.data_wait_s += c0 - wait0
+            gen = torch.Generator().manual_seed(hash((t.seed, spec.index, rank, state.step, micro)) % (2**62))
+            inputs, labels = masker(batch["input_ids"].to(device), gen)
+            sync = micro == accum - 1
+            with _maybe_no_sync(objective, sync), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
+                logits, targets = objective(inputs, labels)
+                loss = lm_loss(logits, targets)
+            (loss / accum).backward()
+            loss_acc += float(loss.detach()) / accum
+            state.batches_in_epoch = seen
+            micro += 1
+            if micro == accum:
+                if t.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(inner.parameters(), t.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.tokens += seq_tokens
+                micro = 0
+                _maybe_crash(spec, state.step, rank)
+                if state.step % t.log_every == 0 or state.step == spec.steps:
+                    now = time.perf_counter()
+                    tps = (state.tokens - log_tok0) / max(now - log_t0, 1e-9)
+                    state.history.append({"step": state.step, "loss": loss_acc, "lr": scheduler.get_last_lr()[0],
+                                          "tokens": state.tokens, "tokens_per_s": tps})
+                    if rank == 0:
+                        print(f"[stage {spec.index} {spec.domain}] step {state.step}/{spec.steps} "
+                              f"loss {loss_acc:.4f} lr {scheduler.get_last_lr()[0]:.2e} tok/s {tps:,.0f}", flush=True)
+                    log_t0, log_tok0 = now, state.tokens
+                loss_acc = 0.0
+                state.compute_s += time.perf_counter() - c0
+                done = state.step >= spec.steps
+                if done:
+                    break
+                if t.eval_every and state.step % t.eval_every == 0:
+                    ppl = _evaluate(inner, spec, masker, device, rank, world)
+                    state.evals.append({"step": state.step, "tokens": state.tokens, "ppl": ppl})
+                    _report(spec, state, ppl, rank, inner, tokenizer, optimizer, scheduler)
+                elif state.step % t.checkpoint_every == 0:
+                    _report(spec, state, None, rank, inner, tokenizer, optimizer, scheduler)
+            else:
+                state.compute_s += time.perf_counter() - c0
+            wait0 = time.perf_counter()
+        else:
+            if seen == 0:
+                raise DataError(f"domain {spec.domain!r}: the training stream yielded no sequence of "
+                                f"{cfg.data.seq_len} tokens on worker {rank} (empty domain, or fewer "
+                                f"tokens than one micro-batch per worker)")
+            state.epoch += 1
+            state.batches_in_epoch = 0
+
+    # [5] final evaluation on every domain, final checkpoint
+    ppl = _evaluate(inner, spec, masker, device, rank, world)
+    state.evals.append({"step": state.step, "tokens": state.tokens, "ppl": ppl})
+    _report(spec, state, ppl, rank, inner, tokenizer, optimizer, scheduler, final=True)
+    return {"state": state.__dict__, "ppl": ppl}
+
+
+def _report(spec, state, ppl, rank, inner, tokenizer, optimizer, scheduler, *, final=False) -> None:
+    """All workers call ``ray.train.report`` (a barrier); only rank 0 attaches the checkpoint."""
+    metrics = {"stage": spec.index, "step": state.step, "tokens": state.tokens, "final": final}
+    if ppl:
+        metrics.update({f"ppl/{k}": v for k, v in ppl.items()})
+        metrics["valid_loss"] = math.log(ppl[spec.domain])
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = None
+        if rank == 0:
+            save_checkpoint(d, model=inner.model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                            state=state, cfg=spec.cfg)
+            ckpt = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=ckpt)  # [ray]
+
+
+def _build_optimizer(model, lr: float, t) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and LayerNorm weights (standard for BERT/GPT-2)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or ".ln_" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+
+
+class _Masker:
+    """Turns packed ``input_ids`` into (inputs, labels): MLM masking for BERT, identity for GPT-2."""
+
+    def __init__(self, tokenizer, prob: float, arch: str) -> None:
+        self.arch = arch
+        self.kw = dict(mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
+                       special_ids=special_token_ids(tokenizer), prob=prob)
+
+    def __call__(self, ids: torch.Tensor, gen: torch.Generator | None, fixed: bool = False):
+        if self.arch != "bert":
+            return ids, ids
+        if fixed:
+            return mlm_mask_fixed(ids, seed=EVAL_MASK_SEED, **self.kw)
+        return mlm_mask(ids, generator=gen, **self.kw)
+
+
+@torch.no_grad()
+def _evaluate(inner: LMObjective, spec: StageSpec, masker: _Masker, device, rank: int, world: int) -> dict:
+    """Perplexity on every domain's validation set; rows are dealt round-robin to the workers and the
+    sums all-reduced, so the result does not depend on the number of workers."""
+    inner.eval()
+    out = {}
+    for name in spec.eval_domains:
+        shard = ray.train.get_dataset_shard(f"valid_{name}")  # [ray] unsplit: every worker sees all rows
+        totals = torch.zeros(2, dtype=torch.float64, device=device)
+        row0 = 0
+        for batch in shard.iter_torch_batches(batch_size=spec.cfg.train.micro_batch_size, dtypes=torch.long):
+            ids = batch["input_ids"]
+            mine = torch.arange(row0, row0 + len(ids)) % world == rank
+            row0 += len(ids)
+            if not mine.any():
+                continue
+            inputs, labels = masker(ids[mine], None, fixed=True)
+            logits, targets = inner(inputs.to(device), labels.to(device))
+            totals[0] += lm_loss(logits, targets, reduction="sum").double()
+            totals[1] += targets.numel()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(totals)
+        out[name] = perplexity(float(totals[0]), int(totals[1]))
+    inner.train()
+    return out
+
+
+class _maybe_no_sync:
+    """DDP ``no_sync`` on accumulation micro-steps (gradients are all-reduced once per optimizer step)."""
+
+    def __init__(self, module, sync: bool) -> None:
+        self.ctx = module.no_sync() if (not sync and hasattr(module, "no_sync")) else None
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx else False
+
+
+def _maybe_crash(spec: StageSpec, step: int, rank: int) -> None:
+    """Fault injection (config ``debug``): kill this worker process once, to exercise FailureConfig."""
+    dbg = spec.cfg.debug
+    if dbg.crash_at_step != step or dbg.crash_stage != spec.index or rank != 0 or not dbg.crash_marker:
+        return
+    if os.path.exists(dbg.crash_marker):
+        return
+    Path(dbg.crash_marker).write_text(f"crashed at stage {spec.index} step {step}\n")
+    print(f"[stage {spec.index} {spec.domain}] debug: crashing worker at step {step}", flush=True)
+    os._exit(1)

@@ -1,0 +1,109 @@
+"""Run one stage on Ray Train: the only place a ``TorchTrainer`` is built."""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+from ray.train.torch import TorchTrainer
+
+from ray_lifelong.config.schema import LifelongConfig
+from ray_lifelong.data.sources import DataError
+from ray_lifelong.data.stream import BadRecordLog, StreamOptions, domain_dataset, quiet_ray_data
+from ray_lifelong.flops import logit_positions, train_flops_per_sequence
+from ray_lifelong.stage.loop import train_loop_per_worker
+from ray_lifelong.stage.spec import StageResult, StageSpec
+
+
+class StageFailedError(RuntimeError):
+    """A stage that Ray Train could not finish; the message carries the root cause."""
+
+
+def stage_name(run_name: str, index: int, domain: str) -> str:
+    """Deterministic Ray Train run name: re-running with it resumes from the stage's checkpoints."""
+    return f"{run_name}-stage{index}-{domain}"
+
+
+def run_stage(spec: StageSpec, tokenizer_dir: str, storage_path: str) -> StageResult:
+    """Train ``spec.domain`` on Ray Train and evaluate every domain; return the stage record."""
+    cfg: LifelongConfig = spec.cfg
+    quiet_ray_data()
+    opts = StreamOptions(tokenizer_dir=tokenizer_dir, arch=cfg.model.arch, data=cfg.data)
+    bad_log = BadRecordLog.remote()
+    domains = {d.name: d for d in cfg.data.domains}
+    datasets = {"train": domain_dataset(domains[spec.domain], "train", opts, log=bad_log)}
+    for name in spec.eval_domains:
+        if not domains[name].valid:
+            raise DataError(f"domain {name!r} has no validation sources (data.domains[].valid)")
+        valid = domain_dataset(domains[name], "valid", opts, log=bad_log)
+        datasets[f"valid_{name}"] = valid.limit(cfg.data.eval_max_sequences).materialize()
+        if datasets[f"valid_{name}"].count() == 0:
+            raise DataError(f"domain {name!r}: validation sources {domains[name].valid} hold no text "
+                            f"(at least one sequence of {cfg.data.seq_len} tokens is needed)")
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec},
+        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                               resources_per_worker=resources,
+                                               placement_strategy=sc.placement_strategy),
+        run_config=RunConfig(
+            name=stage_name(cfg.run_name, spec.index, spec.domain), storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep)),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # TrainingFailedError wraps the worker's exception several levels deep
+        raise StageFailedError(f"stage {spec.index} ({spec.domain}) failed: {root_cause(e)}") from e
+    wall = time.perf_counter() - t0
+    out = result.return_value or {}
+    state = out.get("state", {})
+    m = cfg.model
+    per_seq = train_flops_per_sequence(
+        num_layers=m.num_layers, hidden=m.hidden_size, ffn=m.intermediate_size, vocab=len_vocab(tokenizer_dir),
+        seq_len=cfg.data.seq_len, logit_positions=logit_positions(m.arch, cfg.data.seq_len, cfg.data.mlm_probability))
+    sequences = state.get("tokens", 0) // cfg.data.seq_len
+    return StageResult(
+        index=spec.index, domain=spec.domain, checkpoint_path=result.checkpoint.path,
+        ppl=out.get("ppl", {}), steps=state.get("step", 0), tokens=state.get("tokens", 0),
+        train_flops=per_seq * sequences, wall_time_s=wall, history=state.get("history", []),
+        evals=state.get("evals", []), data_wait_s=state.get("data_wait_s", 0.0),
+        bad_records=ray.get(bad_log.summary.remote()), restarts=state.get("restarts", 0))
+
+
+def len_vocab(tokenizer_dir: str) -> int:
+    from ray_lifelong.data.tokenizer import load_tokenizer
+
+    return len(load_tokenizer(tokenizer_dir))
+
+
+def root_cause(e: BaseException) -> str:
+    """The innermost message of a chain of Ray/Train exceptions, preferring our DataError text."""
+    seen, stack, best = set(), [e], None
+    while stack:
+        cur = stack.pop()
+        if id(cur) in seen or cur is None:
+            continue
+        seen.add(id(cur))
+        text = str(cur)
+        if "DataError" in type(cur).__name__ or "DataError:" in text:
+            best = text
+        stack.extend([cur.__cause__, cur.__context__, getattr(cur, "cause", None)])
+        for sub in (getattr(cur, "worker_failures", None) or {}).values():
+            stack.append(sub)
+    if best:
+        marker = "DataError:"
+        if marker in best:
+            best = best[best.rindex(marker):].splitlines()[0]
+        return best
+    text = str(e).strip().splitlines()
+    return text[-1] if text else type(e).__name__

@@ -1,0 +1,71 @@
+"""What one stage needs on the workers, and what it returns to the driver (plain picklable data)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray_lifelong.config.schema import LifelongConfig
+
+
+@dataclass
+class StageSpec:
+    """Everything a worker of stage ``index`` needs; sent whole through ``train_loop_config``."""
+
+    cfg: LifelongConfig
+    index: int
+    domain: str
+    eval_domains: list[str]
+    steps: int
+    batch_size: int
+    lr: float
+    tokenizer_files: dict[str, bytes]
+    """The tokenizer directory's files, shipped by value so workers on any node can load it."""
+    init_checkpoint: Any = None
+    """``ray.train.Checkpoint`` of the previous stage (``None``: fresh model)."""
+
+    def grad_accum(self, world_size: int) -> int:
+        per_step = self.cfg.train.micro_batch_size * world_size
+        if self.batch_size % per_step:
+            raise ValueError(f"batch size {self.batch_size} is not a multiple of micro_batch_size x workers "
+                             f"= {per_step}")
+        return self.batch_size // per_step
+
+
+@dataclass
+class StageResult:
+    """The driver-side record of a finished stage (also written as ``stage.json``)."""
+
+    index: int
+    domain: str
+    checkpoint_path: str
+    ppl: dict[str, float]
+    steps: int
+    tokens: int
+    train_flops: float
+    wall_time_s: float
+    history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    data_wait_s: float = 0.0
+    bad_records: dict = field(default_factory=dict)
+    restarts: int = 0
+
+
+def read_tokenizer_files(path: str | os.PathLike) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(path).iterdir()) if p.is_file()}
+
+
+def materialize_tokenizer(files: dict[str, bytes]) -> str:
+    """Write shipped tokenizer files to a per-content temp dir (idempotent); return the dir."""
+    digest = hashlib.sha1(b"".join(k.encode() + v for k, v in sorted(files.items()))).hexdigest()[:16]
+    out = Path(tempfile.gettempdir()) / f"ray_lifelong_tok_{digest}"
+    if not (out / ".complete").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (out / name).write_bytes(data)
+        (out / ".complete").touch()
+    return str(out)
