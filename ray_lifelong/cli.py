@@ -86,16 +86,18 @@ def init_ray(cfg) -> None:
 
     import ray
 
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    quiet = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
+             "TOKENIZERS_PARALLELISM": "false"}
+    for k, v in quiet.items():
+        os.environ.setdefault(k, v)
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     # The package dir travels to the workers when running from a source checkout without install.
     pkg_root = str(Path(__file__).resolve().parent.parent)
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")])),
-                        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+                        **{k: os.environ[k] for k in quiet}}}
     if address:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=env)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, logging_level=logging.WARNING, include_dashboard=False,
-                 runtime_env=env)
+        ray.init(num_cpus=cfg.ray.num_cpus, logging_level=logging.WARNING, runtime_env=env)

@@ -33,6 +33,7 @@ from ray_lifelong.data.tokenizer import (
     tokenizer_kind,
     train_tokenizer,
 )
+from ray_lifelong.data.stream import BadRecordLog, StreamOptions, quiet_ray_data, validation_dataset
 from ray_lifelong.eval.metrics import average_increased_perplexity, average_perplexity
 from ray_lifelong.stage.run import run_stage
 from ray_lifelong.stage.spec import StageResult, StageSpec, read_tokenizer_files
@@ -84,6 +85,9 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False) -> dict:
     tok_files = read_tokenizer_files(tok_dir)
     storage = cfg.ray.storage_path or str(rdir / "checkpoints")
     names = [d.name for d in cfg.data.domains]
+    quiet_ray_data()
+    bad_log = BadRecordLog.remote()
+    valid_ds = validation_dataset(cfg.data.domains, StreamOptions(tok_dir, cfg.model.arch, cfg.data), bad_log)
     results: list[StageResult] = []
     prev_ckpt = None
     for i, dom in enumerate(cfg.data.domains):
@@ -97,7 +101,8 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False) -> dict:
                 steps=dom.steps or cfg.train.steps, batch_size=dom.batch_size or cfg.train.batch_size,
                 lr=dom.lr or cfg.train.lr, tokenizer_files=tok_files, init_checkpoint=prev_ckpt)
             print(f"[run] stage {i}/{len(names) - 1}: domain {dom.name!r}, {spec.steps} steps")
-            res = run_stage(spec, tok_dir, storage)
+            res = run_stage(spec, tokenizer_dir=tok_dir, storage_path=storage, valid_ds=valid_ds,
+                            bad_log=bad_log)
             marker.parent.mkdir(parents=True, exist_ok=True)
             tmp = marker.with_suffix(".tmp")
             tmp.write_text(json.dumps(asdict(res), indent=1))
@@ -117,7 +122,6 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False) -> dict:
 def summarize(domains: list[str], results: list[StageResult]) -> dict:
     """``results.json``: the PPL matrix (rows = after stage i, columns = domains), AP, AP+ and costs."""
     matrix = [[r.ppl[d] for d in domains] for r in results]
-    square = [row for row in matrix] if len(results) == len(domains) else matrix
     cum_flops = 0.0
     stages = []
     for r in results:
@@ -129,9 +133,9 @@ def summarize(domains: list[str], results: list[StageResult]) -> dict:
     return {
         "domains": domains,
         "ppl_matrix": matrix,
-        "AP": average_perplexity(square, geometric=True),
-        "AP_arithmetic": average_perplexity(square, geometric=False),
-        "AP_plus": average_increased_perplexity(square),
+        "AP": average_perplexity(matrix, geometric=True),
+        "AP_arithmetic": average_perplexity(matrix, geometric=False),
+        "AP_plus": average_increased_perplexity(matrix),
         "stages": stages,
         "total_train_flops": cum_flops,
         "total_wall_time_s": sum(r.wall_time_s for r in results),

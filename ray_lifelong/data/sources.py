@@ -206,7 +206,12 @@ def _iter_lines(path: str, fmt: str, text_field: str, bad: Callable[[int, str], 
 
 
 def _binary_lines(stream) -> Iterator[bytes]:
-    """Split a binary stream into lines in 1 MiB reads (pyarrow streams have no readline)."""
+    """Lines of a binary stream: gzip files line by line (so the lines before a truncation still
+    count), pyarrow streams (no readline) split from 1 MiB reads."""
+    if isinstance(stream, gzip.GzipFile):
+        for line in stream:
+            yield line.rstrip(b"\n")
+        return
     pending = b""
     while True:
         chunk = stream.read(1 << 20)

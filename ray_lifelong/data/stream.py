@@ -14,7 +14,7 @@ import ray
 
 from ray_lifelong.config.schema import DataConfig, DomainConfig
 from ray_lifelong.data.packing import PackSpec, pack
-from ray_lifelong.data.sources import BadRecord, iter_documents, resolve_sources
+from ray_lifelong.data.sources import BadRecord, DataError, iter_documents, resolve_sources
 
 
 @ray.remote(num_cpus=0)
@@ -37,18 +37,23 @@ class BadRecordLog:
 
 
 def _read_files(batch: dict, *, fmt: str, text_field: str, on_bad_record: str, chunk: int, log=None):
-    """Generator UDF: one input row per file path, streaming blocks of ``chunk`` documents out."""
-    for path in batch["path"]:
+    """Generator UDF: one input row per file, streaming blocks of ``chunk`` documents out."""
+    for path, domain_id in zip(batch["path"], batch["domain_id"]):
         skipped: list[BadRecord] = []
         texts: list[str] = []
+
+        def block(texts=texts, domain_id=domain_id) -> dict:
+            return {"text": np.asarray(texts, dtype=object),
+                    "domain_id": np.full(len(texts), domain_id, dtype=np.int32)}
+
         for text in iter_documents(str(path), fmt=fmt, text_field=text_field,
                                    on_bad_record=on_bad_record, report_bad=skipped.append):
             texts.append(text)
             if len(texts) >= chunk:
-                yield {"text": np.asarray(texts, dtype=object)}
-                texts = []
+                yield block()
+                texts.clear()
         if texts:
-            yield {"text": np.asarray(texts, dtype=object)}
+            yield block()
         if skipped and log is not None:
             log.add.remote([(b.path, b.line, b.reason) for b in skipped])
 
@@ -65,12 +70,20 @@ class TokenizePack:
 
         self.tok = load_tokenizer(tokenizer_dir)
         self.spec = pack_spec(self.tok, seq_len, arch, prompt)
-        self.carry: list[int] = []
+        self.carry: dict[int, list[int]] = {}
 
     def __call__(self, batch: dict) -> dict:
         enc = self.tok(list(batch["text"]), add_special_tokens=False)["input_ids"]
-        rows, self.carry = pack(enc, self.spec, self.carry)
-        return {"input_ids": rows}
+        ids = batch["domain_id"]
+        rows, dom = [], []
+        for d in dict.fromkeys(ids.tolist()):  # a batch may span two domains (validation): pack each apart
+            docs = [e for e, i in zip(enc, ids) if i == d]
+            packed, self.carry[d] = pack(docs, self.spec, self.carry.get(d, []))
+            rows.append(packed)
+            dom.append(np.full(len(packed), d, dtype=np.int32))
+        if not rows:
+            return {"input_ids": np.zeros((0, self.spec.seq_len), np.int32), "domain_id": np.zeros(0, np.int32)}
+        return {"input_ids": np.concatenate(rows), "domain_id": np.concatenate(dom)}
 
 
 def pack_spec(tokenizer, seq_len: int, arch: str, prompt: str | None = None) -> PackSpec:
@@ -89,26 +102,52 @@ class StreamOptions:
     data: DataConfig
 
 
-def domain_dataset(dom: DomainConfig, split: str, opts: StreamOptions, log=None,
-                   prompt: str | None = None) -> ray.data.Dataset:
-    """The lazy dataset of packed ``input_ids`` rows of one domain split (``train`` or ``valid``).
+def files_dataset(domains: list[tuple[int, DomainConfig]], split: str, opts: StreamOptions, log=None,
+                  prompt: str | None = None) -> ray.data.Dataset:
+    """The lazy dataset of packed rows ``{input_ids, domain_id}`` of the ``split`` of ``domains``.
+
+    Args:
+        domains: ``(domain_id, DomainConfig)`` pairs; ``domain_id`` is the domain's index in the run.
 
     Raises:
         DataError: a source pattern matches no file (checked here, before any Ray work starts).
     """
-    patterns = dom.train if split == "train" else dom.valid
-    files = resolve_sources(patterns, what=f"domain {dom.name!r} {split}")
+    items = []
+    for domain_id, dom in domains:
+        patterns = dom.train if split == "train" else dom.valid
+        if not patterns:
+            raise DataError(f"domain {dom.name!r} lists no {split} sources (data.domains[].{split})")
+        items += [{"path": f, "domain_id": domain_id}
+                  for f in resolve_sources(patterns, what=f"domain {dom.name!r} {split}")]
+    formats = {dom.format for _, dom in domains}
+    fields = {dom.text_field for _, dom in domains}
+    if len(formats) > 1 or len(fields) > 1:
+        raise DataError(f"domains {[d.name for _, d in domains]} read together must share format and text_field")
     d = opts.data
-    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(
         _read_files, batch_size=1, num_cpus=d.read_num_cpus,
-        fn_kwargs=dict(fmt=dom.format, text_field=dom.text_field, on_bad_record=d.on_bad_record,
+        fn_kwargs=dict(fmt=formats.pop(), text_field=fields.pop(), on_bad_record=d.on_bad_record,
                        chunk=d.read_chunk_docs, log=log))
     return ds.map_batches(
         TokenizePack, batch_size=d.tokenize_batch_size, num_cpus=d.tokenize_num_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, d.tokenize_actors)),
         fn_constructor_kwargs=dict(tokenizer_dir=opts.tokenizer_dir, seq_len=d.seq_len, arch=opts.arch,
                                    prompt=prompt))
+
+
+def validation_dataset(domains: list[DomainConfig], opts: StreamOptions, log=None) -> ray.data.Dataset:
+    """All domains' validation rows, materialised once per run (small) so that every stage evaluates
+    the same sequences; the workers score the first ``eval_max_sequences`` rows of each domain."""
+    ds = files_dataset(list(enumerate(domains)), "valid", opts, log).materialize()
+    counts = np.zeros(len(domains), dtype=np.int64)
+    for batch in ds.select_columns(["domain_id"]).iter_batches(batch_size=1024, batch_format="numpy"):
+        counts += np.bincount(batch["domain_id"], minlength=len(domains))
+    empty = [dom.name for dom, n in zip(domains, counts) if n == 0]
+    if empty:
+        raise DataError(f"domains {empty}: validation sources hold no text (at least one sequence of "
+                         f"{opts.data.seq_len} tokens is needed)")
+    return ds
 
 
 def quiet_ray_data() -> None:

@@ -43,6 +43,7 @@ def train_loop_per_worker(config: dict) -> dict:
     device = ray.train.torch.get_device()  # [ray]
     if t.torch_threads:
         torch.set_num_threads(t.torch_threads)
+    _quiet_transformers()
     tokenizer = load_tokenizer(materialize_tokenizer(spec.tokenizer_files))
     torch.manual_seed(t.seed + 1000 * spec.index + rank)
 
@@ -204,29 +205,36 @@ class _Masker:
 
 @torch.no_grad()
 def _evaluate(inner: LMObjective, spec: StageSpec, masker: _Masker, device, rank: int, world: int) -> dict:
-    """Perplexity on every domain's validation set; rows are dealt round-robin to the workers and the
-    sums all-reduced, so the result does not depend on the number of workers."""
+    """Perplexity on every domain's validation rows (the first ``eval_max_sequences`` of each).
+
+    Every worker iterates the whole (small, materialised) validation set and scores the rows whose
+    index is ``rank`` modulo the world size; the sums are all-reduced, so the result does not depend
+    on the number of workers.
+    """
     inner.eval()
-    out = {}
-    for name in spec.eval_domains:
-        shard = ray.train.get_dataset_shard(f"valid_{name}")  # [ray] unsplit: every worker sees all rows
-        totals = torch.zeros(2, dtype=torch.float64, device=device)
-        row0 = 0
-        for batch in shard.iter_torch_batches(batch_size=spec.cfg.train.micro_batch_size, dtypes=torch.long):
-            ids = batch["input_ids"]
-            mine = torch.arange(row0, row0 + len(ids)) % world == rank
-            row0 += len(ids)
+    n = len(spec.eval_domains)
+    cap = spec.cfg.data.eval_max_sequences
+    totals = torch.zeros(2 * n, dtype=torch.float64, device=device)  # [nll sums..., counts...]
+    taken = [0] * n
+    row = 0
+    for batch in ray.train.get_dataset_shard("valid").iter_torch_batches(  # [ray] unsplit
+            batch_size=spec.cfg.train.micro_batch_size, dtypes=torch.long):
+        for d in batch["domain_id"].unique().tolist():
+            ids = batch["input_ids"][batch["domain_id"] == d]
+            ids = ids[: max(0, cap - taken[d])]
+            taken[d] += len(ids)
+            mine = (torch.arange(row, row + len(ids)) % world) == rank
+            row += len(ids)
             if not mine.any():
                 continue
             inputs, labels = masker(ids[mine], None, fixed=True)
             logits, targets = inner(inputs.to(device), labels.to(device))
-            totals[0] += lm_loss(logits, targets, reduction="sum").double()
-            totals[1] += targets.numel()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(totals)
-        out[name] = perplexity(float(totals[0]), int(totals[1]))
+            totals[d] += lm_loss(logits, targets, reduction="sum").double()
+            totals[n + d] += targets.numel()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
     inner.train()
-    return out
+    return {name: perplexity(float(totals[i]), int(totals[n + i])) for i, name in enumerate(spec.eval_domains)}
 
 
 class _maybe_no_sync:
@@ -252,3 +260,11 @@ def _maybe_crash(spec: StageSpec, step: int, rank: int) -> None:
     Path(dbg.crash_marker).write_text(f"crashed at stage {spec.index} step {step}\n")
     print(f"[stage {spec.index} {spec.domain}] debug: crashing worker at step {step}", flush=True)
     os._exit(1)
+
+
+def _quiet_transformers() -> None:
+    """No per-load/save progress bars from transformers in the workers' logs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

@@ -6,12 +6,11 @@ import time
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
 from ray_lifelong.config.schema import LifelongConfig
-from ray_lifelong.data.sources import DataError
-from ray_lifelong.data.stream import BadRecordLog, StreamOptions, domain_dataset, quiet_ray_data
+from ray_lifelong.data.stream import StreamOptions, files_dataset, quiet_ray_data
 from ray_lifelong.flops import logit_positions, train_flops_per_sequence
 from ray_lifelong.stage.loop import train_loop_per_worker
 from ray_lifelong.stage.spec import StageResult, StageSpec
@@ -26,22 +25,19 @@ def stage_name(run_name: str, index: int, domain: str) -> str:
     return f"{run_name}-stage{index}-{domain}"
 
 
-def run_stage(spec: StageSpec, tokenizer_dir: str, storage_path: str) -> StageResult:
-    """Train ``spec.domain`` on Ray Train and evaluate every domain; return the stage record."""
+def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_ds, bad_log=None) -> StageResult:
+    """Train ``spec.domain`` on Ray Train and evaluate every domain; return the stage record.
+
+    Args:
+        valid_ds: the run's materialised validation rows (:func:`validation_dataset`).
+        bad_log: a :class:`BadRecordLog` actor collecting skipped records.
+    """
     cfg: LifelongConfig = spec.cfg
     quiet_ray_data()
     opts = StreamOptions(tokenizer_dir=tokenizer_dir, arch=cfg.model.arch, data=cfg.data)
-    bad_log = BadRecordLog.remote()
-    domains = {d.name: d for d in cfg.data.domains}
-    datasets = {"train": domain_dataset(domains[spec.domain], "train", opts, log=bad_log)}
-    for name in spec.eval_domains:
-        if not domains[name].valid:
-            raise DataError(f"domain {name!r} has no validation sources (data.domains[].valid)")
-        valid = domain_dataset(domains[name], "valid", opts, log=bad_log)
-        datasets[f"valid_{name}"] = valid.limit(cfg.data.eval_max_sequences).materialize()
-        if datasets[f"valid_{name}"].count() == 0:
-            raise DataError(f"domain {name!r}: validation sources {domains[name].valid} hold no text "
-                            f"(at least one sequence of {cfg.data.seq_len} tokens is needed)")
+    index = {d.name: i for i, d in enumerate(cfg.data.domains)}
+    train_ds = files_dataset([(index[spec.domain], cfg.data.domains[index[spec.domain]])], "train", opts,
+                             log=bad_log)
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
@@ -55,8 +51,9 @@ def run_stage(spec: StageSpec, tokenizer_dir: str, storage_path: str) -> StageRe
         run_config=RunConfig(
             name=stage_name(cfg.run_name, spec.index, spec.domain), storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep)),
-        datasets=datasets,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
+            logging_config=LoggingConfig(log_level="WARNING")),
+        datasets={"train": train_ds, "valid": valid_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     t0 = time.perf_counter()
@@ -77,7 +74,8 @@ def run_stage(spec: StageSpec, tokenizer_dir: str, storage_path: str) -> StageRe
         ppl=out.get("ppl", {}), steps=state.get("step", 0), tokens=state.get("tokens", 0),
         train_flops=per_seq * sequences, wall_time_s=wall, history=state.get("history", []),
         evals=state.get("evals", []), data_wait_s=state.get("data_wait_s", 0.0),
-        bad_records=ray.get(bad_log.summary.remote()), restarts=state.get("restarts", 0))
+        bad_records=ray.get(bad_log.summary.remote()) if bad_log is not None else {},
+        restarts=state.get("restarts", 0))
 
 
 def len_vocab(tokenizer_dir: str) -> int:

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny configs and synthetic shards, offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory) -> Path:
+    """Two small demo domains written once per test session."""
+    from ray_lifelong.data.demo import write_demo_corpus
+
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_corpus(root, ["sports", "astronomy"], train_docs=160, valid_docs=20, shards=2)
+    return root
+
+
+def tiny_overrides(root: Path, out: Path, arch: str = "bert", steps: int = 12) -> list[str]:
+    doms = ", ".join(
+        f"{{name: {d}, train: ['{root}/{d}/train-*.jsonl.gz'], valid: ['{root}/{d}/valid-*.jsonl.gz']}}"
+        for d in ("sports", "astronomy"))
+    return [
+        f"output_dir={out}", f"data.domains=[{doms}]", "data.seq_len=32", "data.eval_max_sequences=16",
+        f"model.arch={arch}", "model.num_layers=1", "model.hidden_size=32", "model.num_heads=2",
+        "model.intermediate_size=64", "model.max_position_embeddings=64",
+        "tokenizer.vocab_size=600", "tokenizer.sample_docs_per_domain=150",
+        f"train.steps={steps}", "train.batch_size=8", "train.micro_batch_size=4", "train.lr=3e-3",
+        "train.log_every=2", "train.checkpoint_every=4", "train.warmup_ratio=0.1",
+        "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "ray.max_failures=1",
+    ]
+
+
+@pytest.fixture(scope="module")
+def ray_4cpus():
+    """One local Ray instance per test module (logical CPUs oversubscribe the 2 cores on purpose)."""
+    import ray
+
+    from ray_lifelong.data.stream import quiet_ray_data
+
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
+             runtime_env={"env_vars": {k: os.environ[k] for k in
+                                       ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_DATA_LOG_LEVEL",
+                                        "RAY_TRAIN_ENABLE_PRINT_PATCH")}})
+    quiet_ray_data()
+    yield
+    ray.shutdown()

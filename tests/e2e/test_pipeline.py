@@ -1,0 +1,87 @@
+"""The whole lifelong pipeline through the real command line, on two tiny demo domains."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, tiny_overrides
+
+pytestmark = [pytest.mark.e2e]
+
+
+def cli(*args, timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "ray_lifelong", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished_run(demo_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    overrides = tiny_overrides(demo_corpus, out, arch="gpt2", steps=8) + ["run_name=e2e", "ray.num_cpus=4"]
+    proc = cli("run", str(REPO / "configs/demo.yaml"), *overrides)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out / "e2e", overrides, proc
+
+
+def test_results_json_has_full_matrix_and_metrics(finished_run):
+    run, _, proc = finished_run
+    res = json.loads((run / "results.json").read_text())
+    assert res["domains"] == ["sports", "astronomy"]
+    assert len(res["ppl_matrix"]) == 2 and all(len(r) == 2 for r in res["ppl_matrix"])
+    assert all(1 < p < 1e6 for row in res["ppl_matrix"] for p in row)
+    m = res["ppl_matrix"]
+    assert m[0][0] < m[0][1] and m[1][1] < m[0][1]  # learning the new domain helps it
+    assert len(res["AP"]) == len(res["AP_arithmetic"]) == 2 and res["AP_plus"][0] is None
+    assert res["AP_plus"][1] == pytest.approx(m[1][0] - m[0][0])
+    for s in res["stages"]:
+        assert s["steps"] == 8 and s["tokens"] == 8 * 8 * 32 and s["train_flops"] > 0 and s["wall_time_s"] > 0
+    assert res["stages"][1]["cumulative_train_flops"] == pytest.approx(2 * res["stages"][0]["train_flops"])
+    assert "step 8/8" in proc.stdout + proc.stderr  # progress lines reach the terminal
+
+
+def test_run_directory_layout(finished_run):
+    run, _, _ = finished_run
+    for name in ("config.yaml", "report.md", "ppl_matrix_and_loss.png", "tokenizer/tokenizer.json",
+                 "stages/00-sports/stage.json", "stages/01-astronomy/stage.json"):
+        assert (run / name).exists(), name
+    assert "Perplexity matrix" in (run / "report.md").read_text()
+    from ray_lifelong.config import load_config
+
+    assert load_config(run / "config.yaml").run_name == "e2e"  # the saved config is loadable as is
+
+
+def test_final_model_loads_with_transformers(finished_run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, _, _ = finished_run
+    model = AutoModelForCausalLM.from_pretrained(run / "final_model", local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(run / "final_model", local_files_only=True)
+    ids = torch.tensor([tok("the star orbited a distant galaxy")["input_ids"]])
+    assert model(input_ids=ids).logits.shape[-1] == len(tok)
+    assert tok.convert_tokens_to_ids("<dom:sports>") != tok.unk_token_id
+
+
+def test_rerun_refuses_and_resume_skips_finished_stages(finished_run):
+    run, overrides, _ = finished_run
+    before = (run / "results.json").read_text()
+    proc = cli("run", str(REPO / "configs/demo.yaml"), *overrides)
+    assert proc.returncode == 1 and "--resume" in proc.stderr
+    proc = cli("run", str(REPO / "configs/demo.yaml"), *overrides, "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("already finished: skipped") == 2
+    assert json.loads((run / "results.json").read_text())["ppl_matrix"] == json.loads(before)["ppl_matrix"]
+
+
+def test_cli_reports_config_and_data_errors(tmp_path):
+    proc = cli("run", str(REPO / "configs/demo.yaml"), "train.stpes=3")
+    assert proc.returncode == 2 and "train.stpes" in proc.stderr
+    proc = cli("tokenizer", str(REPO / "configs/demo.yaml"), "demo.enabled=false",
+               f"data.domains=[{{name: x, train: ['{tmp_path}/none/*.jsonl']}}]", "--out", str(tmp_path / "t"))
+    assert proc.returncode == 2 and "domain 'x' train: no file matches" in proc.stderr

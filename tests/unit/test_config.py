@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+
+from ray_lifelong.config import ConfigError, LifelongConfig, load_config, save_config
+from tests.conftest import REPO
+
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert any(p.name == "demo.yaml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, LifelongConfig)
+    assert cfg.data.domains, "a shipped config must list its domains"
+
+
+def test_overrides_apply_and_keep_types():
+    cfg = load_config(REPO / "configs/demo.yaml", ["train.steps=7", "train.lr=0.5", "run_name=x"])
+    assert cfg.train.steps == 7 and cfg.train.lr == 0.5 and cfg.run_name == "x"
+    assert isinstance(cfg.train.steps, int)
+
+
+@pytest.mark.parametrize("override, key", [
+    (["train.stpes=3"], "train.stpes"),
+    (["model.hiden_size=3"], "model.hiden_size"),
+    (["train.steps=abc"], "train.steps"),
+    (["scaling.use_gpu=maybe"], "scaling.use_gpu"),
+])
+def test_unknown_keys_and_wrong_types_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(REPO / "configs/demo.yaml", override)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: 0.1\n  warmpu_ratio: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*warmpu_ratio"):
+        load_config(bad)
+
+
+def test_cross_field_checks_name_keys():
+    with pytest.raises(ConfigError, match=r"model\.hidden_size.*num_heads"):
+        load_config(REPO / "configs/demo.yaml", ["model.hidden_size=65"])
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        load_config(REPO / "configs/demo.yaml", ["train.batch_size=10"])
+    with pytest.raises(ConfigError, match=r"data\.on_bad_record"):
+        load_config(REPO / "configs/demo.yaml", ["data.on_bad_record=ignore"])
+
+
+def test_missing_file_and_malformed_override():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("nope.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(REPO / "configs/demo.yaml", ["train.steps"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(REPO / "configs/demo.yaml", ["train.steps=9"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert Path(tmp_path / "c.yaml").read_text().count("steps: 9") == 1

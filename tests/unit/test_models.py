@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from ray_lifelong.config import ModelConfig
+from ray_lifelong.data.packing import IGNORE_INDEX
+from ray_lifelong.flops import forward_flops_per_sequence, logit_positions, non_embedding_params
+from ray_lifelong.models.build import LMObjective, build_model, count_parameters, lm_loss, load_model
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_build_and_objective(tmp_path, arch):
+    cfg = ModelConfig(arch=arch, num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64,
+                      max_position_embeddings=64, dropout=0.0)
+    model = build_model(cfg, vocab_size=100, pad_id=0, eos_id=1).eval()
+    assert count_parameters(model)["non_embedding"] > non_embedding_params(2, 32, 64)  # plus LN, biases
+    ids = torch.randint(5, 100, (3, 16))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, 4] = ids[:, 4]
+    obj = LMObjective(model)
+    logits, targets = obj(ids, labels if arch == "bert" else None)
+    if arch == "bert":
+        assert logits.shape == (3, 100) and torch.equal(targets, ids[:, 4])
+        ref = model(input_ids=ids).logits[:, 4]
+    else:
+        assert logits.shape == (3 * 15, 100) and torch.equal(targets, ids[:, 1:].reshape(-1))
+        ref = model(input_ids=ids).logits[:, :-1].reshape(-1, 100)
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)  # same as the full HF forward
+    assert lm_loss(logits, targets).ndim == 0
+    model.save_pretrained(tmp_path / "m")
+    again = load_model(str(tmp_path / "m"))
+    assert type(again) is type(model)
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_flops_counts():
+    # 1 layer, d=2, ff=4: N = 4*4 + 2*2*4 = 32; S=3: body = 3*(64 + 2*1*3*2) = 228; head 2*2*10*1
+    assert forward_flops_per_sequence(num_layers=1, hidden=2, ffn=4, vocab=10, seq_len=3,
+                                      logit_positions=1) == 228 + 40
+    assert logit_positions("bert", 100, 0.15) == pytest.approx(15.0)
+    assert logit_positions("gpt2", 100, 0.15) == 99.0
