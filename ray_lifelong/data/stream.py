@@ -151,8 +151,10 @@ def validation_dataset(domains: list[DomainConfig], opts: StreamOptions, log=Non
 
 
 def quiet_ray_data() -> None:
-    """No progress bars: one log line per interval is the interface (works in CI logs too)."""
+    """No progress bars (one log line per interval is the interface, and it reads well in CI logs), and
+    a deterministic block order, so that a resumed stage skips exactly the micro-batches it consumed."""
     ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.execution_options.verbose_progress = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ def train_loop_per_worker(config: dict) -> dict:
     if t.torch_threads:
         torch.set_num_threads(t.torch_threads)
     _quiet_transformers()
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     tokenizer = load_tokenizer(materialize_tokenizer(spec.tokenizer_files))
     torch.manual_seed(t.seed + 1000 * spec.index + rank)
 
@@ -70,7 +72,7 @@ def train_loop_per_worker(config: dict) -> dict:
     # [2] DDP and optimizer
     objective = ray.train.torch.prepare_model(LMObjective(model))  # [ray] moves to device, wraps DDP if world > 1
     inner: LMObjective = objective.module if hasattr(objective, "module") else objective
-    optimizer = _build_optimizer(inner.model, spec.lr, t)
+    optimizer = build_optimizer(inner.model, spec.lr, t)
     warmup = int(t.warmup_ratio * spec.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, spec.steps, warmup=warmup, decay=t.lr_decay, min_ratio=t.min_lr_ratio))
@@ -80,7 +82,7 @@ def train_loop_per_worker(config: dict) -> dict:
     # [3] data: this worker's share of the domain stream, and the (unsplit) validation sets
     train_shard = ray.train.get_dataset_shard("train")  # [ray]
     accum = spec.grad_accum(world)
-    masker = _Masker(tokenizer, cfg.data.mlm_probability, cfg.model.arch)
+    masker = Masker(tokenizer, cfg.data.mlm_probability, cfg.model.arch)
     use_bf16 = t.bf16 and device.type == "cuda"
     seq_tokens = spec.batch_size * cfg.data.seq_len
     if rank == 0:
@@ -127,7 +129,8 @@ def train_loop_per_worker(config: dict) -> dict:
                     now = time.perf_counter()
                     tps = (state.tokens - log_tok0) / max(now - log_t0, 1e-9)
                     state.history.append({"step": state.step, "loss": loss_acc, "lr": scheduler.get_last_lr()[0],
-                                          "tokens": state.tokens, "tokens_per_s": tps})
+                                          "tokens": state.tokens, "tokens_per_s": tps, "interval_s": now - log_t0,
+                                          "data_wait_s": state.data_wait_s, "compute_s": state.compute_s})
                     if rank == 0:
                         print(f"[stage {spec.index} {spec.domain}] step {state.step}/{spec.steps} "
                               f"loss {loss_acc:.4f} lr {scheduler.get_last_lr()[0]:.2e} tok/s {tps:,.0f}", flush=True)
@@ -176,7 +179,7 @@ def _report(spec, state, ppl, rank, inner, tokenizer, optimizer, scheduler, *, f
         ray.train.report(metrics, checkpoint=ckpt)  # [ray]
 
 
-def _build_optimizer(model, lr: float, t) -> torch.optim.Optimizer:
+def build_optimizer(model, lr: float, t) -> torch.optim.Optimizer:
     """AdamW without weight decay on biases and LayerNorm weights (standard for BERT/GPT-2)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -187,7 +190,7 @@ def _build_optimizer(model, lr: float, t) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
 
 
-class _Masker:
+class Masker:
     """Turns packed ``input_ids`` into (inputs, labels): MLM masking for BERT, identity for GPT-2."""
 
     def __init__(self, tokenizer, prob: float, arch: str) -> None:
@@ -204,7 +207,7 @@ class _Masker:
 
 
 @torch.no_grad()
-def _evaluate(inner: LMObjective, spec: StageSpec, masker: _Masker, device, rank: int, world: int) -> dict:
+def _evaluate(inner: LMObjective, spec: StageSpec, masker: Masker, device, rank: int, world: int) -> dict:
     """Perplexity on every domain's validation rows (the first ``eval_max_sequences`` of each).
 
     Every worker iterates the whole (small, materialised) validation set and scores the rows whose
@@ -263,7 +266,10 @@ def _maybe_crash(spec: StageSpec, step: int, rank: int) -> None:
 
 
 def _quiet_transformers() -> None:
-    """No per-load/save progress bars from transformers in the workers' logs."""
+    """No per-load/save progress bars from transformers, no per-report INFO lines from Ray Train."""
+    import logging
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

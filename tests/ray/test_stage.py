@@ -62,7 +62,8 @@ def _load(ckpt: Path):
 def test_worker_crash_resumes_from_last_checkpoint(ray_4cpus, demo_corpus, tmp_path):
     marker = tmp_path / "crashed"
     spec, kw = make_stage(demo_corpus, tmp_path, steps=12, extra=[
-        "debug.crash_at_step=6", f"debug.crash_marker={marker}", "train.checkpoint_every=4"])
+        "debug.crash_at_step=10", f"debug.crash_marker={marker}", "train.checkpoint_every=4"])
+    # Ray Train registers a reported checkpoint asynchronously: crash well after the step-4 one.
     res = run_stage(spec, **kw)
     assert marker.exists(), "the injected crash did not happen"
     assert res.restarts == 1
@@ -92,3 +93,16 @@ def test_bad_record_fails_stage_with_file_and_line(ray_4cpus, demo_corpus, tmp_p
     res = run_stage(spec, **{**kw, "storage_path": str(tmp_path / "ckpt-skip")})
     assert res.bad_records["count"] == 1 and res.steps == 4
     assert "train-01.jsonl.gz" in res.bad_records["examples"][0]
+
+
+def test_empty_domain_is_a_clear_error(ray_4cpus, demo_corpus, tmp_path):
+    import gzip
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with gzip.open(empty / "train-00.jsonl.gz", "wb") as f:
+        f.write(b"\n\n")  # blank lines only: no document at all
+    spec, kw = make_stage(demo_corpus, tmp_path, steps=4, extra=["ray.max_failures=0"])
+    spec.cfg.data.domains[0].train = [str(empty / "train-00.jsonl.gz")]
+    with pytest.raises(StageFailedError, match=r"domain 'sports'.*yielded no sequence"):
+        run_stage(spec, **kw)

@@ -1,0 +1,150 @@
+"""Shared pieces of the backbone benchmarks: workloads, a plain PyTorch baseline loop, a Ray stage run.
+
+Every benchmark compares against a baseline measured in the same run (ratios), because the machines
+are shared and noisy. Results go to ``bench/results/<name>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+CORPUS = REPO.parent / "shared" / "corpus"
+
+
+@dataclass
+class Workload:
+    name: str
+    overrides: list[str]
+
+
+def workloads(out: Path) -> list[Workload]:
+    """The demo model on the demo data, and a mid-size model on a real domain (when ../shared exists)."""
+    demo_dir = out / "demo_data"
+    demo = Workload("demo (bert 2x64, demo 'sports')", [
+        "demo.enabled=true", f"demo.dir={demo_dir}", "demo.domains=[sports]",
+        f"data.domains=[{{name: sports, train: ['{demo_dir}/sports/train-*.jsonl.gz'], "
+        f"valid: ['{demo_dir}/sports/valid-*.jsonl.gz']}}]"])
+    found = [demo]
+    if (CORPUS / "wb" / "train.jsonl.gz").exists():
+        found.append(Workload("mid-size (bert 4x256, corpus 'wb')", [
+            "model.num_layers=4", "model.hidden_size=256", "model.num_heads=4", "model.intermediate_size=1024",
+            "data.seq_len=128", "tokenizer.vocab_size=8000", "tokenizer.sample_docs_per_domain=300",
+            f"data.domains=[{{name: wb, train: ['{CORPUS}/wb/train.jsonl.gz'], "
+            f"valid: ['{CORPUS}/wb/valid.jsonl.gz']}}]"]))
+    return found
+
+
+def base_overrides(out: Path, steps: int, threads: int) -> list[str]:
+    return [f"output_dir={out}", f"train.steps={steps}", "train.batch_size=16", "train.micro_batch_size=16",
+            f"train.log_every=5", f"train.checkpoint_every={steps + 1}", f"train.torch_threads={threads}",
+            "data.eval_max_sequences=16", "scaling.num_workers=1", "scaling.cpus_per_worker=1"]
+
+
+def packed_rows(cfg, tok_dir: str, n_rows: int) -> np.ndarray:
+    """The same packed sequences the Ray pipeline produces, made in-process (no Ray) for the baseline."""
+    from ray_lifelong.data.sources import iter_documents, resolve_sources
+    from ray_lifelong.data.stream import TokenizePack
+
+    dom = cfg.data.domains[0]
+    udf = TokenizePack(tok_dir, cfg.data.seq_len, cfg.model.arch)
+    rows: list[np.ndarray] = []
+    texts: list[str] = []
+    for f in resolve_sources(dom.train, "bench"):
+        for text in iter_documents(f):
+            texts.append(text)
+            if len(texts) == 128:
+                rows.append(udf({"text": np.array(texts, dtype=object),
+                                 "domain_id": np.zeros(len(texts), np.int32)})["input_ids"])
+                texts = []
+                if sum(map(len, rows)) >= n_rows:
+                    return np.concatenate(rows)[:n_rows]
+    return np.concatenate(rows)
+
+
+def plain_torch_loop(cfg, tok_dir: str, rows: np.ndarray, steps: int, warmup: int, threads: int) -> dict:
+    """The stage's training step without Ray: same model, optimizer, masking, batch and data."""
+    from ray_lifelong.data.tokenizer import load_tokenizer
+    from ray_lifelong.models.build import LMObjective, build_model, lm_loss
+    from ray_lifelong.stage.loop import Masker, build_optimizer
+
+    torch.set_num_threads(threads)
+    t = cfg.train
+    tok = load_tokenizer(tok_dir)
+    model = build_model(cfg.model, len(tok), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, seed=t.seed)
+    obj = LMObjective(model).train()
+    opt = build_optimizer(model, t.lr, t)
+    masker = Masker(tok, cfg.data.mlm_probability, cfg.model.arch)
+    b = t.batch_size
+    t0 = None
+    for step in range(steps):
+        if step == warmup:
+            t0 = time.perf_counter()
+        i = (step * b) % max(1, len(rows) - b)
+        batch = torch.from_numpy(rows[i:i + b].astype(np.int64))
+        inputs, labels = masker(batch, torch.Generator().manual_seed(step))
+        logits, targets = obj(inputs, labels)
+        lm_loss(logits, targets).backward()
+        torch.nn.utils.clip_grad_norm_(obj.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+    n = steps - warmup
+    return {"steps_per_s": n / dt, "tokens_per_s": n * b * cfg.data.seq_len / dt, "steps_timed": n}
+
+
+def ray_stage(cfg, tok_dir: str, warmup: int) -> dict:
+    """One real stage on Ray Train (1 worker, Ray Data stream); steady-state rates from its log history."""
+    from ray_lifelong.data.stream import BadRecordLog, StreamOptions, validation_dataset
+    from ray_lifelong.stage.run import run_stage
+    from ray_lifelong.stage.spec import StageSpec, read_tokenizer_files
+
+    dom = cfg.data.domains[0]
+    spec = StageSpec(cfg=cfg, index=0, domain=dom.name, eval_domains=[dom.name], steps=cfg.train.steps,
+                     batch_size=cfg.train.batch_size, lr=cfg.train.lr, tokenizer_files=read_tokenizer_files(tok_dir))
+    log = BadRecordLog.remote()
+    valid = validation_dataset(cfg.data.domains, StreamOptions(tok_dir, cfg.model.arch, cfg.data), log)
+    storage = str(Path(cfg.output_dir) / f"ray-{time.time_ns()}")
+    res = run_stage(spec, tokenizer_dir=tok_dir, storage_path=storage, valid_ds=valid, bad_log=log)
+    hist = [h for h in res.history if h["step"] > warmup]
+    first = next(h for h in res.history if h["step"] == warmup)
+    span = sum(h["interval_s"] for h in hist)
+    steps = hist[-1]["step"] - first["step"]
+    wait = hist[-1]["data_wait_s"] - first["data_wait_s"]
+    return {"steps_per_s": steps / span, "tokens_per_s": steps * cfg.train.batch_size * cfg.data.seq_len / span,
+            "steps_timed": steps, "wait_fraction": wait / span, "startup_wait_s": first["data_wait_s"],
+            "stage_wall_s": res.wall_time_s}
+
+
+def data_supply(cfg, tok_dir: str, min_rows: int) -> dict:
+    """Tokens/s the Ray Data pipeline (read, tokenize, pack) delivers alone, with the stage's resources."""
+    from ray_lifelong.data.stream import StreamOptions, files_dataset
+
+    ds = files_dataset([(0, cfg.data.domains[0])], "train", StreamOptions(tok_dir, cfg.model.arch, cfg.data))
+    rows, t0, start_rows = 0, None, 0
+    t_start = time.perf_counter()
+    for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+        if t0 is None:  # the first batch pays for actor start-up; time the steady stream after it
+            t0, start_rows = time.perf_counter(), len(batch["input_ids"])
+        rows += len(batch["input_ids"])
+        if rows >= min_rows:
+            break
+    dt = time.perf_counter() - t0
+    return {"tokens_per_s": (rows - start_rows) * cfg.data.seq_len / dt, "rows": rows,
+            "startup_s": t0 - t_start}
+
+
+def write(name: str, payload: dict, table: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {**payload, "machine": {"cpus": os.cpu_count(), "torch": torch.__version__}}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    (RESULTS / f"{name}.md").write_text(table + "\n")
+    print(table)
