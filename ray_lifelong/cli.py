@@ -49,15 +49,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tokenizer(cfg, out: str) -> int:
-    from ray_lifelong.data.tokenizer import prompt_tokens, sample_texts, tokenizer_kind, train_tokenizer
-    from ray_lifelong.pipeline import prepare_demo
+    from ray_lifelong.pipeline import prepare_demo, train_run_tokenizer
 
     prepare_demo(cfg)
-    tc = cfg.tokenizer
-    tok = train_tokenizer(sample_texts(cfg.data.domains, tc.sample_docs_per_domain), out,
-                          kind=tokenizer_kind(tc, cfg.model.arch), vocab_size=tc.vocab_size,
-                          prompts=prompt_tokens([d.name for d in cfg.data.domains], tc.reserved_prompt_tokens),
-                          min_frequency=tc.min_frequency)
+    tok = train_run_tokenizer(cfg, Path(out))
     print(f"tokenizer with {len(tok)} tokens written to {out}")
     return 0
 

@@ -58,14 +58,18 @@ def prepare_tokenizer(cfg: LifelongConfig, out_dir: Path) -> str:
     if cfg.tokenizer.path:
         load_tokenizer(cfg.tokenizer.path)  # fail early with a clear message
         return cfg.tokenizer.path
-    if (out_dir / "tokenizer.json").exists():
-        return str(out_dir)
-    tc = cfg.tokenizer
-    train_tokenizer(sample_texts(cfg.data.domains, tc.sample_docs_per_domain), out_dir,
-                    kind=tokenizer_kind(tc, cfg.model.arch), vocab_size=tc.vocab_size,
-                    prompts=prompt_tokens([d.name for d in cfg.data.domains], tc.reserved_prompt_tokens),
-                    min_frequency=tc.min_frequency)
+    if not (out_dir / "tokenizer.json").exists():
+        train_run_tokenizer(cfg, out_dir)
     return str(out_dir)
+
+
+def train_run_tokenizer(cfg: LifelongConfig, out_dir: Path):
+    """Train the config's tokenizer on a sample of its domains, with a prompt token per domain."""
+    tc = cfg.tokenizer
+    return train_tokenizer(sample_texts(cfg.data.domains, tc.sample_docs_per_domain), out_dir,
+                           kind=tokenizer_kind(tc, cfg.model.arch), vocab_size=tc.vocab_size,
+                           prompts=prompt_tokens([d.name for d in cfg.data.domains], tc.reserved_prompt_tokens),
+                           min_frequency=tc.min_frequency)
 
 
 def run_lifelong(cfg: LifelongConfig, *, resume: bool = False) -> dict:
@@ -129,7 +133,8 @@ def summarize(domains: list[str], results: list[StageResult]) -> dict:
         stages.append({"domain": r.domain, "steps": r.steps, "tokens": r.tokens, "train_flops": r.train_flops,
                        "cumulative_train_flops": cum_flops, "wall_time_s": r.wall_time_s,
                        "data_wait_s": r.data_wait_s, "restarts": r.restarts, "bad_records": r.bad_records,
-                       "checkpoint": r.checkpoint_path, "history": r.history, "evals": r.evals})
+                       "checkpoint": r.checkpoint_path, "model_sizes": r.model_sizes, "growth": r.growth,
+                       "history": r.history, "evals": r.evals})
     return {
         "domains": domains,
         "ppl_matrix": matrix,

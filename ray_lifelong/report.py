@@ -38,6 +38,15 @@ def write_report(summary: dict, out_dir: Path) -> None:
                             [[i, s["domain"], s["steps"], s["tokens"], s["train_flops"], s["cumulative_train_flops"],
                               s["wall_time_s"], s["data_wait_s"], s["restarts"], s["bad_records"].get("count", 0)]
                              for i, s in enumerate(summary["stages"])])]
+    grown = [(i, s) for i, s in enumerate(summary["stages"]) if s.get("growth")]
+    if grown:
+        parts += ["", "## Growth events", "",
+                  markdown_table(["stage", "domain", "before (L/d/heads/ffn)", "after", "params", "max logit error",
+                                  "optimizer", "seconds"],
+                                 [[i, s["domain"], _sizes(s["growth"]["before"]), _sizes(s["growth"]["after"]),
+                                   f"{s['growth']['params_before']:,} -> {s['growth']['params_after']:,}",
+                                   f"{s['growth']['max_logit_error']:.2e}", s["growth"]["optimizer"],
+                                   s["growth"]["expand_seconds"]] for i, s in grown])]
     bad = [e for s in summary["stages"] for e in s["bad_records"].get("examples", [])]
     if bad:
         parts += ["", "## Skipped bad records (first examples)", ""] + [f"- {e}" for e in bad[:10]]
@@ -45,6 +54,10 @@ def write_report(summary: dict, out_dir: Path) -> None:
     if plots:
         parts += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     (out_dir / "report.md").write_text("\n".join(parts) + "\n")
+
+
+def _sizes(d: dict) -> str:
+    return f"{d['num_hidden_layers']}/{d['hidden_size']}/{d['num_attention_heads']}/{d['intermediate_size']}"
 
 
 def write_plots(summary: dict, out_dir: Path) -> list[Path]:

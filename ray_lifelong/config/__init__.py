@@ -6,6 +6,7 @@ from ray_lifelong.config.schema import (
     DebugConfig,
     DemoConfig,
     DomainConfig,
+    GrowthConfig,
     LifelongConfig,
     ModelConfig,
     RayConfig,
@@ -15,7 +16,7 @@ from ray_lifelong.config.schema import (
 )
 
 __all__ = [
-    "ConfigError", "DataConfig", "DebugConfig", "DemoConfig", "DomainConfig", "LifelongConfig",
+    "ConfigError", "DataConfig", "DebugConfig", "DemoConfig", "DomainConfig", "GrowthConfig", "LifelongConfig",
     "ModelConfig", "RayConfig", "ScalingConfig", "TokenizerConfig", "TrainConfig",
     "load_config", "save_config", "to_yaml", "validate",
 ]

@@ -81,6 +81,14 @@ def validate(cfg: LifelongConfig, where: str = "<config>") -> None:
         need(bool(dom.train), f"{key}.train", f"domain {dom.name!r} lists no training sources")
         need(dom.format in ("auto", "jsonl", "parquet", "text"), f"{key}.format",
              "must be auto, jsonl, parquet or text")
+        if dom.grow is not None:
+            g = dom.grow
+            need(i > 0, f"{key}.grow", "the first stage has no model to grow; set model.* instead")
+            need(g.depth_init in ("identity", "copy"), f"{key}.grow.depth_init", "must be identity or copy")
+            need(g.depth_placement in ("interleave", "top"), f"{key}.grow.depth_placement",
+                 "must be interleave or top")
+            need(g.optimizer in ("carry", "reset"), f"{key}.grow.optimizer", "must be carry or reset")
+            need(g.noise_std >= 0, f"{key}.grow.noise_std", "must be >= 0")
         steps = dom.steps if dom.steps is not None else t.steps
         need(steps > 0, f"{key}.steps", "must be positive")
         bs = dom.batch_size if dom.batch_size is not None else t.batch_size

@@ -14,6 +14,27 @@ ARCHS = ("bert", "gpt2")
 
 
 @dataclass
+class GrowthConfig:
+    """Grow the model at the start of a stage (ELLE / bert2BERT function-preserving expansion).
+
+    ``None`` sizes keep the current value; head size is kept fixed, so hidden_size sets the heads.
+    """
+
+    num_layers: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    depth_init: str = "identity"
+    """``identity`` (exact: new layers start as identities) or ``copy`` (ELLE: copies, approximate)."""
+    depth_placement: str = "interleave"
+    """``interleave`` (each new layer right above its source, as ELLE) or ``top``."""
+    noise_std: float = 0.0
+    """Symmetry-breaking noise on new and copied parameters (ELLE uses a small value)."""
+    optimizer: str = "reset"
+    """``carry``: map AdamW's moments onto the grown parameters; ``reset``: a fresh optimizer (ELLE)."""
+
+
+@dataclass
 class DomainConfig:
     """One emerging domain = one training stage, in the order listed."""
 
@@ -33,6 +54,8 @@ class DomainConfig:
     """Global sequences per optimizer step for this stage; ``None`` takes ``train.batch_size``."""
     lr: Optional[float] = None
     """Peak learning rate for this stage; ``None`` takes ``train.lr``."""
+    grow: Optional[GrowthConfig] = None
+    """Grow the model before this stage trains (not allowed on the first stage)."""
 
 
 @dataclass

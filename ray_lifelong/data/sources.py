@@ -45,12 +45,17 @@ def _is_uri(path: str) -> bool:
 def detect_format(path: str, declared: str = "auto") -> str:
     if declared != "auto":
         return declared
-    name = path.lower()
+    name = _name(path).lower()
     for ext in sorted(_EXTENSIONS, key=len, reverse=True):
         if name.endswith(ext):
             return _EXTENSIONS[ext]
     raise DataError(f"{path}: cannot tell the format from the extension; set the domain's 'format' "
                     f"to one of {FORMATS}")
+
+
+def _name(path: str) -> str:
+    """The path without a URI's ``?query`` (S3 options such as endpoint_override)."""
+    return path.split("?", 1)[0] if _is_uri(path) else path
 
 
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
@@ -158,7 +163,7 @@ def _open_binary(path: str):
         raw = fs.open_input_stream(fs_path, compression=None)
     except (FileNotFoundError, OSError) as e:
         raise DataError(f"{path}: cannot open: {e}") from None
-    if path.lower().endswith(".gz"):
+    if _name(path).lower().endswith(".gz"):
         return gzip.GzipFile(fileobj=raw, mode="rb")
     return raw
 

@@ -31,6 +31,8 @@ class TrainState:
     restarts: int = 0
     history: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
+    growth: dict | None = None
+    """The growth event at the start of this stage (sizes, params, logit error, seconds), if any."""
 
 
 def save_checkpoint(directory: str | Path, *, model, tokenizer, optimizer, scheduler, state: TrainState,

@@ -30,6 +30,8 @@ from ray_lifelong.stage.checkpoint import (
     load_state,
     save_checkpoint,
 )
+from ray_lifelong.growth import model_sizes
+from ray_lifelong.stage.grow import grow_model
 from ray_lifelong.stage.schedule import lr_multiplier
 from ray_lifelong.stage.spec import StageSpec, materialize_tokenizer
 
@@ -52,6 +54,7 @@ def train_loop_per_worker(config: dict) -> dict:
     # [1] model and state: a retry of this stage > the previous stage's model > a fresh model
     resume = ray.train.get_checkpoint()  # [ray]
     state = TrainState()
+    carried = None
     if resume is not None:
         with resume.as_directory() as d:
             model = load_model(str(Path(d) / "model"), cfg.model.arch)
@@ -62,6 +65,15 @@ def train_loop_per_worker(config: dict) -> dict:
     elif spec.init_checkpoint is not None:
         with spec.init_checkpoint.as_directory() as d:
             model = load_model(str(Path(d) / "model"), cfg.model.arch)
+            grow = cfg.data.domains[spec.index].grow
+            if grow is not None:  # same seed on every rank -> the same grown model everywhere
+                prev_opt = None
+                if grow.optimizer == "carry":
+                    prev_opt = torch.load(Path(d) / "train_state.pt", map_location="cpu",
+                                          weights_only=False)["optimizer"]
+                model, carried, state.growth = grow_model(model, grow, seed=t.seed + spec.index, train=t,
+                                                          lr=spec.lr, optimizer_state=prev_opt,
+                                                          build_optimizer=build_optimizer)
     else:
         model = build_model(cfg.model, len(tokenizer), pad_id=tokenizer.pad_token_id,
                             eos_id=tokenizer.eos_token_id, seed=t.seed)
@@ -73,6 +85,8 @@ def train_loop_per_worker(config: dict) -> dict:
     objective = ray.train.torch.prepare_model(LMObjective(model))  # [ray] moves to device, wraps DDP if world > 1
     inner: LMObjective = objective.module if hasattr(objective, "module") else objective
     optimizer = build_optimizer(inner.model, spec.lr, t)
+    if carried is not None:  # AdamW moments mapped onto the grown parameters (grow.optimizer=carry)
+        optimizer.load_state_dict(carried)
     warmup = int(t.warmup_ratio * spec.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, spec.steps, warmup=warmup, decay=t.lr_decay, min_ratio=t.min_lr_ratio))
@@ -88,6 +102,11 @@ def train_loop_per_worker(config: dict) -> dict:
     if rank == 0:
         print(f"[stage {spec.index} {spec.domain}] start at step {state.step}/{spec.steps} "
               f"(workers={world}, accumulation={accum}, restarts={state.restarts})", flush=True)
+        if state.growth and state.step == 0:
+            g = state.growth
+            print(f"[stage {spec.index} {spec.domain}] grew {g['before']} -> {g['after']} "
+                  f"({g['params_before']:,} -> {g['params_after']:,} params, max logit error "
+                  f"{g['max_logit_error']:.2e}, optimizer {g['optimizer']}, {g['expand_seconds']:.2f}s)", flush=True)
 
     # [4] step loop
     micro, loss_acc, log_t0, log_tok0 = 0, 0.0, time.perf_counter(), state.tokens
@@ -161,7 +180,7 @@ def train_loop_per_worker(config: dict) -> dict:
     ppl = _evaluate(inner, spec, masker, device, rank, world)
     state.evals.append({"step": state.step, "tokens": state.tokens, "ppl": ppl})
     _report(spec, state, ppl, rank, inner, tokenizer, optimizer, scheduler, final=True)
-    return {"state": state.__dict__, "ppl": ppl}
+    return {"state": state.__dict__, "ppl": ppl, "sizes": model_sizes(inner.model)}
 
 
 def _report(spec, state, ppl, rank, inner, tokenizer, optimizer, scheduler, *, final=False) -> None:

@@ -25,19 +25,23 @@ def stage_name(run_name: str, index: int, domain: str) -> str:
     return f"{run_name}-stage{index}-{domain}"
 
 
-def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_ds, bad_log=None) -> StageResult:
+def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_ds, bad_log=None,
+              train_ds=None) -> StageResult:
     """Train ``spec.domain`` on Ray Train and evaluate every domain; return the stage record.
 
     Args:
         valid_ds: the run's materialised validation rows (:func:`validation_dataset`).
         bad_log: a :class:`BadRecordLog` actor collecting skipped records.
+        train_ds: the training stream (rows ``{input_ids, domain_id}``); ``None`` streams the domain's
+            own training files.
     """
     cfg: LifelongConfig = spec.cfg
     quiet_ray_data()
     opts = StreamOptions(tokenizer_dir=tokenizer_dir, arch=cfg.model.arch, data=cfg.data)
     index = {d.name: i for i, d in enumerate(cfg.data.domains)}
-    train_ds = files_dataset([(index[spec.domain], cfg.data.domains[index[spec.domain]])], "train", opts,
-                             log=bad_log)
+    if train_ds is None:
+        train_ds = files_dataset([(index[spec.domain], cfg.data.domains[index[spec.domain]])], "train", opts,
+                                 log=bad_log)
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
@@ -64,10 +68,13 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
     wall = time.perf_counter() - t0
     out = result.return_value or {}
     state = out.get("state", {})
-    m = cfg.model
+    sizes = out.get("sizes", {})  # the trained model's sizes: after growth they differ from cfg.model
     per_seq = train_flops_per_sequence(
-        num_layers=m.num_layers, hidden=m.hidden_size, ffn=m.intermediate_size, vocab=len_vocab(tokenizer_dir),
-        seq_len=cfg.data.seq_len, logit_positions=logit_positions(m.arch, cfg.data.seq_len, cfg.data.mlm_probability))
+        num_layers=sizes.get("num_hidden_layers", cfg.model.num_layers),
+        hidden=sizes.get("hidden_size", cfg.model.hidden_size),
+        ffn=sizes.get("intermediate_size", cfg.model.intermediate_size), vocab=len_vocab(tokenizer_dir),
+        seq_len=cfg.data.seq_len,
+        logit_positions=logit_positions(cfg.model.arch, cfg.data.seq_len, cfg.data.mlm_probability))
     sequences = state.get("tokens", 0) // cfg.data.seq_len
     return StageResult(
         index=spec.index, domain=spec.domain, checkpoint_path=result.checkpoint.path,
@@ -75,7 +82,7 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
         train_flops=per_seq * sequences, wall_time_s=wall, history=state.get("history", []),
         evals=state.get("evals", []), data_wait_s=state.get("data_wait_s", 0.0),
         bad_records=ray.get(bad_log.summary.remote()) if bad_log is not None else {},
-        restarts=state.get("restarts", 0))
+        restarts=state.get("restarts", 0), model_sizes=sizes, growth=state.get("growth"))
 
 
 def len_vocab(tokenizer_dir: str) -> int:

@@ -53,6 +53,8 @@ class StageResult:
     data_wait_s: float = 0.0
     bad_records: dict = field(default_factory=dict)
     restarts: int = 0
+    model_sizes: dict = field(default_factory=dict)
+    growth: dict | None = None
 
 
 def read_tokenizer_files(path: str | os.PathLike) -> dict[str, bytes]:

@@ -106,3 +106,32 @@ def test_empty_domain_is_a_clear_error(ray_4cpus, demo_corpus, tmp_path):
     spec.cfg.data.domains[0].train = [str(empty / "train-00.jsonl.gz")]
     with pytest.raises(StageFailedError, match=r"domain 'sports'.*yielded no sequence"):
         run_stage(spec, **kw)
+
+
+@pytest.mark.parametrize("optimizer", ["carry", "reset"])
+def test_growth_at_stage_start_on_the_workers(ray_4cpus, demo_corpus, tmp_path, optimizer):
+    import ray.train
+
+    from ray_lifelong.config import GrowthConfig
+
+    spec0, kw = make_stage(demo_corpus, tmp_path, steps=4)
+    first = run_stage(spec0, **kw)
+    assert first.growth is None and first.model_sizes["hidden_size"] == 32
+    cfg = spec0.cfg
+    cfg.data.domains[1].grow = GrowthConfig(num_layers=2, hidden_size=64, intermediate_size=128,
+                                            depth_init="identity", optimizer=optimizer)
+    spec1 = StageSpec(cfg=cfg, index=1, domain="astronomy", eval_domains=spec0.eval_domains, steps=4,
+                      batch_size=8, lr=cfg.train.lr, tokenizer_files=spec0.tokenizer_files,
+                      init_checkpoint=ray.train.Checkpoint(first.checkpoint_path))
+    res = run_stage(spec1, **kw)
+    g = res.growth
+    assert g["before"]["num_hidden_layers"] == 1 and g["after"] == res.model_sizes
+    assert res.model_sizes == {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                               "intermediate_size": 128}
+    assert g["params_after"] > g["params_before"] and g["optimizer"] == optimizer
+    assert g["max_logit_error"] < 1e-4  # integer width x2 + identity depth is exact
+    assert res.train_flops > first.train_flops  # FLOPs follow the grown model's size
+    blob = torch.load(Path(res.checkpoint_path) / "train_state.pt", weights_only=False)["optimizer"]
+    steps = {int(v["step"]) for v in blob["state"].values()}
+    # carried moments keep counting from the first stage's 4 steps (except brand-new identity layers)
+    assert (max(steps) == 8) if optimizer == "carry" else (steps == {4})

@@ -1,0 +1,285 @@
+"""Growth benchmarks (issue 3): speed and memory of expand, exactness per operator, and FLOPs saved.
+
+    python bench/growth.py [--small-steps 400] [--grown-steps 600]
+
+1. expand time and peak memory: BERT-base-sized (12 layers / 768) grown from 6 / 384, and a
+   GPT-2-small-sized model likewise, each in a fresh subprocess on CPU (goal: under 2 s each).
+2. Exactness: max |logit difference| of every operator on both architectures (6 / 384 models).
+3. Training on the real corpus (``../shared/corpus/wb``, GPT-2, causal LM): a small model trained for
+   N steps, grown to twice the width and depth (AdamW state carried, or reset), then trained on; against
+   the large model trained from scratch for the same total FLOPs, in one run. FLOPs saved to reach the
+   from-scratch model's final validation loss = 1 - C_grown(L*) / C_scratch(L*), the cumulative training
+   FLOPs (shared/specs/flops.md) at the first evaluation at or below L*, interpolated linearly.
+
+Writes bench/results/growth.json and growth.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import CORPUS, REPO, packed_rows, write  # noqa: E402
+
+SIZES = {"small": dict(num_layers=6, hidden_size=384, num_heads=6, intermediate_size=1536),
+         "large": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072)}
+
+
+def _model(arch: str, vocab: int, layers: int, hidden: int, heads: int, ffn: int, positions: int = 512):
+    from ray_lifelong.config import ModelConfig
+    from ray_lifelong.models.build import build_model
+
+    return build_model(ModelConfig(arch=arch, num_layers=layers, hidden_size=hidden, num_heads=heads,
+                                   intermediate_size=ffn, max_position_embeddings=positions, dropout=0.0), vocab)
+
+
+def expand_cost_child(arch: str) -> None:
+    """Runs in a fresh process: peak RSS is per process, so each measurement gets its own."""
+    from ray_lifelong.growth import expand
+
+    torch.set_num_threads(2)
+    vocab = 30522 if arch == "bert" else 50257
+    s = SIZES["small"]
+    model = _model(arch, vocab, s["num_layers"], s["hidden_size"], s["num_heads"], s["intermediate_size"])
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    grown = expand(model, **SIZES["large"], depth_init="identity")
+    dt = time.perf_counter() - t0
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    params = sum(p.numel() for p in grown.parameters())
+    print(json.dumps({"seconds": dt, "peak_rss_mib": rss1 / 1024, "extra_peak_mib": (rss1 - rss0) / 1024,
+                      "params_after": params, "grown_fp32_mib": params * 4 / 2**20}))
+
+
+def expand_cost(arch: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child-expand", arch], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def exactness() -> dict:
+    """Max |logit error| per operator and architecture, growing 6/384 models (HF init)."""
+    from ray_lifelong.growth import expand, logit_errors
+
+    torch.manual_seed(0)
+    ops = {
+        "identity_depth": dict(num_hidden_layers=8, depth_init="identity"),
+        "copy_depth": dict(num_hidden_layers=8, depth_init="copy"),
+        "integer_width_x2": dict(hidden_size=768, intermediate_size=3072),
+        "non_integer_width_384_512": dict(hidden_size=512, intermediate_size=2048),
+        "bert2BERT_6x384_to_12x768": dict(**SIZES["large"], depth_init="identity"),
+        "elle_step_6x384_to_8x512_noise": dict(num_hidden_layers=8, hidden_size=512, intermediate_size=2048,
+                                               depth_init="copy", noise_std=0.01),
+    }
+    out: dict = {op: {} for op in ops}
+    for arch in ("bert", "gpt2"):
+        s = SIZES["small"]
+        model = _model(arch, 8000, s["num_layers"], s["hidden_size"], s["num_heads"], s["intermediate_size"])
+        for op, kw in ops.items():
+            err = logit_errors(model, expand(model, **kw), batch_size=4, seq_len=64)
+            out[op][arch] = {"max_abs": err["max_abs"], "logit_std": err["ref_std"], "kl": err["kl"]}
+    return out
+
+
+# ---------------------------------------------------------------- training on the real corpus
+
+
+def _flops_per_step(model, seq_len: int, batch: int) -> float:
+    from ray_lifelong.flops import logit_positions, train_flops_per_sequence
+    from ray_lifelong.growth import model_sizes
+
+    s = model_sizes(model)
+    return batch * train_flops_per_sequence(num_layers=s["num_hidden_layers"], hidden=s["hidden_size"],
+                                            ffn=s["intermediate_size"], vocab=model.config.vocab_size,
+                                            seq_len=seq_len, logit_positions=logit_positions("gpt2", seq_len, 0.15))
+
+
+@torch.no_grad()
+def _valid_loss(model, rows: torch.Tensor) -> float:
+    from ray_lifelong.models.build import LMObjective, lm_loss
+
+    obj = LMObjective(model).eval()
+    tot, n = 0.0, 0
+    for i in range(0, len(rows), 32):
+        logits, targets = obj(rows[i:i + 32])
+        tot += float(lm_loss(logits, targets, reduction="sum"))
+        n += targets.numel()
+    obj.train()
+    return tot / n
+
+
+def train(model, rows, valid, *, steps: int, batch: int, lr: float, cfg_train, eval_every: int, offset_step: int,
+          offset_flops: float, optimizer=None, label: str = ""):
+    """Plain training loop (the stage's objective, optimizer and schedule); returns the eval curve."""
+    from ray_lifelong.models.build import LMObjective, lm_loss
+    from ray_lifelong.stage.loop import build_optimizer
+    from ray_lifelong.stage.schedule import lr_multiplier
+
+    obj = LMObjective(model).train()
+    opt = optimizer or build_optimizer(model, lr, cfg_train)
+    warm = int(0.06 * steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, steps, warmup=warm))
+    fps = _flops_per_step(model, rows.shape[1], batch)
+    curve = [{"step": offset_step, "flops": offset_flops, "valid_loss": _valid_loss(model, valid)}]
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        i = ((offset_step + step) * batch) % (len(rows) - batch)
+        logits, targets = obj(rows[i:i + batch])
+        lm_loss(logits, targets).backward()
+        torch.nn.utils.clip_grad_norm_(obj.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % eval_every == 0 or step == steps:
+            curve.append({"step": offset_step + step, "flops": offset_flops + step * fps,
+                          "valid_loss": _valid_loss(model, valid)})
+            print(f"[{label}] step {step}/{steps} valid {curve[-1]['valid_loss']:.3f} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    return curve, opt
+
+
+def flops_to_reach(curve: list[dict], target: float) -> float | None:
+    """Cumulative FLOPs at the first evaluation <= target, interpolated linearly (flops.md)."""
+    for a, b in zip(curve, curve[1:]):
+        if b["valid_loss"] <= target:
+            if a["valid_loss"] <= target:
+                return a["flops"]
+            f = (a["valid_loss"] - target) / (a["valid_loss"] - b["valid_loss"])
+            return a["flops"] + f * (b["flops"] - a["flops"])
+    return None
+
+
+def training_comparison(args) -> dict:
+    from ray_lifelong.config import load_config
+    from ray_lifelong.data.tokenizer import load_tokenizer
+    from ray_lifelong.growth import expand, remap_optimizer_state
+    from ray_lifelong.pipeline import prepare_tokenizer
+    from ray_lifelong.stage.loop import build_optimizer
+
+    torch.set_num_threads(2)
+    out = Path(tempfile.mkdtemp(prefix="bench-growth-"))
+    dom = f"{{name: wb, train: ['{CORPUS}/wb/train.jsonl.gz'], valid: ['{CORPUS}/wb/valid.jsonl.gz']}}"
+    cfg = load_config(REPO / "configs/demo.yaml", [
+        "demo.enabled=false", f"data.domains=[{dom}]", "model.arch=gpt2", "data.seq_len=128",
+        "tokenizer.vocab_size=4000", "tokenizer.sample_docs_per_domain=300", f"output_dir={out}"])
+    tok_dir = prepare_tokenizer(cfg, out / "tok")
+    n_train = (args.small_steps + 2 * args.grown_steps) * args.batch
+    rows = torch.from_numpy(packed_rows(cfg, tok_dir, n_train).astype(np.int64))
+    vcfg = load_config(REPO / "configs/demo.yaml", [
+        "demo.enabled=false", f"data.domains=[{dom.replace('train.jsonl', 'valid.jsonl')}]",
+        "model.arch=gpt2", "data.seq_len=128"])
+    valid = torch.from_numpy(packed_rows(vcfg, tok_dir, 96).astype(np.int64))
+    vocab = len(load_tokenizer(tok_dir))
+    t = cfg.train
+    kw = dict(batch=args.batch, cfg_train=t, eval_every=args.eval_every)
+
+    torch.manual_seed(0)
+    small = _model("gpt2", vocab, 2, 128, 2, 512, positions=128)
+    small_curve, small_opt = train(small, rows, valid, steps=args.small_steps, lr=args.lr, offset_step=0,
+                                   offset_flops=0.0, label="small 2x128", **kw)
+    c_small = small_curve[-1]["flops"]
+    runs = {"small": small_curve}
+    for mode in ("carry", "reset"):
+        grown, mapping = expand(small, num_hidden_layers=4, hidden_size=256, intermediate_size=1024,
+                                depth_init="identity", return_mapping=True, seed=1)
+        opt = build_optimizer(grown, args.lr, t)
+        if mode == "carry":
+            remap_optimizer_state(small, grown, small_opt, opt, mapping)
+        curve, _ = train(grown, rows, valid, steps=args.grown_steps, lr=args.lr, offset_step=args.small_steps,
+                         offset_flops=c_small, optimizer=opt, label=f"grown 4x256 ({mode})", **kw)
+        runs[f"grown_{mode}"] = curve
+    large_fps = _flops_per_step(_model("gpt2", vocab, 4, 256, 4, 1024, positions=128), 128, args.batch)
+    scratch_steps = int(round(runs["grown_carry"][-1]["flops"] / large_fps))
+    torch.manual_seed(0)
+    scratch = _model("gpt2", vocab, 4, 256, 4, 1024, positions=128)
+    runs["scratch"], _ = train(scratch, rows, valid, steps=scratch_steps, lr=args.lr, offset_step=0,
+                               offset_flops=0.0, label="scratch 4x256", **kw)
+    target = runs["scratch"][-1]["valid_loss"]
+    c_scratch = flops_to_reach(runs["scratch"], target)
+    saved = {}
+    for mode in ("carry", "reset"):
+        c = flops_to_reach(runs[f"grown_{mode}"], target)
+        saved[mode] = None if c is None else 1 - c / c_scratch
+    return {"target_loss": target, "scratch_steps": scratch_steps, "flops_saved_fraction": saved,
+            "final_valid_loss": {k: v[-1]["valid_loss"] for k, v in runs.items()},
+            "total_flops": {k: v[-1]["flops"] for k, v in runs.items()}, "curves": runs,
+            "setup": f"GPT-2 causal LM on corpus/wb, seq 128, batch {args.batch}, lr {args.lr}, vocab {vocab}; "
+                     f"small 2x128 for {args.small_steps} steps, grown to 4x256 (identity depth, x2 width) for "
+                     f"{args.grown_steps} steps; scratch 4x256 for {scratch_steps} steps (same total FLOPs)"}
+
+
+def plot(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, curve in curves.items():
+        ax.plot([c["flops"] / 1e12 for c in curve], [c["valid_loss"] for c in curve], label=name)
+    ax.set_xlabel("cumulative training TFLOPs")
+    ax.set_ylabel("validation loss (corpus/wb)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child-expand")
+    ap.add_argument("--small-steps", type=int, default=400)
+    ap.add_argument("--grown-steps", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--skip-training", action="store_true")
+    args = ap.parse_args()
+    if args.child_expand:
+        return expand_cost_child(args.child_expand)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cost = {arch: expand_cost(arch) for arch in ("bert", "gpt2")}
+    exact = exactness()
+    payload = {"expand_seconds": {a: c["seconds"] for a, c in cost.items()}, "expand_cost": cost,
+               "max_logit_error": {op: {a: v["max_abs"] for a, v in d.items()} for op, d in exact.items()},
+               "exactness_detail": exact}
+    lines = ["# Growth benchmark", "", "## expand() on CPU: 6 layers/384 -> 12/768 (identity depth, x2 width)", "",
+             "| model | seconds | peak RSS MiB | extra peak MiB | grown params |", "|---|---|---|---|---|"]
+    lines += [f"| {a} | {c['seconds']:.2f} | {c['peak_rss_mib']:.0f} | {c['extra_peak_mib']:.0f} | "
+              f"{c['params_after']:,} |" for a, c in cost.items()]
+    lines += ["", "## Exactness: max |logit difference| (6/384 models, HF init, float32; logit std in brackets)", "",
+              "| operator | BERT | GPT-2 |", "|---|---|---|"]
+    lines += [f"| {op} | {d['bert']['max_abs']:.2e} ({d['bert']['logit_std']:.2f}) | "
+              f"{d['gpt2']['max_abs']:.2e} ({d['gpt2']['logit_std']:.2f}) |" for op, d in exact.items()]
+    if not args.skip_training and (CORPUS / "wb" / "train.jsonl.gz").exists():
+        comp = training_comparison(args)
+        payload["flops_saved_fraction"] = comp["flops_saved_fraction"]
+        payload["training"] = comp
+        plot(comp["curves"], REPO / "bench/results/growth_curves.png")
+        fs = comp["flops_saved_fraction"]
+        lines += ["", "## Grown vs. from scratch on corpus/wb (same total FLOPs)", "", comp["setup"], "",
+                  f"Target = the from-scratch model's final validation loss {comp['target_loss']:.3f}.", "",
+                  "| run | final valid loss | total TFLOPs | FLOPs saved to reach target |", "|---|---|---|---|"]
+        for k in comp["curves"]:
+            mode = k.replace("grown_", "")
+            s = fs.get(mode) if k.startswith("grown_") else None
+            lines.append(f"| {k} | {comp['final_valid_loss'][k]:.3f} | {comp['total_flops'][k] / 1e12:.2f} | "
+                         f"{'-' if not k.startswith('grown_') else ('not reached' if s is None else f'{s:.1%}')} |")
+        lines += ["", "![curves](growth_curves.png)"]
+    write("growth", payload, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
