@@ -58,16 +58,21 @@ def packed_rows(cfg, tok_dir: str, n_rows: int) -> np.ndarray:
     udf = TokenizePack(tok_dir, cfg.data.seq_len, cfg.model.arch)
     rows: list[np.ndarray] = []
     texts: list[str] = []
+    def flush() -> None:
+        rows.append(udf({"text": np.array(texts, dtype=object),
+                         "domain_id": np.zeros(len(texts), np.int32)})["input_ids"])
+        texts.clear()
+
     for f in resolve_sources(dom.train, "bench"):
         for text in iter_documents(f):
             texts.append(text)
             if len(texts) == 128:
-                rows.append(udf({"text": np.array(texts, dtype=object),
-                                 "domain_id": np.zeros(len(texts), np.int32)})["input_ids"])
-                texts = []
+                flush()
                 if sum(map(len, rows)) >= n_rows:
                     return np.concatenate(rows)[:n_rows]
-    return np.concatenate(rows)
+    if texts:
+        flush()
+    return np.concatenate(rows)[:n_rows]
 
 
 def plain_torch_loop(cfg, tok_dir: str, rows: np.ndarray, steps: int, warmup: int, threads: int) -> dict:

@@ -15,6 +15,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML config (see configs/)")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50 run_name=x")
     run.add_argument("--resume", action="store_true", help="skip finished stages, resume the unfinished one")
+    ki = sub.add_parser("ki", help="Knowledge Inheritance: teacher, student with KI, student without (baseline)")
+    ki.add_argument("config")
+    ki.add_argument("overrides", nargs="*")
+    ki.add_argument("--resume", action="store_true", help="reuse finished runs of the experiment")
     tok = sub.add_parser("tokenizer", help="train a tokenizer on a sample of the config's domains")
     tok.add_argument("config")
     tok.add_argument("overrides", nargs="*")
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "tokenizer":
             return _tokenizer(cfg, args.out)
-        return _run(cfg, args.resume)
+        return _run(cfg, args.resume, ki=args.command == "ki")
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -57,7 +61,7 @@ def _tokenizer(cfg, out: str) -> int:
     return 0
 
 
-def _run(cfg, resume: bool) -> int:
+def _run(cfg, resume: bool, ki: bool = False) -> int:
     import ray
 
     from ray_lifelong.pipeline import RunExistsError, run_lifelong
@@ -65,8 +69,15 @@ def _run(cfg, resume: bool) -> int:
 
     init_ray(cfg)
     try:
+        if ki:
+            from ray_lifelong.ki import run_ki_experiment
+
+            summary = run_ki_experiment(cfg, resume=resume)
+            print("KI saved (step-matched, FLOP-matched):", summary.get("saved_step_matched"),
+                  summary.get("saved_flop_matched"))
+            return 0
         summary = run_lifelong(cfg, resume=resume)
-    except (RunExistsError, StageFailedError) as e:
+    except (RunExistsError, StageFailedError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -129,9 +129,10 @@ def summarize(domains: list[str], results: list[StageResult]) -> dict:
     cum_flops = 0.0
     stages = []
     for r in results:
-        cum_flops += r.train_flops
+        cum_flops += r.train_flops + r.teacher_flops
         stages.append({"domain": r.domain, "steps": r.steps, "tokens": r.tokens, "train_flops": r.train_flops,
-                       "cumulative_train_flops": cum_flops, "wall_time_s": r.wall_time_s,
+                       "teacher_flops": r.teacher_flops, "teacher_s": r.teacher_s,
+                       "cumulative_flops": cum_flops, "wall_time_s": r.wall_time_s,
                        "data_wait_s": r.data_wait_s, "restarts": r.restarts, "bad_records": r.bad_records,
                        "checkpoint": r.checkpoint_path, "model_sizes": r.model_sizes, "growth": r.growth,
                        "history": r.history, "evals": r.evals})
@@ -142,7 +143,8 @@ def summarize(domains: list[str], results: list[StageResult]) -> dict:
         "AP_arithmetic": average_perplexity(matrix, geometric=False),
         "AP_plus": average_increased_perplexity(matrix),
         "stages": stages,
-        "total_train_flops": cum_flops,
+        "total_train_flops": sum(r.train_flops for r in results),
+        "total_flops_with_teachers": cum_flops,
         "total_wall_time_s": sum(r.wall_time_s for r in results),
     }
 

@@ -33,9 +33,9 @@ def write_report(summary: dict, out_dir: Path) -> None:
                             [[i, s["domain"], summary["AP"][i], summary["AP_arithmetic"][i], summary["AP_plus"][i]]
                              for i, s in enumerate(summary["stages"])]),
              "", "## Cost", "",
-             markdown_table(["stage", "domain", "steps", "tokens", "train FLOPs", "cum. FLOPs", "wall s",
+             markdown_table(["stage", "domain", "steps", "tokens", "train FLOPs", "cum. FLOPs (+teacher)", "wall s",
                              "data wait s", "restarts", "bad records"],
-                            [[i, s["domain"], s["steps"], s["tokens"], s["train_flops"], s["cumulative_train_flops"],
+                            [[i, s["domain"], s["steps"], s["tokens"], s["train_flops"], s["cumulative_flops"],
                               s["wall_time_s"], s["data_wait_s"], s["restarts"], s["bad_records"].get("count", 0)]
                              for i, s in enumerate(summary["stages"])])]
     grown = [(i, s) for i, s in enumerate(summary["stages"]) if s.get("growth")]

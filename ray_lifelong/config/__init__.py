@@ -11,12 +11,13 @@ from ray_lifelong.config.schema import (
     ModelConfig,
     RayConfig,
     ScalingConfig,
+    TeacherConfig,
     TokenizerConfig,
     TrainConfig,
 )
 
 __all__ = [
     "ConfigError", "DataConfig", "DebugConfig", "DemoConfig", "DomainConfig", "GrowthConfig", "LifelongConfig",
-    "ModelConfig", "RayConfig", "ScalingConfig", "TokenizerConfig", "TrainConfig",
+    "ModelConfig", "RayConfig", "ScalingConfig", "TeacherConfig", "TokenizerConfig", "TrainConfig",
     "load_config", "save_config", "to_yaml", "validate",
 ]

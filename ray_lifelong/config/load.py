@@ -89,6 +89,16 @@ def validate(cfg: LifelongConfig, where: str = "<config>") -> None:
                  "must be interleave or top")
             need(g.optimizer in ("carry", "reset"), f"{key}.grow.optimizer", "must be carry or reset")
             need(g.noise_std >= 0, f"{key}.grow.noise_std", "must be >= 0")
+        if dom.teacher is not None:
+            k = dom.teacher
+            need(bool(k.path) or bool(k.per_domain), f"{key}.teacher.path", "a teacher needs a path or per_domain")
+            need(k.schedule in ("linear", "step", "constant", "cosine"), f"{key}.teacher.schedule",
+                 "must be linear, step, constant or cosine")
+            need(0 <= k.alpha0 <= 1, f"{key}.teacher.alpha0", "must be in [0, 1]")
+            need(k.temperature > 0, f"{key}.teacher.temperature", "must be positive")
+            need(k.top_k is None or k.top_k > 0, f"{key}.teacher.top_k", "must be positive")
+            unknown = sorted(set(k.per_domain) - set(names))
+            need(not unknown, f"{key}.teacher.per_domain", f"unknown domains {unknown}")
         steps = dom.steps if dom.steps is not None else t.steps
         need(steps > 0, f"{key}.steps", "must be positive")
         bs = dom.batch_size if dom.batch_size is not None else t.batch_size

@@ -8,7 +8,7 @@ fails at load time instead of silently training with a default.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 ARCHS = ("bert", "gpt2")
 
@@ -35,6 +35,24 @@ class GrowthConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """Knowledge Inheritance for a stage: distil from smaller trained teacher(s) (shared/specs/ki.md)."""
+
+    path: Optional[str] = None
+    """Teacher model: a run directory (its final_model/), a stage checkpoint, or a local HF model dir."""
+    per_domain: Dict[str, str] = field(default_factory=dict)
+    """Domain name -> teacher path: each example is distilled from its own domain's teacher."""
+    schedule: str = "linear"
+    """Inheritance rate: ``linear`` (paper default), ``step``, ``constant`` or ``cosine``."""
+    steps: int = 0
+    """N_KI, the steps of teacher-guided learning (linear/cosine reach 0 here); 0: 30% of the stage."""
+    alpha0: float = 1.0
+    temperature: float = 2.0
+    top_k: Optional[int] = None
+    """Keep only the teacher's top-k probabilities, renormalised (the paper: k=10 is nearly lossless)."""
+
+
+@dataclass
 class DomainConfig:
     """One emerging domain = one training stage, in the order listed."""
 
@@ -56,6 +74,8 @@ class DomainConfig:
     """Peak learning rate for this stage; ``None`` takes ``train.lr``."""
     grow: Optional[GrowthConfig] = None
     """Grow the model before this stage trains (not allowed on the first stage)."""
+    teacher: Optional[TeacherConfig] = None
+    """Knowledge Inheritance from a frozen teacher during this stage."""
 
 
 @dataclass
@@ -182,6 +202,22 @@ class DemoConfig:
 
 
 @dataclass
+class KIExperimentConfig:
+    """``ray-lifelong ki``: train a small teacher, then the configured (larger) student with KI and, as the
+    baseline, without it: same tokenizer, data order and seed (shared/specs/ki.md)."""
+
+    teacher_model: ModelConfig = field(default_factory=lambda: ModelConfig(num_layers=2, hidden_size=64,
+                                                                            num_heads=2, intermediate_size=256))
+    teacher_steps: int = 200
+    """Steps of the teacher's own training on each domain."""
+    teacher_lr: Optional[float] = None
+    inherit: TeacherConfig = field(default_factory=TeacherConfig)
+    """Schedule, N_KI, alpha0, temperature, top_k of the student's inheritance (``path`` is filled in)."""
+    baseline: bool = True
+    """Also train the student without KI, for the comparison."""
+
+
+@dataclass
 class DebugConfig:
     """Fault injection for tests: kill one worker process once at this step of this stage."""
 
@@ -202,4 +238,5 @@ class LifelongConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    ki: KIExperimentConfig = field(default_factory=KIExperimentConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)

@@ -32,6 +32,9 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     growth: dict | None = None
+    teacher_s: float = 0.0
+    teacher_sequences: dict = field(default_factory=dict)
+    """Sequences each teacher ran on (key: domain id, "-1" for the shared teacher), for its FLOPs."""
     """The growth event at the start of this stage (sizes, params, logit error, seconds), if any."""
 
 

@@ -7,6 +7,7 @@ evaluation and report. Ray touch-points are marked with ``# [ray]``.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import warnings
@@ -30,6 +31,8 @@ from ray_lifelong.stage.checkpoint import (
     load_state,
     save_checkpoint,
 )
+from ray_lifelong.distill import inheritance_rate, ki_loss_parts, teacher_needed
+from ray_lifelong.distill.teacher import load_teacher, teacher_logits
 from ray_lifelong.growth import model_sizes
 from ray_lifelong.stage.grow import grow_model
 from ray_lifelong.stage.schedule import lr_multiplier
@@ -81,6 +84,15 @@ def train_loop_per_worker(config: dict) -> dict:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
                          f"{model.get_input_embeddings().weight.shape[0]}")
 
+    # [1b] KI teachers: frozen, never DDP-wrapped, freed once the inheritance rate reaches 0
+    ki = cfg.data.domains[spec.index].teacher
+    ki_steps = (ki.steps or max(1, int(0.3 * spec.steps))) if ki else 0
+    teachers = {}
+    if ki and teacher_needed(state.step, schedule=ki.schedule, steps=ki_steps, alpha0=ki.alpha0):
+        loaded = {}
+        for domain_id, path in spec.teacher_dirs.items():
+            teachers[domain_id] = loaded.setdefault(path, load_teacher(path, device, t.bf16))
+
     # [2] DDP and optimizer
     objective = ray.train.torch.prepare_model(LMObjective(model))  # [ray] moves to device, wraps DDP if world > 1
     inner: LMObjective = objective.module if hasattr(objective, "module") else objective
@@ -109,7 +121,8 @@ def train_loop_per_worker(config: dict) -> dict:
                   f"{g['max_logit_error']:.2e}, optimizer {g['optimizer']}, {g['expand_seconds']:.2f}s)", flush=True)
 
     # [4] step loop
-    micro, loss_acc, log_t0, log_tok0 = 0, 0.0, time.perf_counter(), state.tokens
+    micro, loss_acc, ce_acc, kl_acc, alpha = 0, 0.0, 0.0, 0.0, 0.0
+    log_t0, log_tok0 = time.perf_counter(), state.tokens
     while state.step < spec.steps:
         seen = 0
         batches = train_shard.iter_torch_batches(  # [ray] streams while we train
@@ -127,11 +140,27 @@ def train_loop_per_worker(config: dict) -> dict:
             gen = torch.Generator().manual_seed(hash((t.seed, spec.index, rank, state.step, micro)) % (2**62))
             inputs, labels = masker(batch["input_ids"].to(device), gen)
             sync = micro == accum - 1
+            alpha = inheritance_rate(state.step, schedule=ki.schedule, steps=ki_steps, alpha0=ki.alpha0) \
+                if teachers else 0.0
             with _maybe_no_sync(objective, sync), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
                 logits, targets = objective(inputs, labels)
-                loss = lm_loss(logits, targets)
+                if alpha > 0:  # the teacher sees exactly the student's batch (same masking)
+                    t0 = time.perf_counter()
+                    t_logits = teacher_logits(teachers, inputs, labels, batch["domain_id"].to(device), len(targets))
+                    state.teacher_s += time.perf_counter() - t0
+                    for d in batch["domain_id"].tolist():
+                        key = str(d if d in teachers else -1)
+                        state.teacher_sequences[key] = state.teacher_sequences.get(key, 0) + 1
+                    parts = ki_loss_parts(logits, t_logits, targets, alpha=alpha, temperature=ki.temperature,
+                                          top_k=ki.top_k)
+                    loss, ce, kl = parts.total, float(parts.ce), float(parts.kl)
+                else:
+                    loss = lm_loss(logits, targets)
+                    ce, kl = float(loss.detach()), 0.0
             (loss / accum).backward()
             loss_acc += float(loss.detach()) / accum
+            ce_acc += ce / accum
+            kl_acc += kl / accum
             state.batches_in_epoch = seen
             micro += 1
             if micro == accum:
@@ -149,12 +178,21 @@ def train_loop_per_worker(config: dict) -> dict:
                     tps = (state.tokens - log_tok0) / max(now - log_t0, 1e-9)
                     state.history.append({"step": state.step, "loss": loss_acc, "lr": scheduler.get_last_lr()[0],
                                           "tokens": state.tokens, "tokens_per_s": tps, "interval_s": now - log_t0,
-                                          "data_wait_s": state.data_wait_s, "compute_s": state.compute_s})
+                                          "data_wait_s": state.data_wait_s, "compute_s": state.compute_s,
+                                          "alpha": alpha, "ce": ce_acc, "kl": kl_acc, "teacher_s": state.teacher_s})
                     if rank == 0:
+                        ki_note = f" alpha {alpha:.2f} ce {ce_acc:.3f} kl {kl_acc:.3f}" if ki else ""
                         print(f"[stage {spec.index} {spec.domain}] step {state.step}/{spec.steps} "
-                              f"loss {loss_acc:.4f} lr {scheduler.get_last_lr()[0]:.2e} tok/s {tps:,.0f}", flush=True)
+                              f"loss {loss_acc:.4f}{ki_note} lr {scheduler.get_last_lr()[0]:.2e} tok/s {tps:,.0f}",
+                              flush=True)
                     log_t0, log_tok0 = now, state.tokens
-                loss_acc = 0.0
+                loss_acc = ce_acc = kl_acc = 0.0
+                if teachers and not teacher_needed(state.step, schedule=ki.schedule, steps=ki_steps,
+                                                   alpha0=ki.alpha0):
+                    teachers = {}  # inheritance is over: free the teacher(s)
+                    gc.collect()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                 state.compute_s += time.perf_counter() - c0
                 done = state.step >= spec.steps
                 if done:

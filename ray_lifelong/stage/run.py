@@ -11,7 +11,8 @@ from ray.train.torch import TorchTrainer
 
 from ray_lifelong.config.schema import LifelongConfig
 from ray_lifelong.data.stream import StreamOptions, files_dataset, quiet_ray_data
-from ray_lifelong.flops import logit_positions, train_flops_per_sequence
+from ray_lifelong.distill.teacher import check_teacher_compatible, resolve_teacher_dir
+from ray_lifelong.flops import forward_flops_per_sequence, logit_positions, train_flops_per_sequence
 from ray_lifelong.stage.loop import train_loop_per_worker
 from ray_lifelong.stage.spec import StageResult, StageSpec
 
@@ -39,6 +40,7 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
     quiet_ray_data()
     opts = StreamOptions(tokenizer_dir=tokenizer_dir, arch=cfg.model.arch, data=cfg.data)
     index = {d.name: i for i, d in enumerate(cfg.data.domains)}
+    teacher_cfgs = _prepare_teachers(spec, tokenizer_dir)
     if train_ds is None:
         train_ds = files_dataset([(index[spec.domain], cfg.data.domains[index[spec.domain]])], "train", opts,
                                  log=bad_log)
@@ -76,13 +78,43 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
         seq_len=cfg.data.seq_len,
         logit_positions=logit_positions(cfg.model.arch, cfg.data.seq_len, cfg.data.mlm_probability))
     sequences = state.get("tokens", 0) // cfg.data.seq_len
+    teacher_flops = sum(
+        n * forward_flops_per_sequence(**_flops_sizes(teacher_cfgs[int(d)], cfg), vocab=len_vocab(tokenizer_dir),
+                                       seq_len=cfg.data.seq_len, logit_positions=logit_positions(
+                                           cfg.model.arch, cfg.data.seq_len, cfg.data.mlm_probability))
+        for d, n in state.get("teacher_sequences", {}).items())
     return StageResult(
         index=spec.index, domain=spec.domain, checkpoint_path=result.checkpoint.path,
         ppl=out.get("ppl", {}), steps=state.get("step", 0), tokens=state.get("tokens", 0),
         train_flops=per_seq * sequences, wall_time_s=wall, history=state.get("history", []),
         evals=state.get("evals", []), data_wait_s=state.get("data_wait_s", 0.0),
         bad_records=ray.get(bad_log.summary.remote()) if bad_log is not None else {},
-        restarts=state.get("restarts", 0), model_sizes=sizes, growth=state.get("growth"))
+        restarts=state.get("restarts", 0), model_sizes=sizes, growth=state.get("growth"),
+        teacher_flops=teacher_flops, teacher_s=state.get("teacher_s", 0.0))
+
+
+def _prepare_teachers(spec: StageSpec, tokenizer_dir: str) -> dict[int, dict]:
+    """Resolve and check this stage's KI teachers on the driver (a clear error before any worker starts);
+    fill ``spec.teacher_dirs`` and return each teacher's HF config by domain id."""
+    ki = spec.cfg.data.domains[spec.index].teacher
+    if ki is None:
+        return {}
+    from ray_lifelong.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    ids = {d.name: i for i, d in enumerate(spec.cfg.data.domains)}
+    wanted = ({-1: ki.path} if ki.path else {}) | {ids[name]: path for name, path in ki.per_domain.items()}
+    configs = {}
+    for domain_id, path in wanted.items():
+        spec.teacher_dirs[domain_id] = resolve_teacher_dir(path)
+        configs[domain_id] = check_teacher_compatible(spec.teacher_dirs[domain_id], tok, spec.cfg.model.arch)
+    return configs
+
+
+def _flops_sizes(hf: dict, cfg: LifelongConfig) -> dict:
+    if cfg.model.arch == "bert":
+        return {"num_layers": hf["num_hidden_layers"], "hidden": hf["hidden_size"], "ffn": hf["intermediate_size"]}
+    return {"num_layers": hf["n_layer"], "hidden": hf["n_embd"], "ffn": hf.get("n_inner") or 4 * hf["n_embd"]}
 
 
 def len_vocab(tokenizer_dir: str) -> int:

@@ -27,6 +27,8 @@ class StageSpec:
     """The tokenizer directory's files, shipped by value so workers on any node can load it."""
     init_checkpoint: Any = None
     """``ray.train.Checkpoint`` of the previous stage (``None``: fresh model)."""
+    teacher_dirs: dict[int, str] = field(default_factory=dict)
+    """KI teachers' HF model dirs by domain id (-1: every domain), resolved and checked on the driver."""
 
     def grad_accum(self, world_size: int) -> int:
         per_step = self.cfg.train.micro_batch_size * world_size
@@ -55,6 +57,8 @@ class StageResult:
     restarts: int = 0
     model_sizes: dict = field(default_factory=dict)
     growth: dict | None = None
+    teacher_flops: float = 0.0
+    teacher_s: float = 0.0
 
 
 def read_tokenizer_files(path: str | os.PathLike) -> dict[str, bytes]:

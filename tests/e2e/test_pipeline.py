@@ -41,7 +41,7 @@ def test_results_json_has_full_matrix_and_metrics(finished_run):
     assert res["AP_plus"][1] == pytest.approx(m[1][0] - m[0][0])
     for s in res["stages"]:
         assert s["steps"] == 8 and s["tokens"] == 8 * 8 * 32 and s["train_flops"] > 0 and s["wall_time_s"] > 0
-    assert res["stages"][1]["cumulative_train_flops"] == pytest.approx(2 * res["stages"][0]["train_flops"])
+    assert res["stages"][1]["cumulative_flops"] == pytest.approx(2 * res["stages"][0]["train_flops"])
     assert "step 8/8" in proc.stdout + proc.stderr  # progress lines reach the terminal
 
 
@@ -85,3 +85,23 @@ def test_cli_reports_config_and_data_errors(tmp_path):
     proc = cli("tokenizer", str(REPO / "configs/demo.yaml"), "demo.enabled=false",
                f"data.domains=[{{name: x, train: ['{tmp_path}/none/*.jsonl']}}]", "--out", str(tmp_path / "t"))
     assert proc.returncode == 2 and "domain 'x' train: no file matches" in proc.stderr
+
+
+def test_ki_command_runs_teacher_student_and_baseline(demo_corpus, tmp_path):
+    out = tmp_path / "ki"
+    overrides = tiny_overrides(demo_corpus, out, arch="bert", steps=6) + [
+        "run_name=kt", "ray.num_cpus=4", "train.eval_every=2", "ki.teacher_steps=4",
+        "ki.teacher_model.num_layers=1", "ki.teacher_model.hidden_size=16", "ki.teacher_model.num_heads=2",
+        "ki.teacher_model.intermediate_size=32", "ki.inherit.steps=3",
+        f"data.domains=[{{name: sports, train: ['{demo_corpus}/sports/train-*.jsonl.gz'], "
+        f"valid: ['{demo_corpus}/sports/valid-*.jsonl.gz']}}]"]
+    proc = cli("ki", str(REPO / "configs/ki_bert.yaml"), *overrides)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "kt" / "ki_results.json").read_text())
+    assert set(res["curves"]) == {"ki", "baseline", "teacher"}
+    assert [p["step"] for p in res["curves"]["ki"]] == [2, 4, 6]
+    ki_flops, base_flops = res["curves"]["ki"][-1]["flops"], res["curves"]["baseline"][-1]["flops"]
+    assert ki_flops > base_flops  # the teacher's forward passes are charged to KI
+    assert "saved_step_matched" in res and (out / "kt" / "ki_report.md").exists()
+    teacher = json.loads((out / "kt" / "kt-teacher" / "results.json").read_text())
+    assert teacher["stages"][0]["model_sizes"]["hidden_size"] == 16

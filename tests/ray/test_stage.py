@@ -135,3 +135,30 @@ def test_growth_at_stage_start_on_the_workers(ray_4cpus, demo_corpus, tmp_path, 
     steps = {int(v["step"]) for v in blob["state"].values()}
     # carried moments keep counting from the first stage's 4 steps (except brand-new identity layers)
     assert (max(steps) == 8) if optimizer == "carry" else (steps == {4})
+
+
+def test_ki_stage_distils_from_a_frozen_teacher(ray_4cpus, demo_corpus, tmp_path):
+    from ray_lifelong.config import ModelConfig, TeacherConfig
+    from ray_lifelong.data.tokenizer import load_tokenizer
+    from ray_lifelong.models.build import build_model
+
+    spec, kw = make_stage(demo_corpus, tmp_path, steps=8, extra=["train.log_every=1"])
+    tok = load_tokenizer(kw["tokenizer_dir"])
+    small = ModelConfig(arch="bert", num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32,
+                        max_position_embeddings=64)
+    build_model(small, len(tok), seed=3).save_pretrained(tmp_path / "teacher")
+    spec.cfg.data.domains[0].teacher = TeacherConfig(path=str(tmp_path / "teacher"), schedule="linear", steps=4)
+    res = run_stage(spec, **kw)
+    alphas = [h["alpha"] for h in res.history]
+    assert alphas[:4] == pytest.approx([1.0, 0.75, 0.5, 0.25]) and alphas[4:] == [0.0] * 4
+    assert all(h["kl"] > 0 for h in res.history[:4]) and all(h["kl"] == 0 for h in res.history[4:])
+    assert res.teacher_flops > 0 and res.teacher_s > 0
+    # the teacher ran on exactly the 4 inheritance steps' sequences (8 per step, both workers)
+    small_fwd = res.teacher_flops / (4 * 8)
+    assert small_fwd < res.train_flops / (8 * 8) / 3  # a smaller model's forward, not the student's
+
+    build_model(small, len(tok) + 3, seed=3).save_pretrained(tmp_path / "other_vocab")
+    spec.cfg.data.domains[0].teacher = TeacherConfig(path=str(tmp_path / "other_vocab"))
+    spec.teacher_dirs = {}
+    with pytest.raises(ValueError, match="same tokenizer"):
+        run_stage(spec, **{**kw, "storage_path": str(tmp_path / "x")})

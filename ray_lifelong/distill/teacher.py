@@ -1,0 +1,91 @@
+"""Teachers for Knowledge Inheritance: find, check and load a frozen teacher model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def resolve_teacher_dir(path: str) -> str:
+    """The HF model directory inside ``path``: a run directory (``final_model/``), a stage checkpoint
+    (``model/``), or an HF model directory itself (``config.json``). Local paths only here; remote
+    checkpoints are fetched by the workers through ``ray.train.Checkpoint``."""
+    p = Path(path)
+    for candidate in (p / "final_model", p / "model", p):
+        if (candidate / "config.json").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"teacher {path!r}: no Hugging Face model found (looked for final_model/, model/ "
+                            f"and config.json)")
+
+
+def check_teacher_compatible(teacher_dir: str, tokenizer, arch: str) -> dict:
+    """Refuse a teacher whose vocabulary or tokenizer differs from the student's; return its config.
+
+    Raises:
+        ValueError: naming the teacher directory and what differs.
+    """
+    cfg = json.loads((Path(teacher_dir) / "config.json").read_text())
+    kind = {"bert": "bert", "gpt2": "gpt2"}.get(cfg.get("model_type", ""))
+    if kind != arch:
+        raise ValueError(f"teacher {teacher_dir}: model type {cfg.get('model_type')!r} does not match the "
+                         f"student's architecture {arch!r}")
+    if cfg.get("vocab_size") != len(tokenizer):
+        raise ValueError(f"teacher {teacher_dir}: vocabulary of {cfg.get('vocab_size')} tokens, the student's "
+                         f"tokenizer has {len(tokenizer)}: KI needs the same tokenizer")
+    if (Path(teacher_dir) / "tokenizer.json").is_file():
+        from ray_lifelong.data.tokenizer import load_tokenizer
+
+        if load_tokenizer(teacher_dir).get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"teacher {teacher_dir}: its tokenizer maps tokens to different ids than the "
+                             f"student's: KI needs the same tokenizer")
+    return cfg
+
+
+def load_teacher(teacher_dir: str, device: torch.device, bf16: bool):
+    """A frozen teacher: eval mode, no gradients, no optimizer, never DDP-wrapped; bf16 on GPU."""
+    from ray_lifelong.models.build import load_model
+
+    model = load_model(teacher_dir).eval().requires_grad_(False)
+    dtype = torch.bfloat16 if (bf16 and device.type == "cuda") else torch.float32
+    return model.to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def teacher_logits(teachers: dict[int, torch.nn.Module], inputs: torch.Tensor, labels: torch.Tensor,
+                   domain_ids: torch.Tensor, student_count: int) -> torch.Tensor:
+    """Teacher logits at the student's supervised positions, each row from its own domain's teacher.
+
+    Args:
+        teachers: ``{domain_id: model}``; key ``-1`` is the teacher for every domain without its own.
+        inputs, labels: ``(B, T)`` — exactly the student's (masked) batch.
+        domain_ids: ``(B,)`` domain of each row.
+        student_count: M, the number of supervised positions of the student's output.
+
+    Returns:
+        ``(M, V)`` logits in the student's row-major position order.
+    """
+    from ray_lifelong.models.build import LMObjective
+
+    groups = {}
+    for d in domain_ids.unique().tolist():
+        t = teachers.get(int(d), teachers.get(-1))
+        if t is None:
+            raise ValueError(f"no teacher for domain id {d} (and no default teacher)")
+        groups.setdefault(id(t), (t, []))[1].append(int(d))
+    if len(groups) == 1:
+        model = next(iter(groups.values()))[0]
+        return LMObjective(model)(inputs, labels)[0].float()
+    # rows of several domains: run each teacher on its rows, then put the positions back in order
+    per_row = (labels != -100).sum(1) if LMObjective(next(iter(groups.values()))[0]).arch == "bert" else \
+        torch.full((len(inputs),), inputs.shape[1] - 1, device=inputs.device)
+    row_of_pos = torch.repeat_interleave(torch.arange(len(inputs), device=inputs.device), per_row)
+    out = None
+    for model, doms in groups.values():
+        rows = torch.isin(domain_ids, torch.tensor(doms, device=domain_ids.device))
+        logits = LMObjective(model)(inputs[rows], labels[rows])[0].float()
+        if out is None:
+            out = logits.new_empty((student_count, logits.shape[-1]))
+        out[rows[row_of_pos]] = logits
+    return out
