@@ -121,16 +121,21 @@ def _valid_loss(model, rows: torch.Tensor) -> float:
 
 
 def train(model, rows, valid, *, steps: int, batch: int, lr: float, cfg_train, eval_every: int, offset_step: int,
-          offset_flops: float, optimizer=None, label: str = ""):
-    """Plain training loop (the stage's objective, optimizer and schedule); returns the eval curve."""
+          offset_flops: float, optimizer=None, label: str = "", schedule: tuple[int, int] | None = None):
+    """Plain training loop (the stage's objective, optimizer and schedule); returns the eval curve.
+
+    ``schedule=(total, offset)`` follows one LR schedule of ``total`` steps from step ``offset`` on (staged
+    training: the grown phase continues the small phase's schedule instead of warming up again).
+    """
     from ray_lifelong.models.build import LMObjective, lm_loss
     from ray_lifelong.stage.loop import build_optimizer
     from ray_lifelong.stage.schedule import lr_multiplier
 
     obj = LMObjective(model).train()
     opt = optimizer or build_optimizer(model, lr, cfg_train)
-    warm = int(0.06 * steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, steps, warmup=warm))
+    total, start = schedule or (steps, 0)
+    warm = int(0.06 * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(start + s, total, warmup=warm))
     fps = _flops_per_step(model, rows.shape[1], batch)
     curve = [{"step": offset_step, "flops": offset_flops, "valid_loss": _valid_loss(model, valid)}]
     t0 = time.perf_counter()
@@ -187,8 +192,10 @@ def training_comparison(args) -> dict:
 
     torch.manual_seed(0)
     small = _model("gpt2", vocab, 2, 128, 2, 512, positions=128)
+    total = args.small_steps + args.grown_steps
+    phase = (lambda offset: (total, offset)) if args.lr_schedule == "global" else (lambda offset: None)
     small_curve, small_opt = train(small, rows, valid, steps=args.small_steps, lr=args.lr, offset_step=0,
-                                   offset_flops=0.0, label="small 2x128", **kw)
+                                   offset_flops=0.0, label="small 2x128", schedule=phase(0), **kw)
     c_small = small_curve[-1]["flops"]
     runs = {"small": small_curve}
     for mode in ("carry", "reset"):
@@ -198,7 +205,8 @@ def training_comparison(args) -> dict:
         if mode == "carry":
             remap_optimizer_state(small, grown, small_opt, opt, mapping)
         curve, _ = train(grown, rows, valid, steps=args.grown_steps, lr=args.lr, offset_step=args.small_steps,
-                         offset_flops=c_small, optimizer=opt, label=f"grown 4x256 ({mode})", **kw)
+                         offset_flops=c_small, optimizer=opt, label=f"grown 4x256 ({mode})",
+                         schedule=phase(args.small_steps), **kw)
         runs[f"grown_{mode}"] = curve
     large_fps = _flops_per_step(_model("gpt2", vocab, 4, 256, 4, 1024, positions=128), 128, args.batch)
     scratch_steps = int(round(runs["grown_carry"][-1]["flops"] / large_fps))
@@ -217,7 +225,10 @@ def training_comparison(args) -> dict:
             "total_flops": {k: v[-1]["flops"] for k, v in runs.items()}, "curves": runs,
             "setup": f"GPT-2 causal LM on corpus/wb, seq 128, batch {args.batch}, lr {args.lr}, vocab {vocab}; "
                      f"small 2x128 for {args.small_steps} steps, grown to 4x256 (identity depth, x2 width) for "
-                     f"{args.grown_steps} steps; scratch 4x256 for {scratch_steps} steps (same total FLOPs)"}
+                     f"{args.grown_steps} steps; scratch 4x256 for {scratch_steps} steps (same total FLOPs); "
+                     f"LR schedule: {args.lr_schedule} (global: one warmup + linear decay over both phases of "
+                     f"the grown run, as staged training does; per-phase: each phase warms up and decays "
+                     f"again); scratch: its own warmup + linear decay"}
 
 
 def plot(curves: dict, path: Path) -> None:
@@ -246,6 +257,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--lr-schedule", choices=["global", "per-phase"], default="global")
     args = ap.parse_args()
     if args.child_expand:
         return expand_cost_child(args.child_expand)

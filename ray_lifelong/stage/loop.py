@@ -126,7 +126,7 @@ def train_loop_per_worker(config: dict) -> dict:
     while state.step < spec.steps:
         seen = 0
         batches = train_shard.iter_torch_batches(  # [ray] streams while we train
-            batch_size=t.micro_batch_size, drop_last=True, dtypes=torch.long,
+            batch_size=t.micro_batch_size, drop_last=True, dtypes=torch.long, prefetch_batches=2,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             local_shuffle_seed=(t.seed + state.epoch) if cfg.data.shuffle_buffer else None)
         wait0 = time.perf_counter()
@@ -153,12 +153,13 @@ def train_loop_per_worker(config: dict) -> dict:
                         state.teacher_sequences[key] = state.teacher_sequences.get(key, 0) + 1
                     parts = ki_loss_parts(logits, t_logits, targets, alpha=alpha, temperature=ki.temperature,
                                           top_k=ki.top_k)
-                    loss, ce, kl = parts.total, float(parts.ce), float(parts.kl)
+                    loss, ce, kl = parts.total, parts.ce, parts.kl
                 else:
                     loss = lm_loss(logits, targets)
-                    ce, kl = float(loss.detach()), 0.0
+                    ce, kl = loss.detach(), 0.0
             (loss / accum).backward()
-            loss_acc += float(loss.detach()) / accum
+            # accumulate on the device: a float() here would synchronise the GPU every micro-step
+            loss_acc += loss.detach() / accum
             ce_acc += ce / accum
             kl_acc += kl / accum
             state.batches_in_epoch = seen
@@ -174,6 +175,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 micro = 0
                 _maybe_crash(spec, state.step, rank)
                 if state.step % t.log_every == 0 or state.step == spec.steps:
+                    loss_acc, ce_acc, kl_acc = float(loss_acc), float(ce_acc), float(kl_acc)
                     now = time.perf_counter()
                     tps = (state.tokens - log_tok0) / max(now - log_t0, 1e-9)
                     state.history.append({"step": state.step, "loss": loss_acc, "lr": scheduler.get_last_lr()[0],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -15,9 +16,17 @@ pytestmark = [pytest.mark.e2e]
 
 
 def cli(*args, timeout=600):
+    """Run the CLI in its own process group, so a timeout also ends the Ray processes it started."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "ray_lifelong", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.Popen([sys.executable, "-m", "ray_lifelong", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +96,16 @@ def test_cli_reports_config_and_data_errors(tmp_path):
     assert proc.returncode == 2 and "domain 'x' train: no file matches" in proc.stderr
 
 
+@pytest.mark.timeout(1500)
 def test_ki_command_runs_teacher_student_and_baseline(demo_corpus, tmp_path):
     out = tmp_path / "ki"
     overrides = tiny_overrides(demo_corpus, out, arch="bert", steps=6) + [
-        "run_name=kt", "ray.num_cpus=4", "train.eval_every=2", "ki.teacher_steps=4",
+        "run_name=kt", "ray.num_cpus=4", "train.eval_every=2", "ki.teacher_steps=4", "scaling.num_workers=1",
         "ki.teacher_model.num_layers=1", "ki.teacher_model.hidden_size=16", "ki.teacher_model.num_heads=2",
         "ki.teacher_model.intermediate_size=32", "ki.inherit.steps=3",
         f"data.domains=[{{name: sports, train: ['{demo_corpus}/sports/train-*.jsonl.gz'], "
         f"valid: ['{demo_corpus}/sports/valid-*.jsonl.gz']}}]"]
-    proc = cli("ki", str(REPO / "configs/ki_bert.yaml"), *overrides)
+    proc = cli("ki", str(REPO / "configs/ki_bert.yaml"), *overrides, timeout=1400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "kt" / "ki_results.json").read_text())
     assert set(res["curves"]) == {"ki", "baseline", "teacher"}
