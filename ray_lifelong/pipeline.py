@@ -93,6 +93,7 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False) -> dict:
     bad_log = BadRecordLog.remote()
     valid_ds = validation_dataset(cfg.data.domains, StreamOptions(tok_dir, cfg.model.arch, cfg.data), bad_log)
     results: list[StageResult] = []
+    schedules = stage_schedules(cfg)
     prev_ckpt = None
     for i, dom in enumerate(cfg.data.domains):
         marker = marker_dir / f"{i:02d}-{dom.name}" / "stage.json"
@@ -103,7 +104,8 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False) -> dict:
             spec = StageSpec(
                 cfg=cfg, index=i, domain=dom.name, eval_domains=names,
                 steps=dom.steps or cfg.train.steps, batch_size=dom.batch_size or cfg.train.batch_size,
-                lr=dom.lr or cfg.train.lr, tokenizer_files=tok_files, init_checkpoint=prev_ckpt)
+                lr=dom.lr or cfg.train.lr, tokenizer_files=tok_files, init_checkpoint=prev_ckpt,
+                schedule=schedules[i])
             print(f"[run] stage {i}/{len(names) - 1}: domain {dom.name!r}, {spec.steps} steps")
             res = run_stage(spec, tokenizer_dir=tok_dir, storage_path=storage, valid_ds=valid_ds,
                             bad_log=bad_log)
@@ -121,6 +123,14 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False) -> dict:
     write_report(summary, rdir)
     print(f"[run] done: {rdir}/results.json, report.md, final_model/")
     return summary
+
+
+def stage_schedules(cfg: LifelongConfig) -> list[tuple[int, int] | None]:
+    """Per stage ``(offset, total)`` of the run-wide LR schedule (``train.lr_scope: run``), else ``None``."""
+    steps = [d.steps or cfg.train.steps for d in cfg.data.domains]
+    if cfg.train.lr_scope != "run":
+        return [None] * len(steps)
+    return [(sum(steps[:i]), sum(steps)) for i in range(len(steps))]
 
 
 def summarize(domains: list[str], results: list[StageResult]) -> dict:

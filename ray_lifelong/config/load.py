@@ -69,6 +69,7 @@ def validate(cfg: LifelongConfig, where: str = "<config>") -> None:
          "must be auto, wordpiece or bpe")
     need(t.lr_decay in ("linear", "cosine", "constant"), "train.lr_decay", "must be linear, cosine or constant")
     need(t.steps > 0, "train.steps", "must be positive")
+    need(t.lr_scope in ("stage", "run"), "train.lr_scope", "must be stage or run")
     need(t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
     need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
     need(cfg.scaling.num_workers >= 1, "scaling.num_workers", "must be >= 1")

@@ -147,6 +147,9 @@ class TrainConfig:
     """Share of the stage's steps with linear warmup."""
     lr_decay: str = "linear"
     """``linear``, ``cosine`` or ``constant`` after warmup."""
+    lr_scope: str = "stage"
+    """``stage``: every stage warms up and decays on its own; ``run``: one schedule over all stages' steps
+    (staged training: no re-warmup after a growth, which costs most of growth's saving, bench/growth.py)."""
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     """Max global gradient norm; 0 disables clipping."""

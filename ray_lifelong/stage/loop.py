@@ -99,9 +99,11 @@ def train_loop_per_worker(config: dict) -> dict:
     optimizer = build_optimizer(inner.model, spec.lr, t)
     if carried is not None:  # AdamW moments mapped onto the grown parameters (grow.optimizer=carry)
         optimizer.load_state_dict(carried)
-    warmup = int(t.warmup_ratio * spec.steps)
+    offset, total = spec.schedule or (0, spec.steps)
+    warmup = int(t.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, spec.steps, warmup=warmup, decay=t.lr_decay, min_ratio=t.min_lr_ratio))
+        optimizer, lambda s: lr_multiplier(offset + s, total, warmup=warmup, decay=t.lr_decay,
+                                           min_ratio=t.min_lr_ratio))
     if resume is not None:
         load_optimizer_state(opt_dir, optimizer, scheduler)
 

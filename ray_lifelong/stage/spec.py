@@ -27,6 +27,9 @@ class StageSpec:
     """The tokenizer directory's files, shipped by value so workers on any node can load it."""
     init_checkpoint: Any = None
     """``ray.train.Checkpoint`` of the previous stage (``None``: fresh model)."""
+    schedule: tuple[int, int] | None = None
+    """``(offset, total)``: this stage follows one LR schedule of ``total`` steps from step ``offset``
+    (``train.lr_scope: run``); ``None``: its own schedule over ``steps``."""
     teacher_dirs: dict[int, str] = field(default_factory=dict)
     """KI teachers' HF model dirs by domain id (-1: every domain), resolved and checked on the driver."""
 

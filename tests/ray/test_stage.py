@@ -122,8 +122,12 @@ def test_growth_at_stage_start_on_the_workers(ray_4cpus, demo_corpus, tmp_path, 
                                             depth_init="identity", optimizer=optimizer)
     spec1 = StageSpec(cfg=cfg, index=1, domain="astronomy", eval_domains=spec0.eval_domains, steps=4,
                       batch_size=8, lr=cfg.train.lr, tokenizer_files=spec0.tokenizer_files,
-                      init_checkpoint=ray.train.Checkpoint(first.checkpoint_path))
+                      init_checkpoint=ray.train.Checkpoint(first.checkpoint_path),
+                      schedule=(4, 8) if optimizer == "carry" else None)
     res = run_stage(spec1, **kw)
+    # lr_scope=run continues one schedule (no re-warmup): at stage step 2 the multiplier is 1 - 6/8
+    want = 0.25 if optimizer == "carry" else 0.5
+    assert res.history[0]["step"] == 2 and res.history[0]["lr"] == pytest.approx(cfg.train.lr * want)
     g = res.growth
     assert g["before"]["num_hidden_layers"] == 1 and g["after"] == res.model_sizes
     assert res.model_sizes == {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,

@@ -64,3 +64,15 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
     assert Path(tmp_path / "c.yaml").read_text().count("steps: 9") == 1
+
+
+def test_run_wide_lr_schedule_offsets():
+    from ray_lifelong.pipeline import stage_schedules
+
+    cfg = load_config(REPO / "configs/demo.yaml", ["train.steps=10"])
+    cfg.data.domains[1].steps = 30
+    assert stage_schedules(cfg) == [None] * 4
+    cfg.train.lr_scope = "run"
+    assert stage_schedules(cfg) == [(0, 60), (10, 60), (40, 60), (50, 60)]
+    with pytest.raises(ConfigError, match="train.lr_scope"):
+        load_config(REPO / "configs/demo.yaml", ["train.lr_scope=global"])
