@@ -128,7 +128,7 @@ def train_loop_per_worker(config: dict) -> dict:
     while state.step < spec.steps:
         seen = 0
         batches = train_shard.iter_torch_batches(  # [ray] streams while we train
-            batch_size=t.micro_batch_size, drop_last=True, dtypes=torch.long, prefetch_batches=2,
+            batch_size=t.micro_batch_size, drop_last=True, dtypes=torch.long,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             local_shuffle_seed=(t.seed + state.epoch) if cfg.data.shuffle_buffer else None)
         wait0 = time.perf_counter()
