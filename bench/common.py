@@ -168,3 +168,160 @@ def write(name: str, payload: dict, table: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1))
     (RESULTS / f"{name}.md").write_text(table + "\n")
     print(table)
+
+
+# ---------------------------------------------------------------- in-process curves on the real corpus
+# The growth and KI benchmarks compare learning curves (loss against steps and FLOPs), not speed, so
+# they train in-process with the stage's own objective, optimizer, masking and schedule: thousands of
+# steps fit in the time budget, and the Ray overhead is measured separately (backbone.py).
+
+
+def corpus_setup(arch: str, out: Path, domain: str = "wb", vocab_size: int = 4000, seq_len: int = 128):
+    """A config, trained tokenizer directory and masker for ``arch`` on one corpus domain."""
+    from ray_lifelong.config import load_config
+    from ray_lifelong.data.tokenizer import load_tokenizer
+    from ray_lifelong.pipeline import prepare_tokenizer
+    from ray_lifelong.stage.loop import Masker
+
+    dom = (f"{{name: {domain}, train: ['{CORPUS}/{domain}/train.jsonl.gz'], "
+           f"valid: ['{CORPUS}/{domain}/valid.jsonl.gz']}}")
+    cfg = load_config(REPO / "configs/demo.yaml", [
+        "demo.enabled=false", f"data.domains=[{dom}]", f"model.arch={arch}", f"data.seq_len={seq_len}",
+        f"tokenizer.vocab_size={vocab_size}", "tokenizer.sample_docs_per_domain=300", f"output_dir={out}"])
+    tok_dir = prepare_tokenizer(cfg, out / f"tok-{arch}")
+    tok = load_tokenizer(tok_dir)
+    return cfg, tok_dir, tok, Masker(tok, cfg.data.mlm_probability, arch)
+
+
+def corpus_rows(cfg, tok_dir: str, n_train: int, n_valid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed training rows and validation rows (from the domain's valid split) as int64 tensors."""
+    from dataclasses import replace
+
+    dom = cfg.data.domains[0]
+    vdom = replace(dom, train=list(dom.valid))
+    vcfg = replace(cfg, data=replace(cfg.data, domains=[vdom]))
+    rows = torch.from_numpy(packed_rows(cfg, tok_dir, n_train).astype(np.int64))
+    valid = torch.from_numpy(packed_rows(vcfg, tok_dir, n_valid).astype(np.int64))
+    return rows, valid
+
+
+def small_model(arch: str, vocab: int, layers: int, hidden: int, *, seq_len: int = 128, seed: int = 0):
+    """A model of ``layers`` x ``hidden`` (64-dim heads, FFN 4x), no dropout, HF init with ``seed``."""
+    from ray_lifelong.config import ModelConfig
+    from ray_lifelong.models.build import build_model
+
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(arch=arch, num_layers=layers, hidden_size=hidden, num_heads=max(1, hidden // 64),
+                                   intermediate_size=4 * hidden, max_position_embeddings=seq_len, dropout=0.0),
+                       vocab, seed=seed)
+
+
+def train_flops_per_step(model, seq_len: int, batch: int, mlm_probability: float = 0.15,
+                         forward_only: bool = False) -> float:
+    """flops.md: training = 3 x forward; a frozen teacher costs its forward only."""
+    from ray_lifelong.flops import forward_flops_per_sequence, logit_positions
+    from ray_lifelong.growth import model_sizes
+    from ray_lifelong.models.build import model_arch
+
+    s = model_sizes(model)
+    arch = model_arch(model)
+    fwd = batch * forward_flops_per_sequence(num_layers=s["num_hidden_layers"], hidden=s["hidden_size"],
+                                             ffn=s["intermediate_size"], vocab=model.config.vocab_size,
+                                             seq_len=seq_len, logit_positions=logit_positions(arch, seq_len,
+                                                                                              mlm_probability))
+    return fwd if forward_only else 3.0 * fwd
+
+
+@torch.no_grad()
+def valid_loss(model, valid: torch.Tensor, masker) -> float:
+    """Mean token loss on ``valid`` (MLM with fixed per-row masks, so every evaluation scores the same)."""
+    from ray_lifelong.models.build import LMObjective, lm_loss
+
+    obj = LMObjective(model).eval()
+    tot, n = 0.0, 0
+    for i in range(0, len(valid), 32):
+        inputs, labels = masker(valid[i:i + 32], None, fixed=True)
+        logits, targets = obj(inputs, labels)
+        tot += float(lm_loss(logits, targets, reduction="sum"))
+        n += targets.numel()
+    obj.train()
+    return tot / n
+
+
+@dataclass
+class KISetting:
+    """Distil from ``teacher`` with the KI loss while the inheritance rate is above 0."""
+    teacher: torch.nn.Module
+    schedule: str = "linear"
+    steps: int = 300
+    alpha0: float = 1.0
+    temperature: float = 2.0
+    top_k: int | None = None
+
+
+def train_curve(model, rows: torch.Tensor, valid: torch.Tensor, masker, *, steps: int, batch: int, lr: float,
+                cfg_train, eval_every: int, offset_step: int = 0, offset_flops: float = 0.0, optimizer=None,
+                schedule: tuple[int, int] | None = None, ki: KISetting | None = None, label: str = ""):
+    """Train ``model`` for ``steps`` on ``rows`` (batch i = rows of step i, the same order for every run);
+    return (eval curve, optimizer). Each curve point: step, cumulative FLOPs (teacher forward included),
+    validation loss, and for KI the rate alpha.
+
+    ``schedule=(total, offset)`` follows one LR schedule of ``total`` steps from step ``offset`` (staged
+    training: a grown phase continues the small phase's schedule instead of warming up again).
+    """
+    from ray_lifelong.distill import inheritance_rate, ki_loss
+    from ray_lifelong.models.build import LMObjective, lm_loss
+    from ray_lifelong.stage.loop import build_optimizer
+    from ray_lifelong.stage.schedule import lr_multiplier
+
+    obj = LMObjective(model).train()
+    opt = optimizer or build_optimizer(model, lr, cfg_train)
+    total, start = schedule or (steps, 0)
+    warm = int(0.06 * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(start + s, total, warmup=warm))
+    seq = rows.shape[1]
+    fps = train_flops_per_step(model, seq, batch)
+    t_obj = None
+    if ki is not None:
+        t_obj = LMObjective(ki.teacher.eval().requires_grad_(False))
+        t_fps = train_flops_per_step(ki.teacher, seq, batch, forward_only=True)
+    flops = offset_flops
+    curve = [{"step": offset_step, "flops": flops, "valid_loss": valid_loss(model, valid, masker)}]
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        g = offset_step + step
+        i = (g * batch) % (len(rows) - batch)
+        inputs, labels = masker(rows[i:i + batch], torch.Generator().manual_seed(g))
+        logits, targets = obj(inputs, labels)
+        alpha = 0.0
+        if ki is not None:
+            alpha = inheritance_rate(step - 1, schedule=ki.schedule, steps=ki.steps, alpha0=ki.alpha0)
+        if alpha > 0:
+            with torch.no_grad():
+                t_logits = t_obj(inputs, labels)[0]
+            loss = ki_loss(logits, t_logits, targets, alpha=alpha, temperature=ki.temperature, top_k=ki.top_k)
+            flops += t_fps
+        else:
+            loss = lm_loss(logits, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(obj.parameters(), cfg_train.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        flops += fps
+        if step % eval_every == 0 or step == steps:
+            curve.append({"step": g, "flops": flops, "valid_loss": valid_loss(model, valid, masker), "alpha": alpha})
+            print(f"[{label}] step {step}/{steps} valid {curve[-1]['valid_loss']:.3f} alpha {alpha:.2f} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    return curve, opt
+
+
+def cost_to_reach(curve: list[dict], target: float, key: str = "flops") -> float | None:
+    """Cumulative ``key`` (flops or step) at the first evaluation <= target, interpolated linearly (flops.md)."""
+    for a, b in zip(curve, curve[1:]):
+        if b["valid_loss"] <= target:
+            if a["valid_loss"] <= target:
+                return a[key]
+            f = (a["valid_loss"] - target) / (a["valid_loss"] - b["valid_loss"])
+            return a[key] + f * (b[key] - a[key])
+    return None

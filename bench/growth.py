@@ -1,6 +1,6 @@
 """Growth benchmarks (issue 3): speed and memory of expand, exactness per operator, and FLOPs saved.
 
-    python bench/growth.py [--small-steps 400] [--grown-steps 600]
+    python bench/growth.py [--small-steps 1000] [--grown-steps 600]
 
 1. expand time and peak memory: BERT-base-sized (12 layers / 768) grown from 6 / 384, and a
    GPT-2-small-sized model likewise, each in a fresh subprocess on CPU (goal: under 2 s each).
@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import CORPUS, REPO, packed_rows, write  # noqa: E402
+from bench.common import (CORPUS, REPO, cost_to_reach, packed_rows, train_curve,  # noqa: E402
+                          train_flops_per_step, write)
 
 SIZES = {"small": dict(num_layers=6, hidden_size=384, num_heads=6, intermediate_size=1536),
          "large": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072)}
@@ -96,82 +97,12 @@ def exactness() -> dict:
 # ---------------------------------------------------------------- training on the real corpus
 
 
-def _flops_per_step(model, seq_len: int, batch: int) -> float:
-    from ray_lifelong.flops import logit_positions, train_flops_per_sequence
-    from ray_lifelong.growth import model_sizes
-
-    s = model_sizes(model)
-    return batch * train_flops_per_sequence(num_layers=s["num_hidden_layers"], hidden=s["hidden_size"],
-                                            ffn=s["intermediate_size"], vocab=model.config.vocab_size,
-                                            seq_len=seq_len, logit_positions=logit_positions("gpt2", seq_len, 0.15))
-
-
-@torch.no_grad()
-def _valid_loss(model, rows: torch.Tensor) -> float:
-    from ray_lifelong.models.build import LMObjective, lm_loss
-
-    obj = LMObjective(model).eval()
-    tot, n = 0.0, 0
-    for i in range(0, len(rows), 32):
-        logits, targets = obj(rows[i:i + 32])
-        tot += float(lm_loss(logits, targets, reduction="sum"))
-        n += targets.numel()
-    obj.train()
-    return tot / n
-
-
-def train(model, rows, valid, *, steps: int, batch: int, lr: float, cfg_train, eval_every: int, offset_step: int,
-          offset_flops: float, optimizer=None, label: str = "", schedule: tuple[int, int] | None = None):
-    """Plain training loop (the stage's objective, optimizer and schedule); returns the eval curve.
-
-    ``schedule=(total, offset)`` follows one LR schedule of ``total`` steps from step ``offset`` on (staged
-    training: the grown phase continues the small phase's schedule instead of warming up again).
-    """
-    from ray_lifelong.models.build import LMObjective, lm_loss
-    from ray_lifelong.stage.loop import build_optimizer
-    from ray_lifelong.stage.schedule import lr_multiplier
-
-    obj = LMObjective(model).train()
-    opt = optimizer or build_optimizer(model, lr, cfg_train)
-    total, start = schedule or (steps, 0)
-    warm = int(0.06 * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(start + s, total, warmup=warm))
-    fps = _flops_per_step(model, rows.shape[1], batch)
-    curve = [{"step": offset_step, "flops": offset_flops, "valid_loss": _valid_loss(model, valid)}]
-    t0 = time.perf_counter()
-    for step in range(1, steps + 1):
-        i = ((offset_step + step) * batch) % (len(rows) - batch)
-        logits, targets = obj(rows[i:i + batch])
-        lm_loss(logits, targets).backward()
-        torch.nn.utils.clip_grad_norm_(obj.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % eval_every == 0 or step == steps:
-            curve.append({"step": offset_step + step, "flops": offset_flops + step * fps,
-                          "valid_loss": _valid_loss(model, valid)})
-            print(f"[{label}] step {step}/{steps} valid {curve[-1]['valid_loss']:.3f} "
-                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
-    return curve, opt
-
-
-def flops_to_reach(curve: list[dict], target: float) -> float | None:
-    """Cumulative FLOPs at the first evaluation <= target, interpolated linearly (flops.md)."""
-    for a, b in zip(curve, curve[1:]):
-        if b["valid_loss"] <= target:
-            if a["valid_loss"] <= target:
-                return a["flops"]
-            f = (a["valid_loss"] - target) / (a["valid_loss"] - b["valid_loss"])
-            return a["flops"] + f * (b["flops"] - a["flops"])
-    return None
-
-
 def training_comparison(args) -> dict:
     from ray_lifelong.config import load_config
     from ray_lifelong.data.tokenizer import load_tokenizer
     from ray_lifelong.growth import expand, remap_optimizer_state
     from ray_lifelong.pipeline import prepare_tokenizer
-    from ray_lifelong.stage.loop import build_optimizer
+    from ray_lifelong.stage.loop import Masker, build_optimizer
 
     torch.set_num_threads(2)
     out = Path(tempfile.mkdtemp(prefix="bench-growth-"))
@@ -186,7 +117,9 @@ def training_comparison(args) -> dict:
         "demo.enabled=false", f"data.domains=[{dom.replace('train.jsonl', 'valid.jsonl')}]",
         "model.arch=gpt2", "data.seq_len=128"])
     valid = torch.from_numpy(packed_rows(vcfg, tok_dir, 96).astype(np.int64))
-    vocab = len(load_tokenizer(tok_dir))
+    tok = load_tokenizer(tok_dir)
+    vocab = len(tok)
+    masker = Masker(tok, 0.15, "gpt2")  # causal LM: no masking
     t = cfg.train
     kw = dict(batch=args.batch, cfg_train=t, eval_every=args.eval_every)
 
@@ -194,7 +127,7 @@ def training_comparison(args) -> dict:
     small = _model("gpt2", vocab, 2, 128, 2, 512, positions=128)
     total = args.small_steps + args.grown_steps
     phase = (lambda offset: (total, offset)) if args.lr_schedule == "global" else (lambda offset: None)
-    small_curve, small_opt = train(small, rows, valid, steps=args.small_steps, lr=args.lr, offset_step=0,
+    small_curve, small_opt = train_curve(small, rows, valid, masker, steps=args.small_steps, lr=args.lr, offset_step=0,
                                    offset_flops=0.0, label="small 2x128", schedule=phase(0), **kw)
     c_small = small_curve[-1]["flops"]
     runs = {"small": small_curve}
@@ -204,21 +137,21 @@ def training_comparison(args) -> dict:
         opt = build_optimizer(grown, args.lr, t)
         if mode == "carry":
             remap_optimizer_state(small, grown, small_opt, opt, mapping)
-        curve, _ = train(grown, rows, valid, steps=args.grown_steps, lr=args.lr, offset_step=args.small_steps,
+        curve, _ = train_curve(grown, rows, valid, masker, steps=args.grown_steps, lr=args.lr, offset_step=args.small_steps,
                          offset_flops=c_small, optimizer=opt, label=f"grown 4x256 ({mode})",
                          schedule=phase(args.small_steps), **kw)
         runs[f"grown_{mode}"] = curve
-    large_fps = _flops_per_step(_model("gpt2", vocab, 4, 256, 4, 1024, positions=128), 128, args.batch)
+    large_fps = train_flops_per_step(_model("gpt2", vocab, 4, 256, 4, 1024, positions=128), 128, args.batch)
     scratch_steps = int(round(runs["grown_carry"][-1]["flops"] / large_fps))
     torch.manual_seed(0)
     scratch = _model("gpt2", vocab, 4, 256, 4, 1024, positions=128)
-    runs["scratch"], _ = train(scratch, rows, valid, steps=scratch_steps, lr=args.lr, offset_step=0,
+    runs["scratch"], _ = train_curve(scratch, rows, valid, masker, steps=scratch_steps, lr=args.lr, offset_step=0,
                                offset_flops=0.0, label="scratch 4x256", **kw)
     target = runs["scratch"][-1]["valid_loss"]
-    c_scratch = flops_to_reach(runs["scratch"], target)
+    c_scratch = cost_to_reach(runs["scratch"], target)
     saved = {}
     for mode in ("carry", "reset"):
-        c = flops_to_reach(runs[f"grown_{mode}"], target)
+        c = cost_to_reach(runs[f"grown_{mode}"], target)
         saved[mode] = None if c is None else 1 - c / c_scratch
     return {"target_loss": target, "scratch_steps": scratch_steps, "flops_saved_fraction": saved,
             "final_valid_loss": {k: v[-1]["valid_loss"] for k, v in runs.items()},
@@ -251,7 +184,7 @@ def plot(curves: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child-expand")
-    ap.add_argument("--small-steps", type=int, default=400)
+    ap.add_argument("--small-steps", type=int, default=1000)
     ap.add_argument("--grown-steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -289,7 +222,12 @@ def main() -> None:
             s = fs.get(mode) if k.startswith("grown_") else None
             lines.append(f"| {k} | {comp['final_valid_loss'][k]:.3f} | {comp['total_flops'][k] / 1e12:.2f} | "
                          f"{'-' if not k.startswith('grown_') else ('not reached' if s is None else f'{s:.1%}')} |")
-        lines += ["", "![curves](growth_curves.png)"]
+        small = comp["final_valid_loss"]["small"]
+        lines += ["", f"The small model alone ends at {small:.3f} after {comp['total_flops']['small'] / 1e12:.2f} TFLOPs "
+                      f"({'below' if small <= comp['target_loss'] else 'above'} the target): at this scale a small "
+                      f"model is compute-efficient for a while, which is part of what growth exploits. With 400 "
+                      f"small steps (growth_small400.json) the savings were 38.4% (carry) and 21.2% (reset).",
+                  "", "![curves](growth_curves.png)"]
     write("growth", payload, "\n".join(lines))
 
 

@@ -33,7 +33,8 @@ from ray_lifelong.data.tokenizer import (
     tokenizer_kind,
     train_tokenizer,
 )
-from ray_lifelong.data.stream import BadRecordLog, StreamOptions, quiet_ray_data, validation_dataset
+from ray_lifelong.data.memory import memory_dataset, memory_uri, write_memory
+from ray_lifelong.data.stream import BadRecordLog, StreamOptions, files_dataset, quiet_ray_data, validation_dataset
 from ray_lifelong.eval.metrics import average_increased_perplexity, average_perplexity
 from ray_lifelong.stage.run import run_stage
 from ray_lifelong.stage.spec import StageResult, StageSpec, read_tokenizer_files
@@ -91,31 +92,56 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False) -> dict:
     names = [d.name for d in cfg.data.domains]
     quiet_ray_data()
     bad_log = BadRecordLog.remote()
-    valid_ds = validation_dataset(cfg.data.domains, StreamOptions(tok_dir, cfg.model.arch, cfg.data), bad_log)
+    opts = StreamOptions(tok_dir, cfg.model.arch, cfg.data)
+    valid_ds = validation_dataset(cfg.data.domains, opts, bad_log, prompts=cfg.continual.prompts)
     results: list[StageResult] = []
+    frw_results: dict[int, StageResult] = {}
+    memories: list[dict] = []
     schedules = stage_schedules(cfg)
+    replay = cfg.continual.replay
+    memory_root = replay.memory_path or str(rdir / "memory")
     prev_ckpt = None
-    for i, dom in enumerate(cfg.data.domains):
-        marker = marker_dir / f"{i:02d}-{dom.name}" / "stage.json"
+
+    def run_or_skip(spec: StageSpec, train_ds=None) -> StageResult:
+        marker = marker_dir / spec.label / "stage.json"
         if marker.exists():
-            res = StageResult(**json.loads(marker.read_text()))
-            print(f"[run] stage {i} ({dom.name}) already finished: skipped")
-        else:
-            spec = StageSpec(
-                cfg=cfg, index=i, domain=dom.name, eval_domains=names,
-                steps=dom.steps or cfg.train.steps, batch_size=dom.batch_size or cfg.train.batch_size,
-                lr=dom.lr or cfg.train.lr, tokenizer_files=tok_files, init_checkpoint=prev_ckpt,
-                schedule=schedules[i])
-            print(f"[run] stage {i}/{len(names) - 1}: domain {dom.name!r}, {spec.steps} steps")
-            res = run_stage(spec, tokenizer_dir=tok_dir, storage_path=storage, valid_ds=valid_ds,
-                            bad_log=bad_log)
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            tmp = marker.with_suffix(".tmp")
-            tmp.write_text(json.dumps(asdict(res), indent=1))
-            os.replace(tmp, marker)  # the marker appears only once the record is complete
+            print(f"[run] stage {spec.label} already finished: skipped")
+            return StageResult(**json.loads(marker.read_text()))
+        print(f"[run] stage {spec.label}: {spec.steps} steps" + (" (function-recovering warmup on the memory)"
+                                                                 if spec.phase == "frw" else ""))
+        res = run_stage(spec, tokenizer_dir=tok_dir, storage_path=storage, valid_ds=valid_ds, bad_log=bad_log,
+                        train_ds=train_ds)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(res), indent=1))
+        os.replace(tmp, marker)  # the marker appears only once the record is complete
+        return res
+
+    for i, dom in enumerate(cfg.data.domains):
+        base = dict(cfg=cfg, index=i, domain=dom.name, eval_domains=names, tokenizer_files=tok_files,
+                    batch_size=dom.batch_size or cfg.train.batch_size)
+        lr = dom.lr or cfg.train.lr
+        earlier = [m["uri"] for m in memories]
+        grown = False
+        if cfg.continual.frw.steps and dom.grow is not None and earlier:
+            # ELLE: grow, then recover the old function on the earlier domains' memory before the new domain
+            frw = StageSpec(**base, steps=cfg.continual.frw.steps, lr=cfg.continual.frw.lr or lr,
+                            init_checkpoint=prev_ckpt, phase="frw")
+            frw_results[i] = run_or_skip(frw, _memory_stream(earlier, cfg.train.seed + i))
+            prev_ckpt, grown = ray.train.Checkpoint(frw_results[i].checkpoint_path), True
+        spec = StageSpec(**base, steps=dom.steps or cfg.train.steps, lr=lr, init_checkpoint=prev_ckpt,
+                         schedule=schedules[i], regrow=not grown,
+                         replay_uris=earlier if replay.enabled else [])
+        res = run_or_skip(spec, stage_stream(cfg, i, opts, bad_log))
         results.append(res)
         prev_ckpt = ray.train.Checkpoint(res.checkpoint_path)
-    summary = summarize(names, results)
+        if replay.enabled and i < len(cfg.data.domains) - 1:
+            stream = files_dataset([(i, dom)], "train", opts, log=bad_log, prompts=cfg.continual.prompts)
+            memories.append(write_memory(stream, memory_uri(memory_root, i, dom.name),
+                                         fraction=replay.memory_fraction, max_sequences=replay.memory_max_sequences,
+                                         seed=cfg.train.seed + i))
+            print(f"[run] memory of {dom.name!r}: {memories[-1]['sequences']} sequences -> {memories[-1]['uri']}")
+    summary = summarize(names, results, frw_results, memories)
     (rdir / "results.json").write_text(json.dumps(summary, indent=1))
     export_final_model(prev_ckpt, rdir / "final_model")
     from ray_lifelong.report import write_report
@@ -133,29 +159,61 @@ def stage_schedules(cfg: LifelongConfig) -> list[tuple[int, int] | None]:
     return [(sum(steps[:i]), sum(steps)) for i in range(len(steps))]
 
 
-def summarize(domains: list[str], results: list[StageResult]) -> dict:
-    """``results.json``: the PPL matrix (rows = after stage i, columns = domains), AP, AP+ and costs."""
+def stage_stream(cfg: LifelongConfig, index: int, opts: StreamOptions, log=None):
+    """The training stream of stage ``index``: its domain (prompted when ``continual.prompts``), or for
+    ``continual.joint`` every domain so far with their blocks interleaved."""
+    doms = list(enumerate(cfg.data.domains))
+    chosen = doms[: index + 1] if cfg.continual.joint else [doms[index]]
+    ds = files_dataset(chosen, "train", opts, log=log, prompts=cfg.continual.prompts)
+    return ds.randomize_block_order(seed=cfg.train.seed + index) if len(chosen) > 1 else ds
+
+
+def _memory_stream(uris: list[str], seed: int):
+    """The function-recovering warmup's data: the earlier domains' memories, shuffled together."""
+    return memory_dataset(uris).random_shuffle(seed=seed)
+
+
+def _record(r: StageResult) -> dict:
+    return {"domain": r.domain, "phase": r.phase, "steps": r.steps, "tokens": r.tokens,
+            "train_flops": r.train_flops, "teacher_flops": r.teacher_flops, "teacher_s": r.teacher_s,
+            "wall_time_s": r.wall_time_s, "data_wait_s": r.data_wait_s, "restarts": r.restarts,
+            "bad_records": r.bad_records, "checkpoint": r.checkpoint_path, "model_sizes": r.model_sizes,
+            "growth": r.growth, "replayed_sequences": r.replayed_sequences, "history": r.history, "evals": r.evals}
+
+
+def summarize(domains: list[str], results: list[StageResult], frw: dict[int, StageResult] | None = None,
+              memories: list[dict] | None = None) -> dict:
+    """``results.json``: the PPL matrix (rows = after stage i, columns = domains), AP, AP+ and costs.
+
+    A stage's FLOPs and wall time include its function-recovering warmup (recorded under ``frw``).
+    """
+    frw = frw or {}
     matrix = [[r.ppl[d] for d in domains] for r in results]
     cum_flops = 0.0
     stages = []
-    for r in results:
-        cum_flops += r.train_flops + r.teacher_flops
-        stages.append({"domain": r.domain, "steps": r.steps, "tokens": r.tokens, "train_flops": r.train_flops,
-                       "teacher_flops": r.teacher_flops, "teacher_s": r.teacher_s,
-                       "cumulative_flops": cum_flops, "wall_time_s": r.wall_time_s,
-                       "data_wait_s": r.data_wait_s, "restarts": r.restarts, "bad_records": r.bad_records,
-                       "checkpoint": r.checkpoint_path, "model_sizes": r.model_sizes, "growth": r.growth,
-                       "history": r.history, "evals": r.evals})
+    for i, r in enumerate(results):
+        parts = [r] + ([frw[i]] if i in frw else [])
+        flops = sum(p.train_flops + p.teacher_flops for p in parts)
+        cum_flops += flops
+        rec = _record(r)
+        rec.update(stage_flops=flops, cumulative_flops=cum_flops, stage_wall_time_s=sum(p.wall_time_s for p in parts))
+        if i in frw:
+            rec["frw"] = _record(frw[i])
+            rec["growth"] = frw[i].growth  # the warmup phase is where the model grew
+        stages.append(rec)
+    everything = results + list(frw.values())
     return {
         "domains": domains,
         "ppl_matrix": matrix,
         "AP": average_perplexity(matrix, geometric=True),
         "AP_arithmetic": average_perplexity(matrix, geometric=False),
         "AP_plus": average_increased_perplexity(matrix),
+        "cumulative_flops": [s["cumulative_flops"] for s in stages],
         "stages": stages,
-        "total_train_flops": sum(r.train_flops for r in results),
+        "memories": memories or [],
+        "total_train_flops": sum(r.train_flops for r in everything),
         "total_flops_with_teachers": cum_flops,
-        "total_wall_time_s": sum(r.wall_time_s for r in results),
+        "total_wall_time_s": sum(r.wall_time_s for r in everything),
     }
 
 

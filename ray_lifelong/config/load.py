@@ -17,7 +17,8 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> LifelongConfig:
-    """Return the typed config of ``path`` with ``key=value`` ``overrides`` applied.
+    """Return the typed config of ``path`` with ``overrides`` applied in order: ``key=value`` items, and
+    YAML files (``*.yaml``) merged over it, e.g. a method overlay from ``configs/methods/``.
 
     Raises:
         ConfigError: unknown key, wrong type, missing file or an inconsistent value; the message
@@ -31,16 +32,56 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
             if not Path(path).is_file():
                 raise ConfigError(f"config file not found: {path}")
             layers.append(OmegaConf.load(path))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        for item in overrides:
+            if "=" in item:
+                layers.append(OmegaConf.from_dotlist([item]))
+            elif item.endswith((".yaml", ".yml")):
+                if not Path(item).is_file():
+                    raise ConfigError(f"config overlay not found: {item}")
+                where += f" + {item}"
+                layers.append(OmegaConf.load(item))
+            else:
+                raise ConfigError(f"override {item!r} is neither key=value nor a .yaml overlay")
         merged = OmegaConf.merge(*layers)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"{where}: invalid config key {key!r}: {_first_line(e)}") from None
     validate(cfg, where)
+    return apply_growth_mode(cfg)
+
+
+def final_model_sizes(cfg: LifelongConfig) -> dict[str, int]:
+    """The model sizes after every growth of the schedule (head size fixed, as growth keeps it)."""
+    m = cfg.model
+    layers, hidden, heads, ffn = m.num_layers, m.hidden_size, m.num_heads, m.intermediate_size
+    for dom in cfg.data.domains:
+        g = dom.grow
+        if g is None:
+            continue
+        head = hidden // heads
+        layers = g.num_layers or layers
+        if g.hidden_size:
+            hidden, heads = g.hidden_size, g.num_heads or g.hidden_size // head
+        elif g.num_heads:
+            heads, hidden = g.num_heads, g.num_heads * head
+        ffn = g.intermediate_size or ffn
+    return {"num_layers": layers, "hidden_size": hidden, "num_heads": heads, "intermediate_size": ffn}
+
+
+def apply_growth_mode(cfg: LifelongConfig) -> LifelongConfig:
+    """Fold ``continual.growth`` / ``growth_optimizer`` into the domains and model (idempotent)."""
+    c = cfg.continual
+    if c.growth == "final":
+        for key, val in final_model_sizes(cfg).items():
+            setattr(cfg.model, key, val)
+    if c.growth in ("fixed", "final"):
+        for dom in cfg.data.domains:
+            dom.grow = None
+    if c.growth_optimizer:
+        for dom in cfg.data.domains:
+            if dom.grow is not None:
+                dom.grow.optimizer = c.growth_optimizer
     return cfg
 
 
@@ -73,6 +114,24 @@ def validate(cfg: LifelongConfig, where: str = "<config>") -> None:
     need(t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
     need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
     need(cfg.scaling.num_workers >= 1, "scaling.num_workers", "must be >= 1")
+    c = cfg.continual
+    need(0 < c.replay.memory_fraction <= 1, "continual.replay.memory_fraction", "must be in (0, 1]")
+    need(c.replay.memory_max_sequences is None or c.replay.memory_max_sequences > 0,
+         "continual.replay.memory_max_sequences", "must be positive")
+    need(0 <= c.replay.ratio < 1, "continual.replay.ratio", "must be in [0, 1)")
+    need(c.replay.weighting in ("uniform", "proportional"), "continual.replay.weighting",
+         "must be uniform or proportional")
+    need(c.frw.steps >= 0 and c.frw.warmup_steps >= 0, "continual.frw.steps", "must be >= 0")
+    need(c.frw.steps == 0 or c.replay.enabled, "continual.frw.steps",
+         "the warmup trains on the replay memory: set continual.replay.enabled=true")
+    need(c.growth in ("schedule", "fixed", "final"), "continual.growth", "must be schedule, fixed or final")
+    need(c.growth_optimizer in (None, "carry", "reset"), "continual.growth_optimizer", "must be carry or reset")
+    need(c.logit_kd.weight >= 0, "continual.logit_kd.weight", "must be >= 0")
+    need(c.logit_kd.weight == 0 or c.replay.enabled, "continual.logit_kd.weight",
+         "logit KD distils on replayed rows: set continual.replay.enabled=true")
+    need(c.logit_kd.temperature > 0, "continual.logit_kd.temperature", "must be positive")
+    need(not (c.joint and c.replay.enabled), "continual.joint", "joint training sees every domain already; "
+         "replay would only repeat data")
     names = [dom.name for dom in d.domains]
     need(len(set(names)) == len(names), "data.domains", f"domain names repeat: {names}")
     for i, dom in enumerate(d.domains):

@@ -53,6 +53,65 @@ class TeacherConfig:
 
 
 @dataclass
+class ReplayConfig:
+    """Memory replay (ELLE, experience replay): keep a sample of each finished domain and mix it back in."""
+
+    enabled: bool = False
+    memory_fraction: float = 0.06
+    """Share of a domain's training sequences kept in its memory (the paper keeps about 6%)."""
+    memory_max_sequences: Optional[int] = None
+    """Cap on a domain's memory in sequences (``None``: only the fraction)."""
+    ratio: float = 0.1
+    """Share of each optimizer step's sequences drawn from the memories of earlier domains (the paper: 0.1)."""
+    weighting: str = "uniform"
+    """``uniform`` across earlier domains, or ``proportional`` to their memory sizes."""
+    memory_path: Optional[str] = None
+    """Where memories are written as Parquet (``None``: ``<run dir>/memory``). On a multi-node cluster use
+    storage every node reads (NFS or ``s3://``): the stage's Ray Data tasks read it on any node."""
+
+
+@dataclass
+class FRWConfig:
+    """Function-recovering warmup: after a growth, train only on the earlier domains' memory first."""
+
+    steps: int = 0
+    """Optimizer steps of the warmup phase (0: none). Needs replay (its data is the memory)."""
+    warmup_steps: int = 0
+    """Linear LR warmup of the phase; the LR then stays at its peak (``lr``) until the phase ends."""
+    lr: Optional[float] = None
+    """Peak LR of the phase (``None``: the stage's)."""
+
+
+@dataclass
+class LogitKDConfig:
+    """Logit-KD baseline: the previous stage's model distils into the current one on replayed rows."""
+
+    weight: float = 0.0
+    """Weight of T^2 * KL(previous || current) on the replayed positions (0: off); the CE on every
+    position keeps weight 1."""
+    temperature: float = 2.0
+
+
+@dataclass
+class ContinualConfig:
+    """What makes a run ELLE or one of its baselines (configs/elle_*.yaml, bench/elle_stream.py)."""
+
+    prompts: bool = False
+    """Prepend the domain's prompt token to every sequence (after [CLS] for BERT, first for GPT-2)."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    frw: FRWConfig = field(default_factory=FRWConfig)
+    logit_kd: LogitKDConfig = field(default_factory=LogitKDConfig)
+    joint: bool = False
+    """Upper reference: each stage trains on the union of all domains seen so far (continuing the model)."""
+    growth: str = "schedule"
+    """``schedule``: grow as ``data.domains[].grow`` says; ``fixed``: keep the initial size (fixed-size
+    baselines, the no-growth ablation); ``final``: train the schedule's final size from the start
+    (``scratch_large``). Applied when the config is loaded; the saved config holds the result."""
+    growth_optimizer: Optional[str] = None
+    """Override every ``grow.optimizer`` (``carry`` or ``reset``), for the carry-vs-reset ablation."""
+
+
+@dataclass
 class DomainConfig:
     """One emerging domain = one training stage, in the order listed."""
 
@@ -241,5 +300,6 @@ class LifelongConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
     ki: KIExperimentConfig = field(default_factory=KIExperimentConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)

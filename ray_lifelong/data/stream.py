@@ -15,6 +15,7 @@ import ray
 from ray_lifelong.config.schema import DataConfig, DomainConfig
 from ray_lifelong.data.packing import PackSpec, pack
 from ray_lifelong.data.sources import BadRecord, DataError, iter_documents, resolve_sources
+from ray_lifelong.data.tokenizer import prompt_token
 
 
 @ray.remote(num_cpus=0)
@@ -65,11 +66,13 @@ class TokenizePack:
     tokens left over at the end of a batch carry into the next one instead of being dropped.
     """
 
-    def __init__(self, tokenizer_dir: str, seq_len: int, arch: str, prompt: str | None = None) -> None:
+    def __init__(self, tokenizer_dir: str, seq_len: int, arch: str, prompts: dict[int, str] | None = None) -> None:
         from ray_lifelong.data.tokenizer import load_tokenizer
 
         self.tok = load_tokenizer(tokenizer_dir)
-        self.spec = pack_spec(self.tok, seq_len, arch, prompt)
+        self.spec = pack_spec(self.tok, seq_len, arch)
+        # ELLE domain prompts: each domain's rows start with its own prompt token
+        self.specs = {d: pack_spec(self.tok, seq_len, arch, p) for d, p in (prompts or {}).items()}
         self.carry: dict[int, list[int]] = {}
 
     def __call__(self, batch: dict) -> dict:
@@ -78,7 +81,7 @@ class TokenizePack:
         rows, dom = [], []
         for d in dict.fromkeys(ids.tolist()):  # a batch may span two domains (validation): pack each apart
             docs = [e for e, i in zip(enc, ids) if i == d]
-            packed, self.carry[d] = pack(docs, self.spec, self.carry.get(d, []))
+            packed, self.carry[d] = pack(docs, self.specs.get(d, self.spec), self.carry.get(d, []))
             rows.append(packed)
             dom.append(np.full(len(packed), d, dtype=np.int32))
         if not rows:
@@ -103,11 +106,12 @@ class StreamOptions:
 
 
 def files_dataset(domains: list[tuple[int, DomainConfig]], split: str, opts: StreamOptions, log=None,
-                  prompt: str | None = None) -> ray.data.Dataset:
+                  prompts: bool = False) -> ray.data.Dataset:
     """The lazy dataset of packed rows ``{input_ids, domain_id}`` of the ``split`` of ``domains``.
 
     Args:
         domains: ``(domain_id, DomainConfig)`` pairs; ``domain_id`` is the domain's index in the run.
+        prompts: start every row with its domain's prompt token ``<dom:NAME>`` (ELLE).
 
     Raises:
         DataError: a source pattern matches no file (checked here, before any Ray work starts).
@@ -133,13 +137,14 @@ def files_dataset(domains: list[tuple[int, DomainConfig]], split: str, opts: Str
         TokenizePack, batch_size=d.tokenize_batch_size, num_cpus=d.tokenize_num_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, d.tokenize_actors)),
         fn_constructor_kwargs=dict(tokenizer_dir=opts.tokenizer_dir, seq_len=d.seq_len, arch=opts.arch,
-                                   prompt=prompt))
+                                   prompts={i: prompt_token(dom.name) for i, dom in domains} if prompts else None))
 
 
-def validation_dataset(domains: list[DomainConfig], opts: StreamOptions, log=None) -> ray.data.Dataset:
+def validation_dataset(domains: list[DomainConfig], opts: StreamOptions, log=None,
+                       prompts: bool = False) -> ray.data.Dataset:
     """All domains' validation rows, materialised once per run (small) so that every stage evaluates
     the same sequences; the workers score the first ``eval_max_sequences`` rows of each domain."""
-    ds = files_dataset(list(enumerate(domains)), "valid", opts, log).materialize()
+    ds = files_dataset(list(enumerate(domains)), "valid", opts, log, prompts=prompts).materialize()
     counts = np.zeros(len(domains), dtype=np.int64)
     for batch in ds.select_columns(["domain_id"]).iter_batches(batch_size=1024, batch_format="numpy"):
         counts += np.bincount(batch["domain_id"], minlength=len(domains))

@@ -32,10 +32,14 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     growth: dict | None = None
+    """The growth event at the start of this stage (sizes, params, logit error, seconds), if any."""
     teacher_s: float = 0.0
     teacher_sequences: dict = field(default_factory=dict)
     """Sequences each teacher ran on (key: domain id, "-1" for the shared teacher), for its FLOPs."""
-    """The growth event at the start of this stage (sizes, params, logit error, seconds), if any."""
+    replayed: int = 0
+    """Sequences drawn from the replay memory (they replaced rows of the new domain)."""
+    kd_flops: float = 0.0
+    """Forward FLOPs of the previous model distilling on replayed rows (logit-KD baseline)."""
 
 
 def save_checkpoint(directory: str | Path, *, model, tokenizer, optimizer, scheduler, state: TrainState,

@@ -31,7 +31,7 @@ from ray_lifelong.stage.checkpoint import (
     load_state,
     save_checkpoint,
 )
-from ray_lifelong.distill import inheritance_rate, ki_loss_parts, teacher_needed
+from ray_lifelong.distill import inheritance_rate, ki_loss, ki_loss_parts, teacher_needed
 from ray_lifelong.distill.teacher import load_teacher, teacher_logits
 from ray_lifelong.growth import model_sizes
 from ray_lifelong.stage.grow import grow_model
@@ -68,7 +68,9 @@ def train_loop_per_worker(config: dict) -> dict:
     elif spec.init_checkpoint is not None:
         with spec.init_checkpoint.as_directory() as d:
             model = load_model(str(Path(d) / "model"), cfg.model.arch)
-            grow = cfg.data.domains[spec.index].grow
+            if spec.kd_previous:  # logit-KD baseline: the previous stage's model, frozen
+                previous = load_teacher(str(Path(d) / "model"), device, t.bf16)
+            grow = spec.grow
             if grow is not None:  # same seed on every rank -> the same grown model everywhere
                 prev_opt = None
                 if grow.optimizer == "carry":
@@ -85,13 +87,19 @@ def train_loop_per_worker(config: dict) -> dict:
                          f"{model.get_input_embeddings().weight.shape[0]}")
 
     # [1b] KI teachers: frozen, never DDP-wrapped, freed once the inheritance rate reaches 0
-    ki = cfg.data.domains[spec.index].teacher
+    ki = spec.teacher
     ki_steps = (ki.steps or max(1, int(0.3 * spec.steps))) if ki else 0
     teachers = {}
     if ki and teacher_needed(state.step, schedule=ki.schedule, steps=ki_steps, alpha0=ki.alpha0):
         loaded = {}
         for domain_id, path in spec.teacher_dirs.items():
             teachers[domain_id] = loaded.setdefault(path, load_teacher(path, device, t.bf16))
+
+    if spec.kd_previous and resume is not None:  # a retried stage reloads the previous model itself
+        with spec.init_checkpoint.as_directory() as d:
+            previous = load_teacher(str(Path(d) / "model"), device, t.bf16)
+    kd = cfg.continual.logit_kd
+    previous_fwd = _forward_flops(previous, cfg) if spec.kd_previous else 0.0
 
     # [2] DDP and optimizer
     objective = ray.train.torch.prepare_model(LMObjective(model))  # [ray] moves to device, wraps DDP if world > 1
@@ -100,25 +108,34 @@ def train_loop_per_worker(config: dict) -> dict:
     if carried is not None:  # AdamW moments mapped onto the grown parameters (grow.optimizer=carry)
         optimizer.load_state_dict(carried)
     offset, total = spec.schedule or (0, spec.steps)
-    warmup = int(t.warmup_ratio * total)
+    warmup, decay = int(t.warmup_ratio * total), t.lr_decay
+    if spec.phase == "frw":  # its own short warmup, then the peak LR until the new domain starts
+        warmup, decay = cfg.continual.frw.warmup_steps, "constant"
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(offset + s, total, warmup=warmup, decay=t.lr_decay,
+        optimizer, lambda s: lr_multiplier(offset + s, total, warmup=warmup, decay=decay,
                                            min_ratio=t.min_lr_ratio))
     if resume is not None:
         load_optimizer_state(opt_dir, optimizer, scheduler)
 
     # [3] data: this worker's share of the domain stream, and the (unsplit) validation sets
     train_shard = ray.train.get_dataset_shard("train")  # [ray]
+    memory = _load_memory() if spec.replay_uris else None
+    rp = cfg.continual.replay
     accum = spec.grad_accum(world)
     masker = Masker(tokenizer, cfg.data.mlm_probability, cfg.model.arch)
     use_bf16 = t.bf16 and device.type == "cuda"
     seq_tokens = spec.batch_size * cfg.data.seq_len
+    name = f"[stage {spec.label}]"
     if rank == 0:
-        print(f"[stage {spec.index} {spec.domain}] start at step {state.step}/{spec.steps} "
+        print(f"{name} start at step {state.step}/{spec.steps} "
               f"(workers={world}, accumulation={accum}, restarts={state.restarts})", flush=True)
+        if memory is not None:
+            print(f"{name} replaying {rp.ratio:.0%} of each batch from {len(memory[0])} memories "
+                  f"({sum(len(m) for m in memory[0])} sequences)" + (f", logit KD weight {kd.weight}"
+                                                                      if spec.kd_previous else ""), flush=True)
         if state.growth and state.step == 0:
             g = state.growth
-            print(f"[stage {spec.index} {spec.domain}] grew {g['before']} -> {g['after']} "
+            print(f"{name} grew {g['before']} -> {g['after']} "
                   f"({g['params_before']:,} -> {g['params_after']:,} params, max logit error "
                   f"{g['max_logit_error']:.2e}, optimizer {g['optimizer']}, {g['expand_seconds']:.2f}s)", flush=True)
 
@@ -140,7 +157,11 @@ def train_loop_per_worker(config: dict) -> dict:
             c0 = time.perf_counter()
             state.data_wait_s += c0 - wait0
             gen = torch.Generator().manual_seed(hash((t.seed, spec.index, rank, state.step, micro)) % (2**62))
-            inputs, labels = masker(batch["input_ids"].to(device), gen)
+            ids, domain_ids, k = batch["input_ids"], batch["domain_id"], 0
+            if memory is not None:  # the last k rows are replaced by rows of earlier domains' memories
+                ids, domain_ids, k = _mix_replay(ids, domain_ids, memory, rp, gen)
+                state.replayed += k
+            inputs, labels = masker(ids.to(device), gen)
             sync = micro == accum - 1
             alpha = inheritance_rate(state.step, schedule=ki.schedule, steps=ki_steps, alpha0=ki.alpha0) \
                 if teachers else 0.0
@@ -148,14 +169,26 @@ def train_loop_per_worker(config: dict) -> dict:
                 logits, targets = objective(inputs, labels)
                 if alpha > 0:  # the teacher sees exactly the student's batch (same masking)
                     t0 = time.perf_counter()
-                    t_logits = teacher_logits(teachers, inputs, labels, batch["domain_id"].to(device), len(targets))
+                    t_logits = teacher_logits(teachers, inputs, labels, domain_ids.to(device), len(targets))
                     state.teacher_s += time.perf_counter() - t0
-                    for d in batch["domain_id"].tolist():
+                    for d in domain_ids.tolist():
                         key = str(d if d in teachers else -1)
                         state.teacher_sequences[key] = state.teacher_sequences.get(key, 0) + 1
                     parts = ki_loss_parts(logits, t_logits, targets, alpha=alpha, temperature=ki.temperature,
                                           top_k=ki.top_k)
                     loss, ce, kl = parts.total, parts.ce, parts.kl
+                elif spec.kd_previous and k > 0:  # logit KD on the replayed rows only
+                    t0 = time.perf_counter()
+                    sel = _rows_positions(labels, inner.arch, len(ids) - k)
+                    with torch.no_grad():
+                        p_logits = LMObjective(previous)(inputs[-k:], labels[-k:])[0]
+                    state.teacher_s += time.perf_counter() - t0
+                    state.kd_flops += k * previous_fwd
+                    ce = lm_loss(logits, targets)
+                    # alpha=1: the KI loss is exactly T^2 * KL(previous || current), with its gradient
+                    kl = ki_loss(logits[sel], p_logits, targets[sel], alpha=1.0, temperature=kd.temperature)
+                    loss = ce + kd.weight * kl
+                    ce, kl = ce.detach(), kl.detach()
                 else:
                     loss = lm_loss(logits, targets)
                     ce, kl = loss.detach(), 0.0
@@ -185,8 +218,9 @@ def train_loop_per_worker(config: dict) -> dict:
                                           "data_wait_s": state.data_wait_s, "compute_s": state.compute_s,
                                           "alpha": alpha, "ce": ce_acc, "kl": kl_acc, "teacher_s": state.teacher_s})
                     if rank == 0:
-                        ki_note = f" alpha {alpha:.2f} ce {ce_acc:.3f} kl {kl_acc:.3f}" if ki else ""
-                        print(f"[stage {spec.index} {spec.domain}] step {state.step}/{spec.steps} "
+                        ki_note = f" alpha {alpha:.2f} ce {ce_acc:.3f} kl {kl_acc:.3f}" if ki else (
+                            f" ce {ce_acc:.3f} kd {kl_acc:.3f}" if spec.kd_previous else "")
+                        print(f"{name} step {state.step}/{spec.steps} "
                               f"loss {loss_acc:.4f}{ki_note} lr {scheduler.get_last_lr()[0]:.2e} tok/s {tps:,.0f}",
                               flush=True)
                     log_t0, log_tok0 = now, state.tokens
@@ -223,6 +257,54 @@ def train_loop_per_worker(config: dict) -> dict:
     state.evals.append({"step": state.step, "tokens": state.tokens, "ppl": ppl})
     _report(spec, state, ppl, rank, inner, tokenizer, optimizer, scheduler, final=True)
     return {"state": state.__dict__, "ppl": ppl, "sizes": model_sizes(inner.model)}
+
+
+def _load_memory() -> tuple[list[torch.Tensor], list[int]]:
+    """This worker's copy of the replay memories (small: a few % of each earlier domain), one tensor
+    of rows per domain, read once from the (unsplit) ``replay`` dataset."""
+    rows: dict[int, list[torch.Tensor]] = {}
+    for batch in ray.train.get_dataset_shard("replay").iter_torch_batches(  # [ray]
+            batch_size=1024, dtypes=torch.long):
+        for d in batch["domain_id"].unique().tolist():
+            rows.setdefault(int(d), []).append(batch["input_ids"][batch["domain_id"] == d])
+    if not rows:
+        raise DataError("the replay memories hold no sequence")
+    ids = sorted(rows)
+    return [torch.cat(rows[d]) for d in ids], ids
+
+
+def _mix_replay(ids: torch.Tensor, domain_ids: torch.Tensor, memory, rp, gen: torch.Generator):
+    """Replace the last k rows of a micro-batch with rows drawn from the memories (k ~ ratio * rows)."""
+    from ray_lifelong.data.memory import replay_count, replay_draw
+
+    pools, pool_domains = memory
+    k = replay_count(len(ids), rp.ratio, gen)
+    if k == 0:
+        return ids, domain_ids, 0
+    which, rows = replay_draw([len(p) for p in pools], k, gen, rp.weighting)
+    ids, domain_ids = ids.clone(), domain_ids.clone()
+    ids[-k:] = torch.stack([pools[w][r] for w, r in zip(which.tolist(), rows.tolist())])
+    domain_ids[-k:] = torch.tensor([pool_domains[w] for w in which.tolist()], dtype=domain_ids.dtype)
+    return ids, domain_ids, k
+
+
+def _rows_positions(labels: torch.Tensor, arch: str, first_row: int) -> torch.Tensor:
+    """Boolean mask over LMObjective's supervised positions (row-major): those of rows >= first_row."""
+    per_row = (labels != -100).sum(1) if arch == "bert" else \
+        torch.full((len(labels),), labels.shape[1] - 1, device=labels.device)
+    row_of_pos = torch.repeat_interleave(torch.arange(len(labels), device=labels.device), per_row)
+    return row_of_pos >= first_row
+
+
+def _forward_flops(model, cfg) -> float:
+    """Forward FLOPs of one sequence through ``model`` (flops.md), for a frozen teacher's cost."""
+    from ray_lifelong.flops import forward_flops_per_sequence, logit_positions
+
+    s = model_sizes(model)
+    return forward_flops_per_sequence(num_layers=s["num_hidden_layers"], hidden=s["hidden_size"],
+                                      ffn=s["intermediate_size"], vocab=model.config.vocab_size,
+                                      seq_len=cfg.data.seq_len, logit_positions=logit_positions(
+                                          cfg.model.arch, cfg.data.seq_len, cfg.data.mlm_probability))
 
 
 def _report(spec, state, ppl, rank, inner, tokenizer, optimizer, scheduler, *, final=False) -> None:

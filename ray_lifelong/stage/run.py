@@ -21,9 +21,9 @@ class StageFailedError(RuntimeError):
     """A stage that Ray Train could not finish; the message carries the root cause."""
 
 
-def stage_name(run_name: str, index: int, domain: str) -> str:
+def stage_name(run_name: str, index: int, domain: str, phase: str = "main") -> str:
     """Deterministic Ray Train run name: re-running with it resumes from the stage's checkpoints."""
-    return f"{run_name}-stage{index}-{domain}"
+    return f"{run_name}-stage{index}-{domain}" + ("" if phase == "main" else f"-{phase}")
 
 
 def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_ds, bad_log=None,
@@ -43,7 +43,12 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
     teacher_cfgs = _prepare_teachers(spec, tokenizer_dir)
     if train_ds is None:
         train_ds = files_dataset([(index[spec.domain], cfg.data.domains[index[spec.domain]])], "train", opts,
-                                 log=bad_log)
+                                 log=bad_log, prompts=cfg.continual.prompts)
+    replay = {}
+    if spec.replay_uris:
+        from ray_lifelong.data.memory import memory_dataset
+
+        replay = {"replay": memory_dataset(spec.replay_uris)}
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
@@ -55,11 +60,13 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
                                                resources_per_worker=resources,
                                                placement_strategy=sc.placement_strategy),
         run_config=RunConfig(
-            name=stage_name(cfg.run_name, spec.index, spec.domain), storage_path=storage_path,
+            name=stage_name(cfg.run_name, spec.index, spec.domain, spec.phase), storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             logging_config=LoggingConfig(log_level="WARNING")),
-        datasets={"train": train_ds, "valid": valid_ds},
+        datasets={"train": train_ds, "valid": valid_ds, **replay},
+        # validation and replay memories are not split: every worker scores all validation rows (its
+        # share by index) and draws replayed rows from the whole memory
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     t0 = time.perf_counter()
@@ -82,7 +89,7 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
         n * forward_flops_per_sequence(**_flops_sizes(teacher_cfgs[int(d)], cfg), vocab=len_vocab(tokenizer_dir),
                                        seq_len=cfg.data.seq_len, logit_positions=logit_positions(
                                            cfg.model.arch, cfg.data.seq_len, cfg.data.mlm_probability))
-        for d, n in state.get("teacher_sequences", {}).items())
+        for d, n in state.get("teacher_sequences", {}).items() if d != "kd") + state.get("kd_flops", 0.0)
     return StageResult(
         index=spec.index, domain=spec.domain, checkpoint_path=result.checkpoint.path,
         ppl=out.get("ppl", {}), steps=state.get("step", 0), tokens=state.get("tokens", 0),
@@ -90,13 +97,14 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
         evals=state.get("evals", []), data_wait_s=state.get("data_wait_s", 0.0),
         bad_records=ray.get(bad_log.summary.remote()) if bad_log is not None else {},
         restarts=state.get("restarts", 0), model_sizes=sizes, growth=state.get("growth"),
-        teacher_flops=teacher_flops, teacher_s=state.get("teacher_s", 0.0))
+        teacher_flops=teacher_flops, teacher_s=state.get("teacher_s", 0.0), phase=spec.phase,
+        replayed_sequences=state.get("replayed", 0))
 
 
 def _prepare_teachers(spec: StageSpec, tokenizer_dir: str) -> dict[int, dict]:
     """Resolve and check this stage's KI teachers on the driver (a clear error before any worker starts);
     fill ``spec.teacher_dirs`` and return each teacher's HF config by domain id."""
-    ki = spec.cfg.data.domains[spec.index].teacher
+    ki = spec.teacher
     if ki is None:
         return {}
     from ray_lifelong.data.tokenizer import load_tokenizer

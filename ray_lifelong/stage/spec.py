@@ -32,6 +32,37 @@ class StageSpec:
     (``train.lr_scope: run``); ``None``: its own schedule over ``steps``."""
     teacher_dirs: dict[int, str] = field(default_factory=dict)
     """KI teachers' HF model dirs by domain id (-1: every domain), resolved and checked on the driver."""
+    phase: str = "main"
+    """``main``: train on the domain; ``frw``: ELLE's function-recovering warmup on earlier domains' memory
+    (grows the model, no teacher, own LR warmup then constant LR)."""
+    regrow: bool = True
+    """Apply the domain's growth to ``init_checkpoint`` (``False`` after an FRW phase, which grew it)."""
+    replay_uris: list[str] = field(default_factory=list)
+    """Memories of earlier domains replayed into this stage (continual.replay.ratio of every micro-batch)."""
+
+    @property
+    def domain_cfg(self):
+        return self.cfg.data.domains[self.index]
+
+    @property
+    def grow(self):
+        """The growth this stage applies to ``init_checkpoint`` (``None``: none)."""
+        return self.domain_cfg.grow if (self.regrow and self.init_checkpoint is not None) else None
+
+    @property
+    def teacher(self):
+        """The stage's KI teacher config (main phase only)."""
+        return self.domain_cfg.teacher if self.phase == "main" else None
+
+    @property
+    def kd_previous(self) -> bool:
+        """Logit-KD baseline: the previous stage's model distils on the replayed rows."""
+        return (self.phase == "main" and self.cfg.continual.logit_kd.weight > 0 and bool(self.replay_uris)
+                and self.init_checkpoint is not None)
+
+    @property
+    def label(self) -> str:
+        return f"{self.index:02d}-{self.domain}" + ("-frw" if self.phase == "frw" else "")
 
     def grad_accum(self, world_size: int) -> int:
         per_step = self.cfg.train.micro_batch_size * world_size
@@ -62,6 +93,8 @@ class StageResult:
     growth: dict | None = None
     teacher_flops: float = 0.0
     teacher_s: float = 0.0
+    phase: str = "main"
+    replayed_sequences: int = 0
 
 
 def read_tokenizer_files(path: str | os.PathLike) -> dict[str, bytes]:

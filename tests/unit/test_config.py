@@ -5,7 +5,8 @@ import pytest
 from ray_lifelong.config import ConfigError, LifelongConfig, load_config, save_config
 from tests.conftest import REPO
 
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+METHODS = sorted((REPO / "configs" / "methods").glob("*.yaml"))
 
 
 def test_there_are_configs():
@@ -76,3 +77,52 @@ def test_run_wide_lr_schedule_offsets():
     assert stage_schedules(cfg) == [(0, 60), (10, 60), (40, 60), (50, 60)]
     with pytest.raises(ConfigError, match="train.lr_scope"):
         load_config(REPO / "configs/demo.yaml", ["train.lr_scope=global"])
+
+
+@pytest.mark.parametrize("overlay", METHODS, ids=lambda p: p.stem)
+def test_every_method_overlay_applies_to_the_elle_configs(overlay):
+    for base in ("elle_demo.yaml",) + tuple(p.name for p in CONFIGS if p.name.startswith("elle_stream")):
+        cfg = load_config(REPO / "configs" / base, [str(overlay)])
+        grows = [d.grow is not None for d in cfg.data.domains]
+        if overlay.stem in ("naive", "er", "logit_kd", "joint", "elle_no_growth", "scratch_large"):
+            assert not any(grows)
+        else:
+            assert any(grows)
+        assert cfg.continual.replay.enabled == (overlay.stem not in ("naive", "joint"))
+
+
+def test_growth_final_starts_at_the_schedules_last_size():
+    base = load_config(REPO / "configs/elle_demo.yaml")
+    last = [d.grow for d in base.data.domains if d.grow][-1]
+    cfg = load_config(REPO / "configs/elle_demo.yaml", ["continual.growth=final"])
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.intermediate_size) == \
+        (last.num_layers, last.hidden_size, last.intermediate_size)
+    assert cfg.model.num_heads == last.hidden_size // (base.model.hidden_size // base.model.num_heads)
+    # idempotent: the saved (resolved) config loads to the same sizes
+    again = load_config(REPO / "configs/elle_demo.yaml", ["continual.growth=final", "continual.growth=final"])
+    assert again.model == cfg.model
+
+
+def test_growth_optimizer_overrides_every_growth():
+    cfg = load_config(REPO / "configs/elle_demo.yaml", ["continual.growth_optimizer=carry"])
+    assert {d.grow.optimizer for d in cfg.data.domains if d.grow} == {"carry"}
+
+
+@pytest.mark.parametrize("override, key", [
+    (["continual.replay.enabled=false", "continual.frw.steps=5"], "continual.frw.steps"),
+    (["continual.replay.ratio=1.5"], "continual.replay.ratio"),
+    (["continual.replay.memory_fraction=0"], "continual.replay.memory_fraction"),
+    (["continual.replay.weighting=random"], "continual.replay.weighting"),
+    (["continual.growth=sometimes"], "continual.growth"),
+    (["continual.joint=true"], "continual.joint"),
+    (["continual.replay.enabled=false", "continual.frw.steps=0", "continual.logit_kd.weight=1"],
+     "continual.logit_kd.weight"),
+])
+def test_continual_settings_are_checked(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(REPO / "configs/elle_demo.yaml", override)
+
+
+def test_a_missing_overlay_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nothere.yaml"):
+        load_config(REPO / "configs/elle_demo.yaml", [str(tmp_path / "nothere.yaml")])

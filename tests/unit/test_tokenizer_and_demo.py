@@ -63,12 +63,16 @@ def test_tokenize_pack_udf_layout(tmp_path, corpus, kind, arch):
     import numpy as np
 
     train_tokenizer(sample_texts(corpus, 50), tmp_path / "t", kind=kind, vocab_size=400,
-                    prompts=prompt_tokens(["sports"]))
-    udf = TokenizePack(str(tmp_path / "t"), seq_len=16, arch=arch, prompt=prompt_token("sports"))
-    texts = generate_documents("sports", 6, 0)
-    out = udf({"text": np.array(texts, dtype=object), "domain_id": np.zeros(6, dtype=np.int32)})
-    rows = out["input_ids"]
-    assert rows.shape[1] == 16 and len(rows) == len(out["domain_id"]) > 0
+                    prompts=prompt_tokens(["sports", "cooking"]))
+    udf = TokenizePack(str(tmp_path / "t"), seq_len=16, arch=arch,
+                       prompts={0: prompt_token("sports"), 1: prompt_token("cooking")})
+    texts = generate_documents("sports", 6, 0) + generate_documents("cooking", 6, 0)
+    out = udf({"text": np.array(texts, dtype=object), "domain_id": np.repeat(np.arange(2, dtype=np.int32), 6)})
+    cooking = out["input_ids"][out["domain_id"] == 1]
+    rows = out["input_ids"][out["domain_id"] == 0]
+    cid = udf.tok.convert_tokens_to_ids(prompt_token("cooking"))
+    assert len(cooking) and (cooking[:, 1 if arch == "bert" else 0] == cid).all()  # each domain its own prompt
+    assert rows.shape[1] == 16 and len(out["input_ids"]) == len(out["domain_id"]) and len(rows) > 0
     tok = udf.tok
     pid = tok.convert_tokens_to_ids(prompt_token("sports"))
     if arch == "bert":

@@ -1,0 +1,206 @@
+"""ELLE against the lifelong baselines on the real five-domain stream (issue 5), in the real pipeline.
+
+    python bench/elle_stream.py [--arch bert gpt2] [--steps 150] [--methods ...] [--resume]
+
+Every method is ``configs/elle_stream_<arch>.yaml`` plus its overlay from ``configs/methods/``, run with
+``run_lifelong`` (Ray Train stages, Ray Data streams) on one local Ray cluster, with the same tokenizer,
+data order and seed:
+- ``elle`` and its ablations train ``--steps`` steps per stage (plus FRW after each growth);
+- the fixed-size streaming baselines (naive, er, logit_kd, joint and elle_no_growth) get, stage by
+  stage, the training FLOPs ELLE spent (so more steps at the initial size);
+- ``scratch_large`` sees the same tokens as ELLE (its steps, FRW included) at the final size from the start.
+
+Writes bench/results/elle_stream.json (``{arch: {method: {ppl_matrix, AP, AP_plus, flops, ...}}}``), a
+Markdown table and elle_stream_ap.png (AP against cumulative FLOPs). ``--resume`` continues the runs of
+an interrupted benchmark (each run resumes from its last finished stage and checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import CORPUS, REPO, write  # noqa: E402
+
+DOMAINS = ["wb", "news", "reviews", "bio", "cs"]
+ELLE_FIRST = ["elle", "elle_no_prompts", "elle_no_frw", "elle_carry"]  # their steps are fixed
+FLOP_MATCHED = ["naive", "er", "logit_kd", "joint", "elle_no_growth"]  # steps from ELLE's FLOPs
+METHODS = ELLE_FIRST + ["scratch_large"] + FLOP_MATCHED
+EXTRA: list[str] = []  # --set key=value overrides for every run (smoke tests, other budgets)
+
+
+def overrides(arch: str, out: Path, tok_dir: str | None, steps: list[int], domains: list[str]) -> list[str]:
+    from ray_lifelong.config import load_config
+
+    base = load_config(REPO / f"configs/elle_stream_{arch}.yaml")
+    grows = {d.name: d.grow for d in base.data.domains}
+    doms = []
+    for name, n in zip(domains, steps):
+        g = grows.get(name)
+        grow = "" if g is None else (f", grow: {{num_layers: {g.num_layers}, hidden_size: {g.hidden_size}, "
+                                     f"intermediate_size: {g.intermediate_size}, depth_init: {g.depth_init}, "
+                                     f"noise_std: {g.noise_std}, optimizer: {g.optimizer}}}")
+        doms.append(f"{{name: {name}, steps: {n}, train: ['{CORPUS}/{name}/train.jsonl.gz'], "
+                    f"valid: ['{CORPUS}/{name}/valid.jsonl.gz']{grow}}}")
+    ov = [f"output_dir={out}", f"data.domains=[{', '.join(doms)}]", *EXTRA]
+    if tok_dir:
+        ov.append(f"tokenizer.path={tok_dir}")
+    return ov
+
+
+def run_method(arch: str, method: str, out: Path, tok_dir: str | None, steps: list[int], domains: list[str],
+               resume: bool) -> dict:
+    from ray_lifelong.config import load_config
+    from ray_lifelong.pipeline import run_lifelong
+
+    cfg = load_config(REPO / f"configs/elle_stream_{arch}.yaml",
+                      overrides(arch, out, tok_dir, steps, domains) + [str(REPO / f"configs/methods/{method}.yaml"),
+                                                                       f"run_name={arch}-{method}"])
+    t0 = time.perf_counter()
+    res = run_lifelong(cfg, resume=resume)
+    return {"ppl_matrix": res["ppl_matrix"], "AP": res["AP"], "AP_plus": res["AP_plus"],
+            "flops": res["cumulative_flops"], "stage_flops": [s["stage_flops"] for s in res["stages"]],
+            "steps": [s["steps"] + (s["frw"]["steps"] if "frw" in s else 0) for s in res["stages"]],
+            "wall_s": [s["stage_wall_time_s"] for s in res["stages"]], "bench_wall_s": time.perf_counter() - t0,
+            "final_sizes": res["stages"][-1]["model_sizes"], "run_dir": str(out / cfg.run_name)}
+
+
+def flops_per_step(arch: str, domains: list[str], out: Path, tok_dir: str) -> float:
+    """Training FLOPs of one step at the initial size (flops.md), for the FLOP-matched baselines."""
+    from ray_lifelong.config import load_config
+    from ray_lifelong.data.tokenizer import load_tokenizer
+    from ray_lifelong.flops import logit_positions, train_flops_per_sequence
+
+    cfg = load_config(REPO / f"configs/elle_stream_{arch}.yaml", overrides(arch, out, tok_dir, [1] * len(domains),
+                                                                            domains))
+    m = cfg.model
+    return cfg.train.batch_size * train_flops_per_sequence(
+        num_layers=m.num_layers, hidden=m.hidden_size, ffn=m.intermediate_size, vocab=len(load_tokenizer(tok_dir)),
+        seq_len=cfg.data.seq_len, logit_positions=logit_positions(arch, cfg.data.seq_len, cfg.data.mlm_probability))
+
+
+def run_arch(arch: str, args, out: Path) -> dict:
+    from ray_lifelong.config import load_config
+    from ray_lifelong.pipeline import prepare_tokenizer
+
+    domains = args.domains
+    tok_dir = prepare_tokenizer(load_config(REPO / f"configs/elle_stream_{arch}.yaml",
+                                            overrides(arch, out, None, [1] * len(domains), domains)),
+                                out / f"tokenizer-{arch}")
+    steps = [args.steps] * len(domains)
+    results: dict[str, dict] = {}
+    for method in [m for m in METHODS if m in args.methods]:
+        if method in FLOP_MATCHED:
+            ref = results["elle"]["stage_flops"]
+            per_step = flops_per_step(arch, domains, out, tok_dir)
+            m_steps = [max(1, round(f / per_step)) for f in ref]
+        elif method == "scratch_large":
+            m_steps = results["elle"]["steps"]
+        else:
+            m_steps = steps
+        print(f"[bench] {arch} {method}: steps per stage {m_steps}", flush=True)
+        results[method] = run_method(arch, method, out, tok_dir, m_steps, domains, args.resume)
+        (out / f"partial-{arch}.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def goals(r: dict) -> dict:
+    """The issue's goals, checked on the final stage."""
+    streaming = {m: v for m, v in r.items() if m != "joint"}
+    final_ap = {m: v["AP"][-1] for m, v in streaming.items()}
+    out = {"elle_lowest_final_AP": min(final_ap, key=final_ap.get) == "elle" if "elle" in final_ap else None}
+    if "elle" in r:
+        e = r["elle"]
+        out["elle_AP_plus_below_naive_and_er"] = all(e["AP_plus"][-1] < r[m]["AP_plus"][-1]
+                                                       for m in ("naive", "er") if m in r)
+        if "scratch_large" in r:
+            s = r["scratch_large"]
+            target = s["AP"][-1]
+            out["elle_final_AP_vs_scratch_large"] = [e["AP"][-1], target]
+            out["elle_flops_over_scratch_large"] = e["flops"][-1] / s["flops"][-1]
+            out["elle_reaches_scratch_large_AP_within_60pct_flops"] = (e["AP"][-1] <= target and
+                                                                       out["elle_flops_over_scratch_large"] <= 0.6)
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.5), squeeze=False)
+    for ax, (arch, r) in zip(axes[0], results.items()):
+        for method, v in r.items():
+            ax.plot([f / 1e12 for f in v["flops"]], v["AP"], marker="o", label=method,
+                    lw=2.5 if method == "elle" else 1)
+        ax.set_xlabel("cumulative training TFLOPs (FRW, replay and teachers included)")
+        ax.set_ylabel(f"{arch}: AP (geometric mean PPL over domains seen)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(results: dict, args) -> str:
+    lines = ["# ELLE on the five-domain stream", "",
+             f"Domains {' -> '.join(args.domains)} (../shared/corpus), {args.steps} steps per stage for ELLE; "
+             f"fixed-size baselines FLOP-matched to ELLE stage by stage; scratch_large token-matched. "
+             f"Configs: configs/elle_stream_<arch>.yaml + configs/methods/<method>.yaml.", ""]
+    for arch, r in results.items():
+        lines += [f"## {arch}", "", "| method | AP per stage | AP+ per stage | final TFLOPs | steps | wall s |",
+                  "|---|---|---|---|---|---|"]
+        for m, v in r.items():
+            lines.append(f"| {m} | {' / '.join(f'{x:.1f}' for x in v['AP'])} | "
+                         f"{' / '.join(f'{x:.1f}' for x in v['AP_plus'])} | {v['flops'][-1] / 1e12:.2f} | "
+                         f"{sum(v['steps'])} | {sum(v['wall_s']):.0f} |")
+        lines += ["", "Goals: " + json.dumps(goals(r)), ""]
+    lines.append("![AP vs FLOPs](elle_stream_ap.png)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", nargs="+", default=["bert", "gpt2"])
+    ap.add_argument("--steps", type=int, default=150, help="ELLE's steps per stage")
+    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--domains", nargs="+", default=DOMAINS)
+    ap.add_argument("--out", default=None, help="work directory (default: a fresh temp dir)")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--name", default="elle_stream")
+    ap.add_argument("--set", nargs="*", default=[], help="key=value overrides applied to every run")
+    args = ap.parse_args()
+    EXTRA.extend(args.set)
+    if "elle" not in args.methods and set(args.methods) & set(FLOP_MATCHED + ["scratch_large"]):
+        sys.exit("the FLOP- and token-matched baselines need the elle run: add elle to --methods")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    import tempfile
+
+    import ray
+
+    from ray_lifelong.data.stream import quiet_ray_data
+
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-elle-"))
+    out.mkdir(parents=True, exist_ok=True)
+    ray.init(num_cpus=4, configure_logging=False, runtime_env={"env_vars": {
+        k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_DATA_LOG_LEVEL")}})
+    quiet_ray_data()
+    t0 = time.time()
+    results = {arch: run_arch(arch, args, out) for arch in args.arch}
+    payload = {**results, "goals": {a: goals(r) for a, r in results.items()},
+               "setup": {**vars(args), "wall_s": time.time() - t0}}
+    plot(results, REPO / f"bench/results/{args.name}_ap.png")
+    write(args.name, payload, table(results, args).replace("elle_stream_ap.png", f"{args.name}_ap.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Replay memory: a uniform sample of each finished domain's training sequences, mixed into later stages.
+
+- :func:`write_memory` samples the domain's packed rows (the same rows its stage trained on, prompts
+  included) with Ray Data and writes them as Parquet with a completion marker, so a resumed run finds
+  the memory and never samples twice.
+- :func:`memory_dataset` reads the memories of earlier domains back as one Ray dataset.
+- :func:`replay_count` and :func:`replay_draw` are the pure per-micro-batch mixing rules the training
+  loop uses: how many rows of a micro-batch to replace, and from which memory rows.
+
+ELLE replaces whole micro-batches of an accumulation group (shared/specs/elle.md section 8.2); replacing
+rows of every micro-batch is the same mix in expectation and works for any accumulation, including none.
+The draws are seeded by (seed, stage, rank, step, micro-batch), so a resumed stage replays exactly
+what it would have.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+
+MARKER = "_memory.json"
+
+
+def memory_uri(root: str, index: int, domain: str) -> str:
+    return f"{root.rstrip('/')}/{index:02d}-{domain}"
+
+
+def _fs(uri: str):
+    return pafs.FileSystem.from_uri(uri)
+
+
+def read_marker(uri: str) -> dict | None:
+    """The memory's record if it was written completely, else ``None``."""
+    fs, path = _fs(uri)
+    info = fs.get_file_info(f"{path}/{MARKER}")
+    if info.type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(f"{path}/{MARKER}") as f:
+        return json.loads(f.read().decode())
+
+
+def write_memory(ds, uri: str, *, fraction: float, max_sequences: int | None, seed: int) -> dict:
+    """Sample ``fraction`` of ``ds``'s rows uniformly (capped at ``max_sequences``) into Parquet at ``uri``.
+
+    Idempotent: a memory whose marker exists is returned as is; a partial one (the driver died while
+    writing) is written again from scratch.
+    """
+    done = read_marker(uri)
+    if done is not None:
+        return done
+    fs, path = _fs(uri)
+    fs.create_dir(path, recursive=True)
+    fs.delete_dir_contents(path)
+    sample = ds.random_sample(fraction, seed=seed).materialize()
+    n = sample.count()
+    if max_sequences is not None and n > max_sequences:
+        # a shuffle before the cut, so the cap keeps a uniform sample, not the stream's first rows
+        sample = sample.random_shuffle(seed=seed).limit(max_sequences).materialize()
+        n = max_sequences
+    if n == 0:
+        raise ValueError(f"memory {uri}: sampling {fraction:.1%} of the domain kept no sequence; raise "
+                         f"continual.replay.memory_fraction")
+    counts = {}
+    for batch in sample.select_columns(["domain_id"]).iter_batches(batch_size=4096, batch_format="numpy"):
+        for d, c in zip(*np.unique(batch["domain_id"], return_counts=True)):
+            counts[str(int(d))] = counts.get(str(int(d)), 0) + int(c)
+    sample.write_parquet(uri)
+    record = {"uri": uri, "sequences": n, "by_domain": counts, "fraction": fraction, "seed": seed}
+    with fs.open_output_stream(f"{path}/{MARKER}") as f:  # last: the memory counts only once complete
+        f.write(json.dumps(record).encode())
+    return record
+
+
+def memory_dataset(uris: list[str]):
+    """The rows ``{input_ids, domain_id}`` of the given memories, as one dataset."""
+    import ray.data
+
+    missing = [u for u in uris if read_marker(u) is None]
+    if missing:
+        raise FileNotFoundError(f"replay memories {missing} are missing or incomplete (no {MARKER})")
+    return ray.data.read_parquet(uris, file_extensions=["parquet"])
+
+
+def replay_count(rows: int, ratio: float, gen: torch.Generator) -> int:
+    """How many of a micro-batch's ``rows`` to replace: ``ratio * rows`` with stochastic rounding, so the
+    expected share is exactly ``ratio`` even when ``ratio * rows < 1`` (ELLE: int(0.1 * 16 + U(0, 1)))."""
+    if ratio <= 0 or rows <= 0:
+        return 0
+    want = ratio * rows
+    base = int(want)
+    return min(rows, base + int(torch.rand((), generator=gen).item() < want - base))
+
+
+def replay_draw(pool_sizes: list[int], k: int, gen: torch.Generator,
+                weighting: str = "uniform") -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` replayed rows: for each, a memory (``uniform`` across memories, or ``proportional`` to their
+    sizes) and a row of it, uniformly. Returns ``(pool index (k,), row index (k,))``."""
+    sizes = torch.tensor(pool_sizes, dtype=torch.float64)
+    if k == 0 or not len(sizes):
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    if (sizes <= 0).any():
+        raise ValueError(f"empty replay memory among sizes {pool_sizes}")
+    weights = torch.ones_like(sizes) if weighting == "uniform" else sizes
+    pools = torch.multinomial(weights, k, replacement=True, generator=gen)
+    rows = (torch.rand(k, generator=gen, dtype=torch.float64) * sizes[pools]).long()
+    return pools, rows

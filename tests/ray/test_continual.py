@@ -1,0 +1,121 @@
+"""ELLE's pieces in the real pipeline on a local Ray cluster: memory, replay, prompts, FRW, logit KD, joint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from ray_lifelong.config import load_config
+from ray_lifelong.data.tokenizer import load_tokenizer, prompt_token
+from ray_lifelong.pipeline import run_lifelong
+from tests.conftest import tiny_overrides
+
+pytestmark = [pytest.mark.ray]
+
+
+def elle_overrides(root, out, *extra):
+    doms = (f"[{{name: sports, train: ['{root}/sports/train-*.jsonl.gz'], valid: ['{root}/sports/valid-*.jsonl.gz']}}, "
+            f"{{name: astronomy, train: ['{root}/astronomy/train-*.jsonl.gz'], "
+            f"valid: ['{root}/astronomy/valid-*.jsonl.gz'], "
+            f"grow: {{num_layers: 2, hidden_size: 64, intermediate_size: 128}}}}]")
+    return tiny_overrides(root, out, steps=8) + [
+        f"data.domains={doms}", "continual.prompts=true", "continual.replay.enabled=true",
+        "continual.replay.memory_fraction=0.3", "continual.replay.ratio=0.25", "continual.frw.steps=3",
+        "continual.frw.warmup_steps=1", "run_name=elle", *extra]
+
+
+@pytest.fixture(scope="module")
+def elle_run(ray_4cpus, demo_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("elle")
+    cfg = load_config(None, elle_overrides(demo_corpus, out))
+    return cfg, run_lifelong(cfg), out / "elle"
+
+
+def test_memory_is_a_prompted_sample_of_the_domain_written_once(elle_run):
+    cfg, res, rdir = elle_run
+    (mem,) = res["memories"]
+    assert mem["uri"] == str(rdir / "memory" / "00-sports")
+    table = pq.read_table(mem["uri"])
+    assert table.num_rows == mem["sequences"] > 0
+    ids = np.stack(table.column("input_ids").to_numpy(zero_copy_only=False))
+    tok = load_tokenizer(str(rdir / "tokenizer"))
+    assert (ids[:, 0] == tok.cls_token_id).all() and (ids[:, 1] == tok.convert_tokens_to_ids(prompt_token("sports"))).all()
+    assert set(table.column("domain_id").to_pylist()) == {0}
+
+
+def test_growth_then_frw_then_replay_are_recorded(elle_run):
+    cfg, res, _ = elle_run
+    s1 = res["stages"][1]
+    frw = s1["frw"]
+    assert frw["phase"] == "frw" and frw["steps"] == 3 and frw["growth"]["after"]["hidden_size"] == 64
+    assert s1["growth"] == frw["growth"] and s1["model_sizes"]["num_hidden_layers"] == 2
+    assert frw["history"][-1]["lr"] == pytest.approx(cfg.train.lr)  # warmup 1 step, then constant
+    assert s1["stage_flops"] == pytest.approx(s1["train_flops"] + frw["train_flops"])
+    # 25% of 8 steps x 8 rows replaced by memory rows, stochastically rounded per micro-batch of 4
+    assert 4 <= s1["replayed_sequences"] <= 32
+    assert res["stages"][0]["replayed_sequences"] == 0 and "frw" not in res["stages"][0]
+    assert len(res["AP"]) == 2 and len(res["cumulative_flops"]) == 2
+
+
+def test_final_export_keeps_the_prompt_tokens(elle_run):
+    _, _, rdir = elle_run
+    tok = load_tokenizer(str(rdir / "final_model"))
+    for d in ("sports", "astronomy"):
+        assert tok.convert_tokens_to_ids(prompt_token(d)) != tok.unk_token_id
+
+
+def test_resume_reuses_stages_and_memory(elle_run):
+    cfg, res, rdir = elle_run
+    marker = rdir / "memory" / "00-sports" / "_memory.json"
+    before = marker.stat().st_mtime_ns
+    again = run_lifelong(cfg, resume=True)
+    assert marker.stat().st_mtime_ns == before
+    assert again["ppl_matrix"] == res["ppl_matrix"]
+
+
+def test_logit_kd_distils_from_the_previous_model_on_replayed_rows(ray_4cpus, demo_corpus, tmp_path):
+    cfg = load_config(None, elle_overrides(demo_corpus, tmp_path, "continual.growth=fixed", "continual.prompts=false",
+                                           "continual.logit_kd.weight=1.0", "run_name=kd"))
+    res = run_lifelong(cfg)
+    s1 = res["stages"][1]
+    assert "frw" not in s1 and s1["growth"] is None
+    assert s1["teacher_flops"] > 0 and res["stages"][0]["teacher_flops"] == 0
+    assert any(h["kl"] > 0 for h in s1["history"])
+
+
+def test_joint_stream_holds_every_domain_so_far(ray_4cpus, demo_corpus, tmp_path):
+    from ray_lifelong.data.stream import StreamOptions
+    from ray_lifelong.pipeline import prepare_tokenizer, stage_stream
+
+    cfg = load_config(None, tiny_overrides(demo_corpus, tmp_path) + ["continual.joint=true"])
+    tok = prepare_tokenizer(cfg, tmp_path / "tok")
+    opts = StreamOptions(tok, cfg.model.arch, cfg.data)
+    seen = lambda i: set(np.concatenate([b["domain_id"] for b in stage_stream(cfg, i, opts).iter_batches(
+        batch_size=256, batch_format="numpy")]).tolist())
+    assert seen(0) == {0} and seen(1) == {0, 1}
+    naive = load_config(None, tiny_overrides(demo_corpus, tmp_path))
+    assert set(np.concatenate([b["domain_id"] for b in stage_stream(naive, 1, opts).iter_batches(
+        batch_size=256, batch_format="numpy")]).tolist()) == {1}
+
+
+def test_write_memory_is_idempotent_and_redoes_a_partial_one(ray_4cpus, tmp_path):
+    import ray
+
+    from ray_lifelong.data.memory import read_marker, write_memory
+
+    ds = ray.data.from_items([{"input_ids": np.arange(4, dtype=np.int32) + i, "domain_id": np.int32(3)}
+                              for i in range(400)])
+    uri = str(tmp_path / "m")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "junk.parquet").write_bytes(b"partial write")  # a driver died here before
+    rec = write_memory(ds, uri, fraction=0.25, max_sequences=None, seed=0)
+    assert 60 < rec["sequences"] < 140 and rec["by_domain"] == {"3": rec["sequences"]}
+    assert not (tmp_path / "m" / "junk.parquet").exists()
+    assert read_marker(uri) == rec
+    assert write_memory(ds, uri, fraction=0.9, max_sequences=None, seed=1) == rec  # done: not resampled
+    capped = write_memory(ds, str(tmp_path / "c"), fraction=0.5, max_sequences=20, seed=0)
+    assert capped["sequences"] == 20 == pq.read_table(str(tmp_path / "c")).num_rows
