@@ -62,6 +62,8 @@ def run_method(arch: str, method: str, out: Path, tok_dir: str | None, steps: li
     cfg = load_config(REPO / f"configs/elle_stream_{arch}.yaml",
                       overrides(arch, out, tok_dir, steps, domains) + [str(REPO / f"configs/methods/{method}.yaml"),
                                                                        f"run_name={arch}-{method}"])
+    # a memory depends only on the data, tokenizer, seed and prompts, not on the method: share it
+    cfg.continual.replay.memory_path = str(out / f"memory-{arch}-{'prompts' if cfg.continual.prompts else 'plain'}")
     t0 = time.perf_counter()
     res = run_lifelong(cfg, resume=resume)
     return {"ppl_matrix": res["ppl_matrix"], "AP": res["AP"], "AP_plus": res["AP_plus"],
