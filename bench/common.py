@@ -79,7 +79,7 @@ def plain_torch_loop(cfg, tok_dir: str, rows: np.ndarray, steps: int, warmup: in
     """The stage's training step without Ray: same model, optimizer, masking, batch and data."""
     from ray_lifelong.data.tokenizer import load_tokenizer
     from ray_lifelong.models.build import LMObjective, build_model, lm_loss
-    from ray_lifelong.stage.loop import Masker, build_optimizer
+    from ray_lifelong.stage.step import Masker, build_optimizer
 
     torch.set_num_threads(threads)
     t = cfg.train
@@ -181,7 +181,7 @@ def corpus_setup(arch: str, out: Path, domain: str = "wb", vocab_size: int = 400
     from ray_lifelong.config import load_config
     from ray_lifelong.data.tokenizer import load_tokenizer
     from ray_lifelong.pipeline import prepare_tokenizer
-    from ray_lifelong.stage.loop import Masker
+    from ray_lifelong.stage.step import Masker
 
     dom = (f"{{name: {domain}, train: ['{CORPUS}/{domain}/train.jsonl.gz'], "
            f"valid: ['{CORPUS}/{domain}/valid.jsonl.gz']}}")
@@ -271,7 +271,7 @@ def train_curve(model, rows: torch.Tensor, valid: torch.Tensor, masker, *, steps
     """
     from ray_lifelong.distill import inheritance_rate, ki_loss
     from ray_lifelong.models.build import LMObjective, lm_loss
-    from ray_lifelong.stage.loop import build_optimizer
+    from ray_lifelong.stage.step import build_optimizer
     from ray_lifelong.stage.schedule import lr_multiplier
 
     obj = LMObjective(model).train()

@@ -102,7 +102,7 @@ def training_comparison(args) -> dict:
     from ray_lifelong.data.tokenizer import load_tokenizer
     from ray_lifelong.growth import expand, remap_optimizer_state
     from ray_lifelong.pipeline import prepare_tokenizer
-    from ray_lifelong.stage.loop import Masker, build_optimizer
+    from ray_lifelong.stage.step import Masker, build_optimizer
 
     torch.set_num_threads(2)
     out = Path(tempfile.mkdtemp(prefix="bench-growth-"))

@@ -20,9 +20,8 @@ import ray.train.torch
 import torch
 from torch import distributed as dist
 
-from ray_lifelong.data.packing import mlm_mask, mlm_mask_fixed
 from ray_lifelong.data.sources import DataError
-from ray_lifelong.data.tokenizer import load_tokenizer, special_token_ids
+from ray_lifelong.data.tokenizer import load_tokenizer
 from ray_lifelong.eval.metrics import perplexity
 from ray_lifelong.models.build import LMObjective, build_model, lm_loss, load_model
 from ray_lifelong.stage.checkpoint import (
@@ -37,8 +36,7 @@ from ray_lifelong.growth import model_sizes
 from ray_lifelong.stage.grow import grow_model
 from ray_lifelong.stage.schedule import lr_multiplier
 from ray_lifelong.stage.spec import StageSpec, materialize_tokenizer
-
-EVAL_MASK_SEED = 1234
+from ray_lifelong.stage.step import Masker, build_optimizer
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -320,33 +318,6 @@ def _report(spec, state, ppl, rank, inner, tokenizer, optimizer, scheduler, *, f
                             state=state, cfg=spec.cfg)
             ckpt = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=ckpt)  # [ray]
-
-
-def build_optimizer(model, lr: float, t) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and LayerNorm weights (standard for BERT/GPT-2)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or ".ln_" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
-
-
-class Masker:
-    """Turns packed ``input_ids`` into (inputs, labels): MLM masking for BERT, identity for GPT-2."""
-
-    def __init__(self, tokenizer, prob: float, arch: str) -> None:
-        self.arch = arch
-        self.kw = dict(mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
-                       special_ids=special_token_ids(tokenizer), prob=prob)
-
-    def __call__(self, ids: torch.Tensor, gen: torch.Generator | None, fixed: bool = False):
-        if self.arch != "bert":
-            return ids, ids
-        if fixed:
-            return mlm_mask_fixed(ids, seed=EVAL_MASK_SEED, **self.kw)
-        return mlm_mask(ids, generator=gen, **self.kw)
 
 
 @torch.no_grad()

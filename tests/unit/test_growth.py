@@ -24,6 +24,8 @@ from ray_lifelong.growth import (
     remap_optimizer_state,
 )
 from ray_lifelong.growth.plan import noise_mask
+from ray_lifelong.config import TrainConfig
+from ray_lifelong.stage.step import build_optimizer
 
 torch.set_num_threads(1)
 hf_logging.set_verbosity_error()
@@ -62,12 +64,8 @@ def ids(n: int = 2, t: int = 12, seed: int = 0) -> torch.Tensor:
 
 
 def decay_groups(model, lr: float = 1e-3, wd: float = 0.01) -> torch.optim.AdamW:
-    """The same grouping as ray_lifelong.stage.loop.build_optimizer (not imported: it pulls in Ray)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or ".ln_" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr)
+    """The stage's own optimizer grouping (no decay on biases and LayerNorm weights)."""
+    return build_optimizer(model, lr, TrainConfig(weight_decay=wd))
 
 
 # ---------------------------------------------------------------------------------------------- exactness

@@ -1,0 +1,265 @@
+"""GPU readiness and throughput (issue 7): tokens/s and MFU of the stage's training step on one GPU.
+
+    python bench/gpu_throughput.py [--steps 20] [--warmup 5] [--out bench/results]
+
+Runs the stage's own step (``LMObjective`` + ``lm_loss`` or the KI loss, the stage's AdamW grouping, its
+CPU-drawn MLM masking, bf16 autocast, gradient clipping) on BERT-base-sized (12 x 768, seq 512) and
+GPT-2-small-sized (12 x 768, seq 1024) models, without Ray, so that the numbers are the step's own.
+Per model it times:
+
+- ``fp32``: no autocast (the reference);
+- ``bf16``: bf16 autocast, as the stage runs on CUDA;
+- ``bf16+ddp``: the same wrapped in DistributedDataParallel over an NCCL process group of one rank, the
+  path Ray Train's ``prepare_model`` takes on a GPU worker (checks NCCL and DDP work, and what they cost);
+- ``bf16+compile`` (optional): the bf16 step through ``torch.compile``;
+- ``bf16+ki`` (GPT-2): KI from a frozen half-size bf16 teacher on the same batch, the teacher's forward
+  FLOPs charged.
+
+MFU = model FLOPs per second (flops.md: 3 x forward, the attention term included; the teacher's forward
+added for KI) / the GPU's dense bf16 peak (``--peak-tflops``, default from the device name). It also
+checks on the GPU that a function-preserving growth (6 x 384 -> 12 x 768) keeps the logits and that the
+KI loss on bf16 logits matches a float32 reference. Writes ``gpu_throughput.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+# dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from the vendors' data sheets
+PEAKS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.05, "A10G": 125.0, "L4": 121.0}
+
+MODELS = {
+    # name: (arch, layers, hidden, heads, ffn, vocab, seq_len, batch)
+    "bert-base": ("bert", 12, 768, 12, 3072, 30522, 512, 32),
+    "gpt2-small": ("gpt2", 12, 768, 12, 3072, 50257, 1024, 16),
+}
+SPECIALS = [0, 1, 2, 3, 4]  # pad/unk/cls/sep/mask ids of a synthetic vocabulary
+MASK_ID = 4
+
+
+def peak_tflops(name: str) -> float | None:
+    for key, value in PEAKS.items():
+        if key in name:
+            return value
+    return None
+
+
+def model_flops(arch: str, layers: int, hidden: int, ffn: int, vocab: int, seq: int) -> tuple[float, float]:
+    """(train FLOPs, forward FLOPs) of one sequence, counted as everywhere else in the project."""
+    from ray_lifelong.flops import forward_flops_per_sequence, logit_positions
+
+    fwd = forward_flops_per_sequence(num_layers=layers, hidden=hidden, ffn=ffn, vocab=vocab, seq_len=seq,
+                                     logit_positions=logit_positions(arch, seq, 0.15))
+    return 3.0 * fwd, fwd
+
+
+def build(arch: str, layers: int, hidden: int, heads: int, ffn: int, vocab: int, seq: int, seed: int = 0):
+    from ray_lifelong.config import ModelConfig
+    from ray_lifelong.models.build import build_model
+
+    cfg = ModelConfig(arch=arch, num_layers=layers, hidden_size=hidden, num_heads=heads, intermediate_size=ffn,
+                      max_position_embeddings=max(seq, 512), dropout=0.0)
+    return build_model(cfg, vocab, pad_id=0, eos_id=3, seed=seed)
+
+
+def make_batch(arch: str, vocab: int, seq: int, batch: int, gen: torch.Generator, device):
+    """Random ids, masked exactly like the stage (draws on the CPU, then moved)."""
+    from ray_lifelong.data.packing import mlm_mask
+
+    ids = torch.randint(len(SPECIALS), vocab, (batch, seq), generator=gen)
+    if arch == "bert":
+        inputs, labels = mlm_mask(ids, mask_id=MASK_ID, vocab_size=vocab, special_ids=SPECIALS, prob=0.15,
+                                  generator=gen)
+        return inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    ids = ids.to(device, non_blocking=True)
+    return ids, ids
+
+
+def time_variant(name: str, variant: str, *, steps: int, warmup: int, device) -> dict:
+    from ray_lifelong.config import TrainConfig
+    from ray_lifelong.distill import ki_loss_parts
+    from ray_lifelong.distill.teacher import teacher_logits
+    from ray_lifelong.models.build import LMObjective, lm_loss
+    from ray_lifelong.stage.step import build_optimizer
+
+    arch, layers, hidden, heads, ffn, vocab, seq, batch = MODELS[name]
+    model = build(arch, layers, hidden, heads, ffn, vocab, seq)
+    objective = LMObjective(model).to(device)
+    if variant == "bf16+ddp":
+        objective = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None)
+    if variant == "bf16+compile":  # warm-up steps include the compilation
+        torch._dynamo.reset()  # a fresh cache per model: no guards or graphs carried over from the last one
+        objective = torch.compile(objective)
+    optimizer = build_optimizer(model, 1e-4, TrainConfig())
+    bf16 = variant.startswith("bf16")
+    teacher, t_fwd = None, 0.0
+    if variant == "bf16+ki":  # a frozen half-depth, half-width teacher in bf16, as load_teacher leaves it
+        teacher = build(arch, layers // 2, hidden // 2, heads // 2, ffn // 2, vocab, seq, seed=1)
+        teacher = teacher.eval().requires_grad_(False).to(device=device, dtype=torch.bfloat16)
+        t_fwd = model_flops(arch, layers // 2, hidden // 2, ffn // 2, vocab, seq)[1]
+    gen = torch.Generator().manual_seed(0)
+    params = list(objective.parameters())
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step():
+        inputs, labels = make_batch(arch, vocab, seq, batch, gen, device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            logits, targets = objective(inputs, labels)
+            if teacher is not None:
+                t_logits = teacher_logits({-1: teacher}, inputs, labels, torch.zeros(batch, dtype=torch.long),
+                                          len(targets))
+                loss = ki_loss_parts(logits, t_logits, targets, alpha=0.5, temperature=1.0).total
+            else:
+                loss = lm_loss(logits, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    sync()
+    seconds = (time.perf_counter() - t0) / steps
+    train_f, _ = model_flops(arch, layers, hidden, ffn, vocab, seq)
+    flops = batch * (train_f + t_fwd)
+    return {"model": name, "variant": variant, "batch": batch, "seq_len": seq,
+            "params": sum(p.numel() for p in model.parameters()), "step_s": seconds,
+            "tokens_per_s": batch * seq / seconds, "tflops_per_s": flops / seconds / 1e12,
+            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan"), "final_loss": float(loss.detach())}
+
+
+def growth_check(device, smoke: bool = False) -> dict:
+    """6 x 384 -> 12 x 768 on the GPU, float32: the grown model's logits against the small model's."""
+    from ray_lifelong.growth import expand
+
+    out = {}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # TF32's 10-bit mantissa alone gives ~1e-3 logit errors
+    for arch in ("bert", "gpt2"):
+        n, d = (1, 32) if smoke else (6, 384)
+        small = build(arch, n, d, d // 64 or 1, 4 * d, 8000, 128).to(device).eval()
+        big = expand(small, num_hidden_layers=2 * n, hidden_size=2 * d, intermediate_size=8 * d,
+                     depth_init="identity").to(device).eval()
+        ids = torch.randint(len(SPECIALS), 8000, (4, 128), generator=torch.Generator().manual_seed(0)).to(device)
+        with torch.no_grad():
+            a, b = small(input_ids=ids).logits.float(), big(input_ids=ids).logits.float()
+        out[arch] = {"max_logit_error": float((a - b).abs().max()), "logit_scale": float(a.abs().max())}
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    return out
+
+
+def ki_bf16_check(device, vocab: int) -> dict:
+    """The KI loss on bf16 logits (softmaxes in float32 inside) against a float32 reference."""
+    from ray_lifelong.distill import ki_loss
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(4096, vocab, generator=g).to(device) * 3
+    t = torch.randn(4096, vocab, generator=g).to(device) * 3
+    y = torch.randint(vocab, (4096,), generator=g).to(device)
+    ref = ki_loss(s, t, y, alpha=0.5, temperature=2.0)
+    low = ki_loss(s.bfloat16(), t.bfloat16(), y, alpha=0.5, temperature=2.0)
+    return {"reference": float(ref), "bf16": float(low), "rel_error": float(abs(low - ref) / ref)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--variants", nargs="*", default=["fp32", "bf16", "bf16+ddp", "bf16+ki"])
+    ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: by device name)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny models on the CPU (gloo instead of NCCL): checks the script, measures nothing")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.smoke:
+        for k, (arch, *_rest) in list(MODELS.items()):
+            MODELS[k] = (arch, 2, 64, 2, 128, 500, 64, 4)
+        device, gpu, peak = torch.device("cpu"), "cpu (smoke)", None
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("gpu_throughput.py needs a CUDA GPU (torch.cuda.is_available() is False); --smoke runs it on "
+                     "the CPU with tiny models")
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # what a user's fp32 run gets on Ampere and later
+        gpu = torch.cuda.get_device_name(device)
+        peak = args.peak_tflops or peak_tflops(gpu)
+
+    import torch.distributed as dist
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29512")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    probe = torch.ones(4, device=device)
+    dist.all_reduce(probe)
+
+    rows = []
+    for name in args.models:
+        for variant in args.variants:
+            if variant == "bf16+ki" and MODELS[name][0] != "gpt2":
+                continue
+            try:
+                r = time_variant(name, variant, steps=args.steps, warmup=args.warmup, device=device)
+            except Exception as e:  # report and go on: one failing variant must not hide the others
+                r = {"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"}
+            if peak and "tflops_per_s" in r:
+                r["mfu"] = r["tflops_per_s"] / peak
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    checks = {"nccl_all_reduce": float(probe.sum()), "growth": growth_check(device, args.smoke),
+              "ki_bf16": ki_bf16_check(device, 512 if args.smoke else 50257)}
+    print(json.dumps(checks), flush=True)
+    dist.destroy_process_group()
+
+    import transformers
+    result = {"gpu": gpu, "peak_bf16_tflops": peak, "torch": torch.__version__,
+              "transformers": transformers.__version__, "cuda": torch.version.cuda,
+              "steps": args.steps, "warmup": args.warmup, "runs": rows, "checks": checks}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# GPU throughput of the stage's training step ({gpu})", "",
+             f"torch {torch.__version__}, transformers {transformers.__version__}, {args.steps} timed steps after "
+             f"{args.warmup} warm-up; MFU against a dense bf16 peak of {peak} TFLOP/s; model FLOPs as in "
+             "flops.md (teacher forward charged for KI).", "",
+             "| model | variant | batch x seq | step (ms) | tokens/s | TFLOP/s | MFU | peak mem (GiB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['variant']} | failed: {r['error'][:80]} | | | | | |")
+            continue
+        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "n/a"
+        lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} x {r['seq_len']} | {r['step_s'] * 1e3:.1f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['tflops_per_s']:.1f} | {mfu} | {r['peak_mem_gib']:.1f} |")
+    g = checks["growth"]
+    lines += ["", "Checks on the GPU: NCCL all-reduce over one rank "
+              f"({'ok' if checks['nccl_all_reduce'] == 4.0 else 'WRONG'}); growth 6x384 -> 12x768 max logit error "
+              f"BERT {g['bert']['max_logit_error']:.1e}, GPT-2 {g['gpt2']['max_logit_error']:.1e} (float32); KI loss "
+              f"on bf16 logits vs float32: relative error {checks['ki_bf16']['rel_error']:.1e}."]
+    (out / "gpu_throughput.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The parts of a training step that need no Ray: the optimizer and the batch masking.
+
+Kept apart from ``loop.py`` (which runs inside Ray Train workers) so that benchmarks, GPU checks and
+tests build exactly the stage's optimizer and masking without importing Ray.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ray_lifelong.data.packing import mlm_mask, mlm_mask_fixed
+from ray_lifelong.data.tokenizer import special_token_ids
+
+# validation masks depend on this seed and each row's content only, so perplexities compare across stages
+EVAL_MASK_SEED = 1234
+
+
+def build_optimizer(model, lr: float, t) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and LayerNorm weights (standard for BERT/GPT-2)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or ".ln_" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+
+
+class Masker:
+    """Turns packed ``input_ids`` into (inputs, labels): MLM masking for BERT, identity for GPT-2."""
+
+    def __init__(self, tokenizer, prob: float, arch: str) -> None:
+        self.arch = arch
+        self.kw = dict(mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
+                       special_ids=special_token_ids(tokenizer), prob=prob)
+
+    def __call__(self, ids: torch.Tensor, gen: torch.Generator | None, fixed: bool = False):
+        if self.arch != "bert":
+            return ids, ids
+        if fixed:
+            return mlm_mask_fixed(ids, seed=EVAL_MASK_SEED, **self.kw)
+        return mlm_mask(ids, generator=gen, **self.kw)
