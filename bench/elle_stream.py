@@ -97,7 +97,8 @@ def run_arch(arch: str, args, out: Path) -> dict:
                                 out / f"tokenizer-{arch}")
     steps = [args.steps] * len(domains)
     results: dict[str, dict] = {}
-    for method in [m for m in METHODS if m in args.methods]:
+    chosen = args.methods_of.get(arch, args.methods)
+    for method in [m for m in METHODS if m in chosen]:
         if method in FLOP_MATCHED:
             ref = results["elle"]["stage_flops"]
             per_step = flops_per_step(arch, domains, out, tok_dir)
@@ -178,7 +179,10 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--name", default="elle_stream")
     ap.add_argument("--set", nargs="*", default=[], help="key=value overrides applied to every run")
+    ap.add_argument("--methods-of", nargs="*", default=[], metavar="ARCH=M1,M2",
+                    help="the methods of one architecture (e.g. bert=elle,naive,er): fewer runs where time is short")
     args = ap.parse_args()
+    args.methods_of = {k: v.split(",") for k, v in (item.split("=", 1) for item in args.methods_of)}
     EXTRA.extend(args.set)
     if "elle" not in args.methods and set(args.methods) & set(FLOP_MATCHED + ["scratch_large"]):
         sys.exit("the FLOP- and token-matched baselines need the elle run: add elle to --methods")
