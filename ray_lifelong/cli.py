@@ -19,6 +19,11 @@ def _parser() -> argparse.ArgumentParser:
     ki.add_argument("config")
     ki.add_argument("overrides", nargs="*")
     ki.add_argument("--resume", action="store_true", help="reuse finished runs of the experiment")
+    tune = sub.add_parser("tune", help="Ray Tune sweep over config fields (the config's tune: section); each "
+                          "trial is a real run on Ray Train")
+    tune.add_argument("config")
+    tune.add_argument("overrides", nargs="*")
+    tune.add_argument("--resume", action="store_true", help="restore an interrupted sweep and finish it")
     tok = sub.add_parser("tokenizer", help="train a tokenizer on a sample of the config's domains")
     tok.add_argument("config")
     tok.add_argument("overrides", nargs="*")
@@ -46,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "tokenizer":
             return _tokenizer(cfg, args.out)
+        if args.command == "tune":
+            return _tune(cfg, args.resume, args.config)
         return _run(cfg, args.resume, ki=args.command == "ki")
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -83,6 +90,22 @@ def _run(cfg, resume: bool, ki: bool = False) -> int:
     finally:
         ray.shutdown()
     print("AP (geometric) per stage:", ", ".join(f"{x:.2f}" for x in summary["AP"]))
+    return 0
+
+
+def _tune(cfg, resume: bool, where: str) -> int:
+    import ray
+
+    from ray_lifelong.sweep import run_sweep
+
+    init_ray(cfg)
+    try:
+        run_sweep(cfg, resume=resume, where=where)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        ray.shutdown()
     return 0
 
 

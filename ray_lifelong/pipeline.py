@@ -73,8 +73,11 @@ def train_run_tokenizer(cfg: LifelongConfig, out_dir: Path):
                            min_frequency=tc.min_frequency)
 
 
-def run_lifelong(cfg: LifelongConfig, *, resume: bool = False) -> dict:
-    """Run every stage (skipping finished ones when ``resume``) and write the results; return them."""
+def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -> dict:
+    """Run every stage (skipping finished ones when ``resume``) and write the results; return them.
+
+    ``callbacks``: Ray Train ``UserCallback``s given to every stage (``ray-lifelong tune`` reports through them).
+    """
     rdir = run_dir(cfg).resolve()
     marker_dir = rdir / "stages"
     if rdir.exists() and any(marker_dir.glob("*/stage.json")) and not resume:
@@ -110,7 +113,7 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False) -> dict:
         print(f"[run] stage {spec.label}: {spec.steps} steps" + (" (function-recovering warmup on the memory)"
                                                                  if spec.phase == "frw" else ""))
         res = run_stage(spec, tokenizer_dir=tok_dir, storage_path=storage, valid_ds=valid_ds, bad_log=bad_log,
-                        train_ds=train_ds)
+                        train_ds=train_ds, callbacks=callbacks)
         marker.parent.mkdir(parents=True, exist_ok=True)
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(res), indent=1))

@@ -85,6 +85,24 @@ def apply_growth_mode(cfg: LifelongConfig) -> LifelongConfig:
     return cfg
 
 
+def with_values(cfg: LifelongConfig, values: dict, where: str = "<config>") -> LifelongConfig:
+    """A copy of ``cfg`` with dotted fields set (``{"ki.inherit.alpha0": 0.5, "data.domains.0.lr": 1e-3}``),
+    type-checked against the schema and validated like a loaded config.
+
+    Raises:
+        ConfigError: naming the dotted key that is not a field or whose value does not fit.
+    """
+    conf = OmegaConf.structured(cfg)
+    for key, value in values.items():
+        try:
+            OmegaConf.update(conf, key, value, merge=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{where}: {key!r} cannot be set to {value!r}: {_first_line(e)}") from None
+    out = OmegaConf.to_object(conf)
+    validate(out, where)
+    return apply_growth_mode(out)
+
+
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
@@ -132,6 +150,28 @@ def validate(cfg: LifelongConfig, where: str = "<config>") -> None:
     need(c.logit_kd.temperature > 0, "continual.logit_kd.temperature", "must be positive")
     need(not (c.joint and c.replay.enabled), "continual.joint", "joint training sees every domain already; "
          "replay would only repeat data")
+    tu = cfg.tune
+    need(tu.base in ("run", "ki"), "tune.base", "must be run or ki")
+    need(tu.mode in ("min", "max"), "tune.mode", "must be min or max")
+    need(tu.scheduler in ("asha", "fifo"), "tune.scheduler", "must be asha or fifo")
+    need(tu.search in ("random", "optuna"), "tune.search", "must be random or optuna")
+    need(tu.num_samples >= 1 and tu.max_concurrent_trials >= 1, "tune.num_samples",
+         "num_samples and max_concurrent_trials must be >= 1")
+    need(tu.grace_period >= 1 and tu.reduction_factor >= 2, "tune.grace_period",
+         "grace_period must be >= 1 and reduction_factor >= 2")
+    for path, dim in tu.space.items():
+        key = f"tune.space.{path}"
+        kinds = [k for k in ("choice", "grid", "uniform", "loguniform", "randint") if getattr(dim, k) is not None]
+        need(len(kinds) == 1, key, f"set exactly one of choice, grid, uniform, loguniform, randint (got {kinds})")
+        if len(kinds) != 1:
+            continue
+        vals = getattr(dim, kinds[0])
+        if kinds[0] in ("choice", "grid"):
+            need(len(vals) >= 1, key, f"{kinds[0]} needs at least one value")
+        else:
+            need(len(vals) == 2 and vals[0] < vals[1], key, f"{kinds[0]} needs [low, high] with low < high")
+            need(kinds[0] != "loguniform" or (len(vals) == 2 and vals[0] > 0), key, "loguniform needs low > 0")
+        need(not (kinds[0] == "grid" and tu.search == "optuna"), key, "grid dimensions need tune.search=random")
     names = [dom.name for dom in d.domains]
     need(len(set(names)) == len(names), "data.domains", f"domain names repeat: {names}")
     for i, dom in enumerate(d.domains):

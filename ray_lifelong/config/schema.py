@@ -8,7 +8,7 @@ fails at load time instead of silently training with a default.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 ARCHS = ("bert", "gpt2")
 
@@ -280,6 +280,52 @@ class KIExperimentConfig:
 
 
 @dataclass
+class SearchDim:
+    """One dimension of a sweep's search space: exactly one of these is set."""
+
+    choice: Optional[List[Any]] = None
+    """Sample uniformly from these values."""
+    grid: Optional[List[Any]] = None
+    """Every value, crossed with the other grid dimensions (each combination ``num_samples`` times)."""
+    uniform: Optional[List[float]] = None
+    """``[low, high]``."""
+    loguniform: Optional[List[float]] = None
+    """``[low, high]``, both positive; sampled uniformly in log space (learning rates)."""
+    randint: Optional[List[int]] = None
+    """``[low, high]``: an integer in ``low <= x < high``."""
+
+
+@dataclass
+class SweepConfig:
+    """``ray-lifelong tune``: a Ray Tune sweep whose trials are runs of this config with sampled fields."""
+
+    space: Dict[str, SearchDim] = field(default_factory=dict)
+    """Dotted config path -> dimension, e.g. ``ki.inherit.alpha0: {uniform: [0.2, 1.0]}``."""
+    base: str = "run"
+    """``run``: each trial is this config's run. ``ki``: the KI experiment's teacher is trained once, then
+    each trial is the KI student (``ki.inherit.*`` are then the fields to search)."""
+    metric: str = "valid_loss"
+    """Reported at every evaluation (``train.eval_every``) and at the end of each stage."""
+    mode: str = "min"
+    num_samples: int = 4
+    max_concurrent_trials: int = 1
+    """About the cluster's GPUs (or CPUs) divided by one trial's: idle trial drivers otherwise pile up."""
+    scheduler: str = "asha"
+    """``asha`` (stops poor trials early on the reported metric) or ``fifo`` (runs every trial to the end)."""
+    search: str = "random"
+    """``random`` (Tune's variant generator, grid dimensions expanded) or ``optuna`` (needs optuna)."""
+    grace_period: int = 1
+    """ASHA: evaluations every trial gets before it can be stopped."""
+    reduction_factor: int = 2
+    """ASHA: the fraction 1/reduction_factor of trials continues at each rung."""
+    trial_cpus: float = 0.25
+    """CPU of a trial's driver (it only orchestrates; the stage's workers take ``scaling.*``)."""
+    storage_path: Optional[str] = None
+    """Where Tune keeps the sweep's state (local, NFS or ``s3://``); default ``<output_dir>/<run_name>/tune``."""
+    seed: int = 0
+
+
+@dataclass
 class DebugConfig:
     """Fault injection for tests: kill one worker process once at this step of this stage."""
 
@@ -302,4 +348,5 @@ class LifelongConfig:
     demo: DemoConfig = field(default_factory=DemoConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     ki: KIExperimentConfig = field(default_factory=KIExperimentConfig)
+    tune: SweepConfig = field(default_factory=SweepConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)

@@ -27,7 +27,7 @@ def stage_name(run_name: str, index: int, domain: str, phase: str = "main") -> s
 
 
 def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_ds, bad_log=None,
-              train_ds=None) -> StageResult:
+              train_ds=None, callbacks=None) -> StageResult:
     """Train ``spec.domain`` on Ray Train and evaluate every domain; return the stage record.
 
     Args:
@@ -35,6 +35,7 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
         bad_log: a :class:`BadRecordLog` actor collecting skipped records.
         train_ds: the training stream (rows ``{input_ids, domain_id}``); ``None`` streams the domain's
             own training files.
+        callbacks: Ray Train ``UserCallback``s of the stage's run (a Tune sweep forwards validations).
     """
     cfg: LifelongConfig = spec.cfg
     quiet_ray_data()
@@ -63,7 +64,7 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
             name=stage_name(cfg.run_name, spec.index, spec.domain, spec.phase), storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
-            logging_config=LoggingConfig(log_level="WARNING")),
+            logging_config=LoggingConfig(log_level="WARNING"), callbacks=callbacks),
         datasets={"train": train_ds, "valid": valid_ds, **replay},
         # validation and replay memories are not split: every worker scores all validation rows (its
         # share by index) and draws replayed rows from the whole memory

@@ -1,0 +1,326 @@
+"""``ray-lifelong tune``: Ray Tune sweeps over any config field, each trial a real staged run on Ray Train.
+
+A sweep is a lifelong config plus a ``tune:`` section (:class:`SweepConfig`): a search space over dotted
+config paths, a scheduler (ASHA or FIFO), a search algorithm (random/grid or Optuna) and the trials'
+resources. Each trial is a Tune *function trainable* that runs :func:`run_lifelong` on the config with
+its sampled values (Train V2 inside Tune, shared/specs/ray.md §4.2); every validation of every stage is
+forwarded to Tune as one iteration, so ASHA can stop a poor trial between evaluations.
+
+Layout under ``<output_dir>/<run_name>/``: ``tokenizer/``, the KI teacher's run (``tune.base: ki``),
+``trials/<trial_id>/`` (each trial's own run directory), ``tune/`` (Tune's state, unless
+``tune.storage_path``), and the results: ``sweep_results.csv``, ``sweep_results.md``, ``best_config.yaml``
+(accepted by ``ray-lifelong run``) and ``sweep_curves.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from ray_lifelong.config import ConfigError, LifelongConfig, load_config, to_yaml, validate, with_values
+from ray_lifelong.config.schema import SearchDim
+
+TRIALS = "trials"
+
+
+# ------------------------------------------------------------------------------------------ pure parts
+
+def dimension(dim: SearchDim):
+    """The Ray Tune domain of one configured dimension."""
+    from ray import tune
+
+    if dim.choice is not None:
+        return tune.choice(list(dim.choice))
+    if dim.grid is not None:
+        return tune.grid_search(list(dim.grid))
+    if dim.uniform is not None:
+        return tune.uniform(*dim.uniform)
+    if dim.loguniform is not None:
+        return tune.loguniform(*dim.loguniform)
+    if dim.randint is not None:
+        return tune.randint(*dim.randint)
+    raise ConfigError("a search dimension sets none of choice, grid, uniform, loguniform, randint")
+
+
+def example_value(dim: SearchDim):
+    """A value the dimension can take (its first/lowest), to check that the config accepts it."""
+    for kind in ("choice", "grid", "uniform", "loguniform", "randint"):
+        vals = getattr(dim, kind)
+        if vals is not None:
+            return vals[0]
+    return None
+
+
+def check_space(cfg: LifelongConfig, where: str = "<config>") -> None:
+    """Every searched path must be a config field that accepts the dimension's values (checked at
+    both ends of ranges): a typo fails here, before any trial starts."""
+    if not cfg.tune.space:
+        raise ConfigError(f"{where}: tune.space is empty: name at least one config field to search")
+    for path, dim in cfg.tune.space.items():
+        vals = [example_value(dim)]
+        for kind in ("choice", "grid"):
+            vals = list(getattr(dim, kind)) if getattr(dim, kind) is not None else vals
+        for kind in ("uniform", "loguniform"):
+            if getattr(dim, kind) is not None:
+                vals = list(getattr(dim, kind))
+        if dim.randint is not None:
+            vals = [dim.randint[0], dim.randint[1] - 1]
+        for v in vals:  # the trial's own config, so that KI's inherit values are checked as the student's
+            c = trial_config(cfg, {path: v}, run_name="check", output_dir=cfg.output_dir,
+                             tokenizer_dir="<tokenizer>", teacher_dir="<teacher>", where=f"{where}: tune.space")
+            validate(c, f"{where}: tune.space.{path}={v!r}")
+
+
+def absolute_paths(cfg: LifelongConfig) -> LifelongConfig:
+    """A copy with every local path made absolute (URIs kept): Tune runs each trial in its own working
+    directory, and on a cluster the driver's relative paths mean nothing to a trial on another node."""
+    import copy
+    import os
+
+    def fix(p):
+        return p if p is None or "://" in p or os.path.isabs(p) else os.path.abspath(p)
+
+    c = copy.deepcopy(cfg)
+    c.output_dir, c.demo.dir, c.tokenizer.path = fix(c.output_dir), fix(c.demo.dir), fix(c.tokenizer.path)
+    c.ray.storage_path, c.tune.storage_path = fix(c.ray.storage_path), fix(c.tune.storage_path)
+    c.continual.replay.memory_path = fix(c.continual.replay.memory_path)
+    for dom in c.data.domains:
+        dom.train, dom.valid = [fix(p) for p in dom.train], [fix(p) for p in dom.valid]
+        if dom.teacher is not None:
+            dom.teacher.path = fix(dom.teacher.path)
+            dom.teacher.per_domain = {k: fix(v) for k, v in dom.teacher.per_domain.items()}
+    return c
+
+
+def max_reports(cfg: LifelongConfig) -> int:
+    """Validations a trial reports: one per ``eval_every`` steps of each stage, the last at its end."""
+    every = cfg.train.eval_every or 0
+    total = 0
+    for dom in cfg.data.domains:
+        steps = dom.steps or cfg.train.steps
+        total += math.ceil(steps / every) if every else 1
+    return total
+
+
+# ------------------------------------------------------------------------------------------ the trial
+
+def trial_config(cfg: LifelongConfig, params: dict, *, run_name: str, output_dir: str,
+                 tokenizer_dir: str, teacher_dir: str | None, where: str = "trial") -> LifelongConfig:
+    """The run one trial trains: the base config with the sampled values, its own run directory, the
+    sweep's tokenizer and (``tune.base: ki``) the KI student distilling from the sweep's teacher."""
+    from ray_lifelong.ki import variants
+
+    c = with_values(cfg, params, where)
+    if cfg.tune.base == "ki":
+        c = variants(c, tokenizer_dir)["ki"]
+        for d in c.data.domains:
+            d.teacher.path = teacher_dir
+    c.run_name, c.output_dir = run_name, output_dir
+    c.tokenizer.path = tokenizer_dir
+    c.demo.enabled = False  # the driver wrote the demo data once
+    c.tune.space = {}
+    return c
+
+
+def _callback(metric: str, last_stage: int):
+    """A Train callback that forwards each validation (the reports that carry ``metric``) to Tune.
+
+    Checkpoint-only reports are not iterations (ASHA would see a result without its metric). The last
+    stage's final report is held back: the trial reports it itself once the run has written its results
+    and final model, so that a scheduler's stop at that report cannot cut the run short.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ValidationToTune(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            m = metrics[0] if metrics else {}
+            if metric in m and not (m.get("final") and m.get("stage") == last_stage):
+                super().after_report(run_context, metrics, checkpoint)
+
+    return ValidationToTune()
+
+
+def _trial(params: dict, *, base_yaml: str, tokenizer_dir: str, teacher_dir: str | None, trials_dir: str) -> None:
+    import tempfile
+
+    from ray import tune
+
+    from ray_lifelong.pipeline import run_lifelong
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(base_yaml)
+    cfg = load_config(f.name)
+    Path(f.name).unlink()
+    # the trial id names the run: a restored sweep finds the trial's finished stages and checkpoints
+    run_name = tune.get_context().get_trial_id()
+    c = trial_config(cfg, params["params"], run_name=run_name, output_dir=trials_dir,
+                     tokenizer_dir=tokenizer_dir, teacher_dir=teacher_dir)
+    last = len(c.data.domains) - 1
+    summary = run_lifelong(c, resume=True, callbacks=[_callback(cfg.tune.metric, last)])
+    ppl = summary["ppl_matrix"][-1]
+    tune.report({"valid_loss": math.log(ppl[last]), "stage": last, "step": summary["stages"][-1]["steps"],
+                 "final": True, **{f"ppl/{d}": p for d, p in zip(summary["domains"], ppl)}})
+
+
+# ------------------------------------------------------------------------------------------ the sweep
+
+def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<config>") -> dict:
+    """Run (or, with ``resume``, restore and finish) the sweep of ``cfg``; write and return the results."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from ray_lifelong.pipeline import prepare_demo, prepare_tokenizer, run_dir, run_lifelong
+
+    check_space(cfg, where)
+    cfg = absolute_paths(cfg)
+    tu = cfg.tune
+    base = run_dir(cfg).resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    prepare_demo(cfg)
+    tok_dir = prepare_tokenizer(cfg, base / "tokenizer")
+    teacher_dir = None
+    if tu.base == "ki":  # one teacher for every trial, trained first (or found finished)
+        from ray_lifelong.ki import variants
+
+        teacher_cfg = variants(cfg, tok_dir)["teacher"]
+        teacher_cfg.tune.space = {}
+        teacher_dir = str(run_dir(teacher_cfg).resolve())
+        if (Path(teacher_dir) / "results.json").exists():
+            print(f"[tune] teacher already trained: {teacher_dir}")
+        else:
+            print(f"[tune] training the KI teacher once for every trial: {teacher_dir}")
+            run_lifelong(teacher_cfg, resume=True)
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base_yaml=to_yaml(cfg), tokenizer_dir=tok_dir, teacher_dir=teacher_dir,
+                             trials_dir=str(base / TRIALS)),
+        {"cpu": tu.trial_cpus})
+    storage = tu.storage_path or str(base)
+    exp_path = f"{storage.rstrip('/')}/tune"
+    if resume and tune.Tuner.can_restore(exp_path):
+        print(f"[tune] restoring the sweep in {exp_path}")
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        if tune.Tuner.can_restore(exp_path) and not resume:
+            raise ConfigError(f"{where}: a sweep already exists in {exp_path}: pass --resume to finish it, or "
+                              f"choose another run_name=/tune.storage_path=")
+        reports = max_reports(trial_config(cfg, {}, run_name="probe", output_dir=str(base), tokenizer_dir=tok_dir,
+                                           teacher_dir=teacher_dir))
+        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=tu.grace_period,
+                                   reduction_factor=tu.reduction_factor)
+                     if tu.scheduler == "asha" else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"params": {path: dimension(dim) for path, dim in tu.space.items()}},
+            tune_config=tune.TuneConfig(metric=tu.metric, mode=tu.mode, scheduler=scheduler,
+                                        search_alg=_searcher(tu), num_samples=tu.num_samples,
+                                        max_concurrent_trials=tu.max_concurrent_trials),
+            run_config=tune.RunConfig(name="tune", storage_path=storage,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)))
+    grid = tuner.fit()
+    return write_sweep_results(cfg, grid, base, tokenizer_dir=tok_dir, teacher_dir=teacher_dir)
+
+
+def _searcher(tu):
+    if tu.search == "random":
+        return None  # Tune's BasicVariantGenerator: random samples, grid dimensions expanded
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ConfigError("tune.search=optuna needs the optuna package (pip install optuna)") from None
+    from ray.tune.search import ConcurrencyLimiter
+
+    return ConcurrencyLimiter(OptunaSearch(seed=tu.seed), max_concurrent=tu.max_concurrent_trials)
+
+
+def write_sweep_results(cfg: LifelongConfig, grid, base: Path, *, tokenizer_dir: str,
+                        teacher_dir: str | None) -> dict:
+    """Every trial's values and metrics (CSV, Markdown), the best config as a runnable YAML, the curves."""
+    tu = cfg.tune
+    paths = list(tu.space)
+    rows, curves = [], {}
+    for result in grid:
+        m = result.metrics or {}
+        trial_id = m.get("trial_id") or Path(result.path).name
+        history = result.metrics_dataframe
+        values = history[tu.metric].dropna().tolist() if history is not None and tu.metric in history else []
+        curves[trial_id] = values
+        best_seen = (min(values) if tu.mode == "min" else max(values)) if values else None
+        error = _root(result.error) if result.error else ""
+        # a trial's run writes results.json after its last stage: ASHA's stopped trials have none
+        finished = (base / TRIALS / trial_id / "results.json").exists()
+        rows.append({"trial_id": trial_id, **{p: result.config["params"].get(p) for p in paths},
+                     tu.metric: m.get(tu.metric), f"best_{tu.metric}": best_seen, "stage": m.get("stage"),
+                     "step": m.get("step"), "evaluations": len(values), "finished": finished,
+                     "stopped_early": not finished and not error, "error": error})
+    done = [r for r in rows if r["finished"] and r[tu.metric] is not None]
+    if not done:
+        errors = [r["error"] for r in rows if r["error"]]
+        raise RuntimeError(f"no trial of the sweep ran to the end (see {base / 'tune'})"
+                           + (f"; first error: {errors[0]}" if errors else ""))
+    # the best among the trials that ran to the end (a stopped trial ends on an earlier, higher loss)
+    best = (min if tu.mode == "min" else max)(done, key=lambda r: r[tu.metric])
+    rows.sort(key=lambda r: (not r["finished"], r[tu.metric] is None,
+                             r[tu.metric] if tu.mode == "min" else -(r[tu.metric] or 0)))
+
+    best_params = {p: best[p] for p in paths}
+    best_cfg = trial_config(cfg, best_params, run_name=f"{cfg.run_name}-best", output_dir=str(base),
+                            tokenizer_dir=tokenizer_dir, teacher_dir=teacher_dir)
+    (base / "best_config.yaml").write_text(
+        f"# best trial {best['trial_id']} of the sweep {base}: {tu.metric} {best[tu.metric]:.4f}\n"
+        f"# ray-lifelong run {base / 'best_config.yaml'}\n" + to_yaml(best_cfg))
+    fields = list(rows[0])
+    with open(base / "sweep_results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"# Sweep {cfg.run_name}: {len(rows)} trials, {tu.scheduler}, {tu.search} search, "
+             f"{tu.mode} {tu.metric}", "", "| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r[k]) for k in fields) + " |")
+    lines += ["", f"Best (ran to the end): trial {best['trial_id']}, "
+              + ", ".join(f"{p}={_fmt(v)}" for p, v in best_params.items()) + f": {tu.metric} {best[tu.metric]:.4f}. "
+              f"Run it: `ray-lifelong run {base / 'best_config.yaml'}`.", "", "![curves](sweep_curves.png)"]
+    (base / "sweep_results.md").write_text("\n".join(lines) + "\n")
+    _plot(curves, best["trial_id"], tu.metric, base / "sweep_curves.png")
+    summary = {"trials": rows, "best": best, "best_params": best_params, "best_config": str(base / "best_config.yaml"),
+               "results_csv": str(base / "sweep_results.csv")}
+    (base / "sweep_results.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(f"[tune] best trial {best['trial_id']}: {best_params} -> {tu.metric} {best[tu.metric]:.4f}")
+    print(f"[tune] results: {base / 'sweep_results.md'}, best config: {base / 'best_config.yaml'}")
+    return summary
+
+
+def _root(error: BaseException) -> str:
+    """The last line of the innermost error (Tune wraps the trial's exception in its own)."""
+    lines = [ln for ln in str(error).strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "None" if v is None else str(v)
+
+
+def _plot(curves: dict[str, list[float]], best: str, metric: str, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional (the `plots` extra)
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for trial, values in curves.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, lw=2.5 if trial == best else 1,
+                label=trial + (" (best)" if trial == best else ""))
+    ax.set_xlabel("evaluation (Tune iteration)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

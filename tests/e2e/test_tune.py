@@ -1,0 +1,91 @@
+"""``ray-lifelong tune`` through the real command line: a 2-trial ASHA sweep of KI on demo data, its driver
+killed mid-sweep and the sweep restored, then the best config run as it is written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ray_lifelong.config import load_config
+from tests.conftest import REPO, tiny_overrides
+from tests.e2e.test_pipeline import cli
+
+pytestmark = [pytest.mark.e2e]
+
+
+def sweep_overrides(demo_corpus: Path, out: Path) -> list[str]:
+    return tiny_overrides(demo_corpus, out, arch="gpt2", steps=8) + [
+        "run_name=sw", "ray.num_cpus=4", "train.eval_every=4", "train.checkpoint_every=2", "scaling.num_workers=1",
+        "ki.teacher_steps=4", "ki.teacher_model.num_layers=1", "ki.teacher_model.hidden_size=16",
+        "ki.teacher_model.num_heads=2", "ki.teacher_model.intermediate_size=32",
+        f"data.domains=[{{name: sports, train: ['{demo_corpus}/sports/train-*.jsonl.gz'], "
+        f"valid: ['{demo_corpus}/sports/valid-*.jsonl.gz']}}]",
+        "tune.num_samples=2", "tune.max_concurrent_trials=2", "tune.seed=3",
+        # a smaller space than the config's: the demo of the command, not a search
+        "tune.space={ki.inherit.steps: {choice: [2, 8]}, train.lr: {loguniform: [1.0e-3, 3.0e-3]}}",
+    ]
+
+
+@pytest.mark.timeout(1500)
+def test_sweep_survives_a_killed_driver_and_its_best_config_runs(demo_corpus, tmp_path):
+    out = tmp_path / "sweeps"
+    overrides = sweep_overrides(demo_corpus, out)
+    base = out / "sw"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "ray_lifelong", "tune", str(REPO / "configs/tune_ki.yaml"),
+                             *overrides], cwd=REPO, env=env, text=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    # kill the driver (and the Ray processes it started) once a trial has written a checkpoint
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None:
+        if list((base / "trials").glob("*/checkpoints/*/checkpoint_*")):
+            break
+        time.sleep(1)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (base / "sweep_results.csv").exists()
+    teacher_marker = next((base / "sw-teacher" / "stages").glob("*/stage.json"))
+    teacher_mtime = teacher_marker.stat().st_mtime
+
+    # without --resume the command refuses to start over an existing sweep
+    again = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, timeout=600)
+    assert again.returncode == 2 and "--resume" in again.stderr, again.stderr[-2000:]
+
+    resumed = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, "--resume", timeout=1200)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "restoring the sweep" in resumed.stdout and "teacher already trained" in resumed.stdout
+    assert teacher_marker.stat().st_mtime == teacher_mtime  # the teacher was not trained again
+
+    with open(base / "sweep_results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(not r["error"] for r in rows), rows
+    assert {r["ki.inherit.steps"] for r in rows} <= {"2", "8"}
+    assert all(1e-3 <= float(r["train.lr"]) <= 3e-3 for r in rows)
+    full = [r for r in rows if r["finished"] == "True"]
+    for r in rows:  # a finished trial's run completed its stage; ASHA stopped the others at a validation
+        assert (r["finished"] == "True") == (base / "trials" / r["trial_id"] / "results.json").exists()
+        assert r["stopped_early"] == str(r["finished"] == "False")
+        assert int(r["step"]) == (8 if r["finished"] == "True" else 4)
+    assert full
+    summary = json.loads((base / "sweep_results.json").read_text())
+    assert summary["best"]["valid_loss"] == min(float(r["valid_loss"]) for r in full)
+    assert (base / "sweep_results.md").exists() and (base / "sweep_curves.png").exists()
+
+    # the best config is a plain run config: the KI student with the best values and the sweep's teacher
+    best = load_config(base / "best_config.yaml")
+    assert best.data.domains[0].teacher.path == str(base / "sw-teacher")
+    assert best.data.domains[0].teacher.steps == int(summary["best_params"]["ki.inherit.steps"])
+    assert best.train.lr == pytest.approx(float(summary["best_params"]["train.lr"]))
+    run = cli("run", str(base / "best_config.yaml"), timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    res = json.loads((base / "sw-best" / "results.json").read_text())
+    assert res["stages"][0]["teacher_flops"] > 0  # it distilled from the sweep's teacher

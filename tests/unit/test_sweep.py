@@ -1,0 +1,100 @@
+"""Sweep config: search-space validation, dotted-path values, the Tune domains they map to (no cluster)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ray_lifelong.config import ConfigError, load_config, with_values
+from ray_lifelong.config.schema import SearchDim
+from ray_lifelong.sweep import absolute_paths, check_space, dimension, max_reports
+
+from tests.conftest import REPO
+
+TUNE_KI = REPO / "configs/tune_ki.yaml"
+
+
+def test_tune_ki_config_loads_and_its_space_is_valid():
+    cfg = load_config(TUNE_KI)
+    check_space(cfg)
+    assert cfg.tune.base == "ki" and cfg.tune.scheduler == "asha"
+    assert {"ki.inherit.schedule", "ki.inherit.alpha0", "ki.inherit.temperature", "ki.inherit.top_k",
+            "ki.inherit.steps", "train.lr"} <= set(cfg.tune.space)
+    assert max_reports(cfg) == 4  # 100 steps, a validation every 25
+
+
+def test_with_values_sets_dotted_fields_including_list_items():
+    cfg = load_config(TUNE_KI)
+    c = with_values(cfg, {"ki.inherit.alpha0": 0.3, "data.domains.0.steps": 7, "ki.inherit.top_k": None})
+    assert c.ki.inherit.alpha0 == 0.3 and c.data.domains[0].steps == 7 and c.ki.inherit.top_k is None
+    assert cfg.ki.inherit.alpha0 == 1.0  # the original is untouched
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"ki.inherit.alpha00": 0.5}, ["ki.inherit.alpha00", "alpha0"]),      # typo: names the key, suggests
+    ({"ki.inherit.steps": "many"}, ["ki.inherit.steps", "many"]),          # wrong type
+    ({"ki.inherit.alpha0": 0.5, "train.steps": 0}, ["train.steps", "positive"]),  # cross-field validation
+])
+def test_with_values_rejects_unknown_or_ill_typed_fields(values, words):
+    with pytest.raises(ConfigError) as e:
+        with_values(load_config(TUNE_KI), values)
+    assert all(w in str(e.value) for w in words)
+
+
+def test_check_space_rejects_a_path_or_value_the_config_does_not_accept():
+    cfg = load_config(TUNE_KI, ["tune.space={ki.inherit.shedule: {choice: [linear]}}"])
+    with pytest.raises(ConfigError, match="shedule"):
+        check_space(cfg)
+    cfg = load_config(TUNE_KI, ["tune.space={ki.inherit.alpha0: {uniform: [0.5, 1.5]}}"])
+    with pytest.raises(ConfigError, match="alpha0"):  # the high end of the range is out of [0, 1]
+        check_space(cfg)
+    cfg = load_config(TUNE_KI, ["tune.space={ki.inherit.schedule: {choice: [linear, warp]}}"])
+    with pytest.raises(ConfigError, match="schedule"):
+        check_space(cfg)
+    cfg = load_config(TUNE_KI)
+    cfg.tune.space = {}
+    with pytest.raises(ConfigError, match="empty"):
+        check_space(cfg)
+
+
+@pytest.mark.parametrize("space, words", [
+    ("{train.weight_decay: {uniform: [0.1, 0.01]}}", ["train.weight_decay", "low < high"]),
+    ("{train.weight_decay: {loguniform: [0, 0.01]}}", ["loguniform", "low > 0"]),
+    ("{train.weight_decay: {uniform: [0.1, 0.2], choice: [0.1]}}", ["exactly one"]),
+    ("{train.weight_decay: {}}", ["exactly one"]),
+])
+def test_bad_dimensions_are_refused_at_load(space, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(TUNE_KI, [f"tune.space={space}"])
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_grid_needs_random_search_and_unknown_scheduler_is_refused():
+    with pytest.raises(ConfigError, match="grid"):
+        load_config(TUNE_KI, ["tune.space={train.weight_decay: {grid: [0.1, 0.2]}}", "tune.search=optuna"])
+    with pytest.raises(ConfigError, match="tune.scheduler"):
+        load_config(TUNE_KI, ["tune.scheduler=hyperband"])
+    with pytest.raises(ConfigError, match="tune.sample"):  # unknown key in the tune section
+        load_config(TUNE_KI, ["tune.sample=3"])
+
+
+def test_dimensions_map_to_tune_domains_that_sample_inside_their_bounds():
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    assert isinstance(dimension(SearchDim(choice=["linear", "cosine"])), Categorical)
+    assert dimension(SearchDim(grid=[1, 2])) == {"grid_search": [1, 2]}
+    lu = dimension(SearchDim(loguniform=[1e-4, 1e-2]))
+    assert isinstance(lu, Float) and all(1e-4 <= lu.sample() <= 1e-2 for _ in range(50))
+    ri = dimension(SearchDim(randint=[10, 12]))
+    assert isinstance(ri, Integer) and {ri.sample() for _ in range(50)} <= {10, 11}
+    u = dimension(SearchDim(uniform=[0.2, 0.4]))
+    assert all(0.2 <= u.sample() <= 0.4 for _ in range(50))
+
+
+def test_absolute_paths_keeps_uris_and_makes_local_paths_absolute():
+    cfg = load_config(TUNE_KI, ["data.domains=[{name: a, train: [data/x/*.gz, 's3://b/k/*.gz'], valid: [v.gz]}]"])
+    c = absolute_paths(cfg)
+    assert c.data.domains[0].train == [os.path.abspath("data/x/*.gz"), "s3://b/k/*.gz"]
+    assert os.path.isabs(c.output_dir) and os.path.isabs(c.demo.dir) and os.path.isabs(c.data.domains[0].valid[0])
+    assert cfg.data.domains[0].train[0] == "data/x/*.gz"
