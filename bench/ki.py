@@ -168,8 +168,10 @@ def table(results: dict, args) -> str:
         if "schedules" not in r:
             continue
         s = r["schedules"]
-        lines += ["", f"## {arch}: schedules and top_k ({s['steps']} steps, N_KI {s['n_ki']}, T 2; "
-                      f"baseline final loss {s['runs']['baseline']['final_loss']:.3f})", "",
+        note = (" With N_KI = the whole run, `step` keeps alpha0 throughout and equals `constant`."
+                if s["n_ki"] >= s["steps"] else "")
+        lines += ["", f"## {arch}: schedules and top_k ({s['steps']} steps, N_KI {s['n_ki']}, T {args.temperature}; "
+                      f"baseline final loss {s['runs']['baseline']['final_loss']:.3f}).{note}", "",
                   "| schedule | top_k | alpha0 | final loss | saved (steps) | saved (FLOPs) |", "|---|---|---|---|---|---|"]
         for name, v in s["runs"].items():
             if name == "baseline":

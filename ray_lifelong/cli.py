@@ -126,7 +126,23 @@ def init_ray(cfg) -> None:
     pkg_root = str(Path(__file__).resolve().parent.parent)
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")])),
                         **{k: os.environ[k] for k in quiet}}}
+    address = address or _running_cluster()
     if address:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=env)
+        print(f"[ray] joined the running cluster at {address} ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
+              f"{ray.cluster_resources().get('GPU', 0):g} GPUs)", flush=True)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, logging_level=logging.WARNING, runtime_env=env)
+        print("[ray] started a local cluster (no ray.address, RAY_ADDRESS or `ray start` cluster found)", flush=True)
+
+
+def _running_cluster() -> str | None:
+    """The cluster that `ray start` last started on this machine, if its GCS is still running: running
+    `ray-lifelong` on a head node then joins it instead of starting a second cluster beside it."""
+    try:
+        from ray._private import services  # private, but what `ray.init(address="auto")` itself uses
+
+        last = services.find_bootstrap_address(None)
+        return last if last and last in services.find_gcs_addresses() else None
+    except Exception:  # any doubt: start a local cluster, as ray.init() would
+        return None

@@ -27,26 +27,31 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     where = str(path) if path is not None else "<defaults>"
     schema = OmegaConf.structured(LifelongConfig)
     try:
-        layers = [schema]
+        merged = schema
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"config file not found: {path}")
-            layers.append(OmegaConf.load(path))
+            merged = OmegaConf.merge(schema, OmegaConf.load(path))
         for item in overrides:
             if "=" in item:
-                layers.append(OmegaConf.from_dotlist([item]))
+                # update, not merge: it also reaches into lists (data.domains.1.lr=1e-3)
+                key = item.split("=", 1)[0].strip()
+                value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
+                OmegaConf.update(merged, key, value, merge=True)
             elif item.endswith((".yaml", ".yml")):
                 if not Path(item).is_file():
                     raise ConfigError(f"config overlay not found: {item}")
                 where += f" + {item}"
-                layers.append(OmegaConf.load(item))
+                merged = OmegaConf.merge(merged, OmegaConf.load(item))
             else:
                 raise ConfigError(f"override {item!r} is neither key=value nor a .yaml overlay")
-        merged = OmegaConf.merge(*layers)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"{where}: invalid config key {key!r}: {_first_line(e)}") from None
+    except TypeError as e:  # OmegaConf: a mapping merged onto a list or the reverse
+        raise ConfigError(f"{where}: {_first_line(e)} (a list given where a mapping is expected, or the reverse)") \
+            from None
     validate(cfg, where)
     return apply_growth_mode(cfg)
 
@@ -202,9 +207,12 @@ def validate(cfg: LifelongConfig, where: str = "<config>") -> None:
         steps = dom.steps if dom.steps is not None else t.steps
         need(steps > 0, f"{key}.steps", "must be positive")
         bs = dom.batch_size if dom.batch_size is not None else t.batch_size
-        per_step = t.micro_batch_size * cfg.scaling.num_workers
+        sc = dom.scaling or cfg.scaling
+        need(sc.num_workers >= 1, f"{key}.scaling.num_workers", "must be >= 1")
+        per_step = t.micro_batch_size * sc.num_workers
+        where_workers = f"{key}.scaling.num_workers" if dom.scaling is not None else "scaling.num_workers"
         need(bs % per_step == 0, f"{key}.batch_size" if dom.batch_size is not None else "train.batch_size",
-             f"global batch {bs} is not a multiple of train.micro_batch_size x scaling.num_workers = {per_step}")
+             f"global batch {bs} is not a multiple of train.micro_batch_size x {where_workers} = {per_step}")
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems))
 

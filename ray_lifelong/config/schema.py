@@ -135,6 +135,8 @@ class DomainConfig:
     """Grow the model before this stage trains (not allowed on the first stage)."""
     teacher: Optional[TeacherConfig] = None
     """Knowledge Inheritance from a frozen teacher during this stage."""
+    scaling: Optional["ScalingConfig"] = None
+    """This stage's workers, replacing the run's ``scaling`` (e.g. more GPUs once the model has grown)."""
 
 
 @dataclass

@@ -180,7 +180,9 @@ def _scaled_gather(t: Tensor, dims: Sequence[DimPlan | None], scales: Sequence[T
     """Gather ``t`` (any shape) along every growing dim and multiply by a per-unit scale, in float32."""
     if len(dims) != t.ndim:
         raise ValueError(f"plan has {len(dims)} dims but tensor has shape {tuple(t.shape)}")
-    out = t.detach().to(torch.float32)
+    # copy=True: with no growing dim (a layer copied by depth growth) `.to` would return the source's own
+    # storage, and the copy would stay tied to its source layer (and to the input model) while training
+    out = t.detach().to(torch.float32, copy=True)
     for d, (dp, s) in enumerate(zip(dims, scales)):
         if dp is None:
             continue

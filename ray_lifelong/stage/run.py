@@ -50,7 +50,7 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
         from ray_lifelong.data.memory import memory_dataset
 
         replay = {"replay": memory_dataset(spec.replay_uris)}
-    sc = cfg.scaling
+    sc = spec.domain_cfg.scaling or cfg.scaling  # a stage may take more workers, e.g. after growth
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker

@@ -126,3 +126,19 @@ def test_continual_settings_are_checked(override, key):
 def test_a_missing_overlay_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nothere.yaml"):
         load_config(REPO / "configs/elle_demo.yaml", [str(tmp_path / "nothere.yaml")])
+
+
+def test_key_value_overrides_reach_into_the_domain_list():
+    cfg = load_config(REPO / "configs/demo.yaml", ["data.domains.1.lr=0.1", "data.domains.0.steps=7"])
+    assert cfg.data.domains[1].lr == 0.1 and cfg.data.domains[0].steps == 7
+    assert cfg.data.domains[0].lr is None
+    with pytest.raises(ConfigError, match="data.domains"):
+        load_config(REPO / "configs/demo.yaml", ["data.domains=5"])
+
+
+def test_a_stage_can_take_its_own_workers_and_the_batch_is_checked_against_them():
+    cfg = load_config(REPO / "configs/demo.yaml",
+                      ["data.domains.1.scaling={num_workers: 2, cpus_per_worker: 0.25}"])
+    assert cfg.data.domains[1].scaling.num_workers == 2 and cfg.data.domains[0].scaling is None
+    with pytest.raises(ConfigError, match=r"data.domains\[1\].scaling.num_workers = 24"):
+        load_config(REPO / "configs/demo.yaml", ["data.domains.1.scaling={num_workers: 3}"])

@@ -446,3 +446,23 @@ def test_function_recovering_warmup_brings_the_loss_back(arch):
         recovered = sum(_loss(grown.eval(), x).item() for x in data) / 2
     assert jumped > base
     assert recovered < jumped and recovered <= base + 0.25 * (jumped - base) + 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("width", [False, True])
+def test_grown_parameters_own_their_storage(arch, width):
+    """Regression: depth-only growth once returned the source layer's tensors themselves, so an inserted
+    layer stayed tied to its source (and to the input model) and the checkpoint could not be saved."""
+    model = make(arch, layers=3, seed=1)
+    hidden = model.config.hidden_size * (2 if width else 1)
+    grown = expand(model, num_hidden_layers=4, hidden_size=hidden, depth_init="identity")
+    old = {p.data_ptr() for p in model.parameters()}
+    seen: dict[int, str] = {}
+    for name, p in grown.named_parameters(remove_duplicate=False):
+        ptr = p.data_ptr()
+        assert ptr not in old, f"{name} shares storage with the input model"
+        if ptr in seen:  # only HF's own ties: output embedding = input embedding, decoder bias = bias
+            assert {seen[ptr], name} in ({"transformer.wte.weight", "lm_head.weight"},
+                                         {"bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"},
+                                         {"cls.predictions.bias", "cls.predictions.decoder.bias"}), (seen[ptr], name)
+        seen[ptr] = name
