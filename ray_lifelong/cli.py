@@ -126,6 +126,12 @@ def init_ray(cfg) -> None:
     pkg_root = str(Path(__file__).resolve().parent.parent)
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")])),
                         **{k: os.environ[k] for k in quiet}}}
+    job_env = _job_runtime_env()
+    if job_env is not None:  # a `ray job submit` driver: Ray refuses to merge keys the job already sets
+        if job_env.get("working_dir") or job_env.get("py_modules"):
+            env["env_vars"].pop("PYTHONPATH")  # the code travels with the job
+        for key in job_env.get("env_vars") or {}:
+            env["env_vars"].pop(key, None)
     address = address or _running_cluster()
     if address:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=env)
@@ -134,6 +140,16 @@ def init_ray(cfg) -> None:
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, logging_level=logging.WARNING, runtime_env=env)
         print("[ray] started a local cluster (no ray.address, RAY_ADDRESS or `ray start` cluster found)", flush=True)
+
+
+def _job_runtime_env() -> dict | None:
+    """The runtime_env of the Ray job this driver runs in (set by the job supervisor), or None."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # the variable's name is its own value in Ray
+    if not raw:
+        return None
+    return json.loads(raw).get("runtime_env") or {}
 
 
 def _running_cluster() -> str | None:
