@@ -152,6 +152,10 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _series(values) -> str:
+    return " / ".join("-" if x is None else f"{x:.1f}" for x in values)  # AP+ has no value after stage 0
+
+
 def table(results: dict, args) -> str:
     lines = ["# ELLE on the five-domain stream", "",
              f"Domains {' -> '.join(args.domains)} (../shared/corpus), {args.steps} steps per stage for ELLE; "
@@ -161,10 +165,15 @@ def table(results: dict, args) -> str:
         lines += [f"## {arch}", "", "| method | AP per stage | AP+ per stage | final TFLOPs | steps | wall s |",
                   "|---|---|---|---|---|---|"]
         for m, v in r.items():
-            lines.append(f"| {m} | {' / '.join(f'{x:.1f}' for x in v['AP'])} | "
-                         f"{' / '.join(f'{x:.1f}' for x in v['AP_plus'])} | {v['flops'][-1] / 1e12:.2f} | "
+            lines.append(f"| {m} | {_series(v['AP'])} | {_series(v['AP_plus'])} | {v['flops'][-1] / 1e12:.2f} | "
                          f"{sum(v['steps'])} | {sum(v['wall_s']):.0f} |")
         lines += ["", "Goals: " + json.dumps(goals(r)), ""]
+        for m, v in r.items():  # row i: perplexities after stage i; columns: the domains in stream order
+            lines += [f"{arch} / {m}: perplexity matrix", "", "| after | " + " | ".join(args.domains) + " |",
+                      "|---" * (len(args.domains) + 1) + "|"]
+            lines += [f"| {args.domains[i]} | " + " | ".join(f"{x:.0f}" for x in row) + " |"
+                      for i, row in enumerate(v["ppl_matrix"])]
+            lines.append("")
     lines.append("![AP vs FLOPs](elle_stream_ap.png)")
     return "\n".join(lines)
 
