@@ -190,6 +190,8 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="key=value overrides applied to every run")
     ap.add_argument("--methods-of", nargs="*", default=[], metavar="ARCH=M1,M2",
                     help="the methods of one architecture (e.g. bert=elle,naive,er): fewer runs where time is short")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the report from the finished runs in --out (partial-<arch>.json), train nothing")
     args = ap.parse_args()
     args.methods_of = {k: v.split(",") for k, v in (item.split("=", 1) for item in args.methods_of)}
     EXTRA.extend(args.set)
@@ -206,6 +208,14 @@ def main() -> None:
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-elle-"))
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:  # e.g. after a run that ended before its report, or with fewer methods than planned
+        results = {a: json.loads((out / f"partial-{a}.json").read_text()) for a in args.arch
+                   if (out / f"partial-{a}.json").exists()}
+        payload = {**results, "goals": {a: goals(r) for a, r in results.items()},
+                   "setup": {**vars(args), "report_only": True}}
+        plot(results, REPO / f"bench/results/{args.name}_ap.png")
+        write(args.name, payload, table(results, args).replace("elle_stream_ap.png", f"{args.name}_ap.png"))
+        return
     ray.init(num_cpus=4, configure_logging=False, runtime_env={"env_vars": {
         k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_DATA_LOG_LEVEL")}})
     quiet_ray_data()
