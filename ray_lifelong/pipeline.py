@@ -164,11 +164,13 @@ def stage_schedules(cfg: LifelongConfig) -> list[tuple[int, int] | None]:
 
 def stage_stream(cfg: LifelongConfig, index: int, opts: StreamOptions, log=None):
     """The training stream of stage ``index``: its domain (prompted when ``continual.prompts``), or for
-    ``continual.joint`` every domain so far with their blocks interleaved."""
+    ``continual.joint`` every domain so far, shuffled together."""
     doms = list(enumerate(cfg.data.domains))
     chosen = doms[: index + 1] if cfg.continual.joint else [doms[index]]
     ds = files_dataset(chosen, "train", opts, log=log, prompts=cfg.continual.prompts)
-    return ds.randomize_block_order(seed=cfg.train.seed + index) if len(chosen) > 1 else ds
+    # a full shuffle, not randomize_block_order: a domain's file packs into few large blocks, so a block
+    # shuffle still trains on one domain at a time and a stage that ends early never sees the later ones
+    return ds.random_shuffle(seed=cfg.train.seed + index) if len(chosen) > 1 else ds
 
 
 def _memory_stream(uris: list[str], seed: int):

@@ -97,6 +97,11 @@ def test_joint_stream_holds_every_domain_so_far(ray_4cpus, demo_corpus, tmp_path
     seen = lambda i: set(np.concatenate([b["domain_id"] for b in stage_stream(cfg, i, opts).iter_batches(
         batch_size=256, batch_format="numpy")]).tolist())
     assert seen(0) == {0} and seen(1) == {0, 1}
+    # mixed from the start: a stage shorter than the stream still trains on every domain so far
+    ids = np.concatenate([b["domain_id"] for b in stage_stream(cfg, 1, opts).iter_batches(
+        batch_size=256, batch_format="numpy")])
+    head = ids[: len(ids) // 4]
+    assert 0.2 < (head == 1).mean() < 0.8, np.bincount(head)
     naive = load_config(None, tiny_overrides(demo_corpus, tmp_path))
     assert set(np.concatenate([b["domain_id"] for b in stage_stream(naive, 1, opts).iter_batches(
         batch_size=256, batch_format="numpy")]).tolist()) == {1}
