@@ -19,7 +19,7 @@ import json
 import math
 from pathlib import Path
 
-from ray_lifelong.config import ConfigError, LifelongConfig, load_config, to_yaml, validate, with_values
+from ray_lifelong.config import ConfigError, LifelongConfig, to_yaml, validate, with_values
 from ray_lifelong.config.schema import SearchDim
 
 TRIALS = "trials"
@@ -44,13 +44,13 @@ def dimension(dim: SearchDim):
     raise ConfigError("a search dimension sets none of choice, grid, uniform, loguniform, randint")
 
 
-def example_value(dim: SearchDim):
-    """A value the dimension can take (its first/lowest), to check that the config accepts it."""
-    for kind in ("choice", "grid", "uniform", "loguniform", "randint"):
-        vals = getattr(dim, kind)
-        if vals is not None:
-            return vals[0]
-    return None
+def edge_values(dim: SearchDim) -> list:
+    """The values a dimension can take at its edges: every choice, or both ends of a range."""
+    if dim.choice is not None or dim.grid is not None:
+        return list(dim.choice if dim.choice is not None else dim.grid)
+    if dim.randint is not None:
+        return [dim.randint[0], dim.randint[1] - 1]  # randint's high end is exclusive
+    return list(dim.uniform if dim.uniform is not None else dim.loguniform)
 
 
 def check_space(cfg: LifelongConfig, where: str = "<config>") -> None:
@@ -59,14 +59,7 @@ def check_space(cfg: LifelongConfig, where: str = "<config>") -> None:
     if not cfg.tune.space:
         raise ConfigError(f"{where}: tune.space is empty: name at least one config field to search")
     for path, dim in cfg.tune.space.items():
-        vals = [example_value(dim)]
-        for kind in ("choice", "grid"):
-            vals = list(getattr(dim, kind)) if getattr(dim, kind) is not None else vals
-        for kind in ("uniform", "loguniform"):
-            if getattr(dim, kind) is not None:
-                vals = list(getattr(dim, kind))
-        if dim.randint is not None:
-            vals = [dim.randint[0], dim.randint[1] - 1]
+        vals = edge_values(dim)
         for v in vals:  # the trial's own config, so that KI's inherit values are checked as the student's
             c = trial_config(cfg, {path: v}, run_name="check", output_dir=cfg.output_dir,
                              tokenizer_dir="<tokenizer>", teacher_dir="<teacher>", where=f"{where}: tune.space")
@@ -142,17 +135,11 @@ def _callback(metric: str, last_stage: int):
     return ValidationToTune()
 
 
-def _trial(params: dict, *, base_yaml: str, tokenizer_dir: str, teacher_dir: str | None, trials_dir: str) -> None:
-    import tempfile
-
+def _trial(params: dict, *, cfg: LifelongConfig, tokenizer_dir: str, teacher_dir: str | None, trials_dir: str) -> None:
     from ray import tune
 
     from ray_lifelong.pipeline import run_lifelong
 
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(base_yaml)
-    cfg = load_config(f.name)
-    Path(f.name).unlink()
     # the trial id names the run: a restored sweep finds the trial's finished stages and checkpoints
     run_name = tune.get_context().get_trial_id()
     c = trial_config(cfg, params["params"], run_name=run_name, output_dir=trials_dir,
@@ -194,7 +181,7 @@ def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<confi
             run_lifelong(teacher_cfg, resume=True)
 
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base_yaml=to_yaml(cfg), tokenizer_dir=tok_dir, teacher_dir=teacher_dir,
+        tune.with_parameters(_trial, cfg=cfg, tokenizer_dir=tok_dir, teacher_dir=teacher_dir,
                              trials_dir=str(base / TRIALS)),
         {"cpu": tu.trial_cpus})
     storage = tu.storage_path or str(base)

@@ -66,7 +66,7 @@ def teacher_logits(teachers: dict[int, torch.nn.Module], inputs: torch.Tensor, l
     Returns:
         ``(M, V)`` logits in the student's row-major position order.
     """
-    from ray_lifelong.models.build import LMObjective
+    from ray_lifelong.models.build import LMObjective, position_rows
 
     groups = {}
     for d in domain_ids.unique().tolist():
@@ -78,9 +78,7 @@ def teacher_logits(teachers: dict[int, torch.nn.Module], inputs: torch.Tensor, l
         model = next(iter(groups.values()))[0]
         return LMObjective(model)(inputs, labels)[0].float()
     # rows of several domains: run each teacher on its rows, then put the positions back in order
-    per_row = (labels != -100).sum(1) if LMObjective(next(iter(groups.values()))[0]).arch == "bert" else \
-        torch.full((len(inputs),), inputs.shape[1] - 1, device=inputs.device)
-    row_of_pos = torch.repeat_interleave(torch.arange(len(inputs), device=inputs.device), per_row)
+    row_of_pos = position_rows(labels, LMObjective(next(iter(groups.values()))[0]).arch)
     out = None
     for model, doms in groups.values():
         rows = torch.isin(domain_ids, torch.tensor(doms, device=domain_ids.device))

@@ -71,6 +71,12 @@ class LMObjective(nn.Module):
         return self.model.lm_head(hidden[keep]), targets[keep]
 
 
+def position_rows(labels: torch.Tensor, arch: str) -> torch.Tensor:
+    """The batch row of each of :class:`LMObjective`'s supervised positions, in its (row-major) order."""
+    keep = labels != IGNORE_INDEX if arch == "bert" else labels[:, 1:] != IGNORE_INDEX
+    return torch.repeat_interleave(torch.arange(len(labels), device=labels.device), keep.sum(1))
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy in float32 whatever the autocast dtype."""
     return F.cross_entropy(logits.float(), targets, reduction=reduction)

@@ -23,7 +23,7 @@ from torch import distributed as dist
 from ray_lifelong.data.sources import DataError
 from ray_lifelong.data.tokenizer import load_tokenizer
 from ray_lifelong.eval.metrics import perplexity
-from ray_lifelong.models.build import LMObjective, build_model, lm_loss, load_model
+from ray_lifelong.models.build import LMObjective, build_model, lm_loss, load_model, position_rows
 from ray_lifelong.stage.checkpoint import (
     TrainState,
     load_optimizer_state,
@@ -67,7 +67,7 @@ def train_loop_per_worker(config: dict) -> dict:
         with spec.init_checkpoint.as_directory() as d:
             model = load_model(str(Path(d) / "model"), cfg.model.arch)
             if spec.kd_previous:  # logit-KD baseline: the previous stage's model, frozen
-                previous = load_teacher(str(Path(d) / "model"), device, t.bf16)
+                previous = LMObjective(load_teacher(str(Path(d) / "model"), device, t.bf16))
             grow = spec.grow
             if grow is not None:  # same seed on every rank -> the same grown model everywhere
                 prev_opt = None
@@ -95,9 +95,9 @@ def train_loop_per_worker(config: dict) -> dict:
 
     if spec.kd_previous and resume is not None:  # a retried stage reloads the previous model itself
         with spec.init_checkpoint.as_directory() as d:
-            previous = load_teacher(str(Path(d) / "model"), device, t.bf16)
+            previous = LMObjective(load_teacher(str(Path(d) / "model"), device, t.bf16))
     kd = cfg.continual.logit_kd
-    previous_fwd = _forward_flops(previous, cfg) if spec.kd_previous else 0.0
+    previous_fwd = _forward_flops(previous.model, cfg) if spec.kd_previous else 0.0
 
     # [2] DDP and optimizer
     objective = ray.train.torch.prepare_model(LMObjective(model))  # [ray] moves to device, wraps DDP if world > 1
@@ -177,9 +177,9 @@ def train_loop_per_worker(config: dict) -> dict:
                     loss, ce, kl = parts.total, parts.ce, parts.kl
                 elif spec.kd_previous and k > 0:  # logit KD on the replayed rows only
                     t0 = time.perf_counter()
-                    sel = _rows_positions(labels, inner.arch, len(ids) - k)
+                    sel = position_rows(labels, inner.arch) >= len(ids) - k  # the replayed rows' positions
                     with torch.no_grad():
-                        p_logits = LMObjective(previous)(inputs[-k:], labels[-k:])[0]
+                        p_logits = previous(inputs[-k:], labels[-k:])[0]
                     state.teacher_s += time.perf_counter() - t0
                     state.kd_flops += k * previous_fwd
                     ce = lm_loss(logits, targets)
@@ -284,14 +284,6 @@ def _mix_replay(ids: torch.Tensor, domain_ids: torch.Tensor, memory, rp, gen: to
     ids[-k:] = torch.stack([pools[w][r] for w, r in zip(which.tolist(), rows.tolist())])
     domain_ids[-k:] = torch.tensor([pool_domains[w] for w in which.tolist()], dtype=domain_ids.dtype)
     return ids, domain_ids, k
-
-
-def _rows_positions(labels: torch.Tensor, arch: str, first_row: int) -> torch.Tensor:
-    """Boolean mask over LMObjective's supervised positions (row-major): those of rows >= first_row."""
-    per_row = (labels != -100).sum(1) if arch == "bert" else \
-        torch.full((len(labels),), labels.shape[1] - 1, device=labels.device)
-    row_of_pos = torch.repeat_interleave(torch.arange(len(labels), device=labels.device), per_row)
-    return row_of_pos >= first_row
 
 
 def _forward_flops(model, cfg) -> float:
