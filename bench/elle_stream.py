@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -96,9 +97,20 @@ def run_arch(arch: str, args, out: Path) -> dict:
                                             overrides(arch, out, None, [1] * len(domains), domains)),
                                 out / f"tokenizer-{arch}")
     steps = [args.steps] * len(domains)
-    results: dict[str, dict] = {}
+    partial = out / f"partial-{arch}.json"
+    # --resume keeps the methods that finished (a later invocation adds methods without rerunning them);
+    # --rerun drops a method's entry and run directory so that it trains again from scratch
+    results: dict[str, dict] = json.loads(partial.read_text()) if args.resume and partial.exists() else {}
+    for method in args.rerun:
+        results.pop(method, None)
+        shutil.rmtree(out / f"{arch}-{method}", ignore_errors=True)
     chosen = args.methods_of.get(arch, args.methods)
     for method in [m for m in METHODS if m in chosen]:
+        if method in results:
+            print(f"[bench] {arch} {method}: finished earlier, kept", flush=True)
+            continue
+        if (method in FLOP_MATCHED or method == "scratch_large") and "elle" not in results:
+            sys.exit(f"{arch} {method} is matched to the elle run: add elle to the methods (or finish it first)")
         if method in FLOP_MATCHED:
             ref = results["elle"]["stage_flops"]
             per_step = flops_per_step(arch, domains, out, tok_dir)
@@ -109,7 +121,7 @@ def run_arch(arch: str, args, out: Path) -> dict:
             m_steps = steps
         print(f"[bench] {arch} {method}: steps per stage {m_steps}", flush=True)
         results[method] = run_method(arch, method, out, tok_dir, m_steps, domains, args.resume)
-        (out / f"partial-{arch}.json").write_text(json.dumps(results, indent=1))
+        partial.write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -185,7 +197,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--domains", nargs="+", default=DOMAINS)
     ap.add_argument("--out", default=None, help="work directory (default: a fresh temp dir)")
-    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue interrupted runs and keep the methods already in partial-<arch>.json")
+    ap.add_argument("--rerun", nargs="*", default=[], help="with --resume: train these methods again from scratch")
     ap.add_argument("--name", default="elle_stream")
     ap.add_argument("--set", nargs="*", default=[], help="key=value overrides applied to every run")
     ap.add_argument("--methods-of", nargs="*", default=[], metavar="ARCH=M1,M2",
@@ -195,7 +209,10 @@ def main() -> None:
     args = ap.parse_args()
     args.methods_of = {k: v.split(",") for k, v in (item.split("=", 1) for item in args.methods_of)}
     EXTRA.extend(args.set)
-    if "elle" not in args.methods and set(args.methods) & set(FLOP_MATCHED + ["scratch_large"]):
+    if args.rerun and not args.resume:
+        sys.exit("--rerun goes with --resume (without it every method trains from scratch anyway)")
+    if ("elle" not in args.methods and not args.resume
+            and set(args.methods) & set(FLOP_MATCHED + ["scratch_large"])):
         sys.exit("the FLOP- and token-matched baselines need the elle run: add elle to --methods")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
