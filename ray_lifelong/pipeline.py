@@ -183,7 +183,7 @@ def _record(r: StageResult) -> dict:
             "train_flops": r.train_flops, "teacher_flops": r.teacher_flops, "teacher_s": r.teacher_s,
             "wall_time_s": r.wall_time_s, "data_wait_s": r.data_wait_s, "restarts": r.restarts,
             "bad_records": r.bad_records, "checkpoint": r.checkpoint_path, "model_sizes": r.model_sizes,
-            "growth": r.growth, "replayed_sequences": r.replayed_sequences, "history": r.history, "evals": r.evals}
+            "growth": r.growth, "replayed_sequences": r.replayed_sequences, "nodes": r.nodes, "history": r.history, "evals": r.evals}
 
 
 def summarize(domains: list[str], results: list[StageResult], frw: dict[int, StageResult] | None = None,

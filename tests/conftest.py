@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +46,18 @@ def tiny_overrides(root: Path, out: Path, arch: str = "bert", steps: int = 12) -
     ]
 
 
+def elle_overrides(root, out, *extra) -> list[str]:
+    """Two demo domains with ELLE's pieces on: growth before the second, FRW, replay and prompts."""
+    doms = (f"[{{name: sports, train: ['{root}/sports/train-*.jsonl.gz'], valid: ['{root}/sports/valid-*.jsonl.gz']}}, "
+            f"{{name: astronomy, train: ['{root}/astronomy/train-*.jsonl.gz'], "
+            f"valid: ['{root}/astronomy/valid-*.jsonl.gz'], "
+            f"grow: {{num_layers: 2, hidden_size: 64, intermediate_size: 128}}}}]")
+    return tiny_overrides(root, out, steps=8) + [
+        f"data.domains={doms}", "continual.prompts=true", "continual.replay.enabled=true",
+        "continual.replay.memory_fraction=0.3", "continual.replay.ratio=0.25", "continual.frw.steps=3",
+        "continual.frw.warmup_steps=1", "run_name=elle", *extra]
+
+
 @pytest.fixture(scope="module")
 def ray_4cpus():
     """One local Ray instance per test module (logical CPUs oversubscribe the 2 cores on purpose)."""
@@ -55,3 +72,35 @@ def ray_4cpus():
     quiet_ray_data()
     yield
     ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_server():
+    """An S3-compatible server (moto) on 127.0.0.1 with test credentials in the environment (which Ray
+    processes started afterwards inherit); yields its ``host:port``."""
+    pytest.importorskip("moto")  # an extra of [test]; always installed by .ci/run
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(150):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    mp = pytest.MonkeyPatch()
+    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        mp.setenv(k, v)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        mp.undo()
+        proc.terminate()
+        proc.wait(timeout=10)

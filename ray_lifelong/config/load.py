@@ -112,6 +112,9 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 def validate(cfg: LifelongConfig, where: str = "<config>") -> None:
     """Cross-field checks the type system cannot express; all problems are reported at once."""
     problems: list[str] = []
@@ -137,6 +140,7 @@ def validate(cfg: LifelongConfig, where: str = "<config>") -> None:
     need(t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
     need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
     need(cfg.scaling.num_workers >= 1, "scaling.num_workers", "must be >= 1")
+    need(cfg.ray.startup_failures >= -1, "ray.startup_failures", "must be -1 (wait for ever) or >= 0")
     c = cfg.continual
     need(0 < c.replay.memory_fraction <= 1, "continual.replay.memory_fraction", "must be in (0, 1]")
     need(c.replay.memory_max_sequences is None or c.replay.memory_max_sequences > 0,
@@ -209,6 +213,10 @@ def validate(cfg: LifelongConfig, where: str = "<config>") -> None:
         bs = dom.batch_size if dom.batch_size is not None else t.batch_size
         sc = dom.scaling or cfg.scaling
         need(sc.num_workers >= 1, f"{key}.scaling.num_workers", "must be >= 1")
+        skey = f"{key}.scaling" if dom.scaling is not None else "scaling"
+        need(sc.placement_strategy in PLACEMENT, f"{skey}.placement_strategy", f"must be one of {PLACEMENT}")
+        need(all(v >= 0 for v in sc.resources.values()) and not {"CPU", "GPU"} & set(sc.resources),
+             f"{skey}.resources", "custom resources must be >= 0 (CPU and GPU are cpus_per_worker/gpus_per_worker)")
         per_step = t.micro_batch_size * sc.num_workers
         where_workers = f"{key}.scaling.num_workers" if dom.scaling is not None else "scaling.num_workers"
         need(bs % per_step == 0, f"{key}.batch_size" if dom.batch_size is not None else "train.batch_size",

@@ -236,6 +236,9 @@ class ScalingConfig:
     """Fractional on small machines so Ray Data's read and tokenize tasks still get a CPU."""
     gpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"
+    """PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one worker per node), as Ray placement groups."""
+    resources: Dict[str, float] = field(default_factory=dict)
+    """Extra custom resources per worker (e.g. ``{trainer: 1}`` to keep workers on labelled nodes)."""
 
 
 @dataclass
@@ -248,6 +251,10 @@ class RayConfig:
     """Where Ray Train writes checkpoints (local, NFS or ``s3://``); ``None``: ``<run dir>/checkpoints``."""
     max_failures: int = 2
     """Worker-group restarts per stage before it fails (each restart resumes from the last checkpoint)."""
+    startup_failures: int = -1
+    """Times a stage's workers may fail to get their resources (each try waits
+    ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, 60 s by default) before the stage fails with Ray Train's
+    message; -1 waits for ever, e.g. for the autoscaler to add GPU nodes or a lost node to come back."""
     num_to_keep: int = 2
     """Checkpoints kept per stage."""
 
@@ -335,6 +342,8 @@ class DebugConfig:
     crash_stage: int = 0
     crash_marker: Optional[str] = None
     """File created before the crash so that the restarted worker does not crash again."""
+    slow_step_s: float = 0.0
+    """Seconds each optimizer step sleeps: widens the window in which tests kill a driver or a node."""
 
 
 @dataclass

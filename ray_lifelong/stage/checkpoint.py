@@ -60,3 +60,22 @@ def load_optimizer_state(directory: str | Path, optimizer, scheduler) -> None:
     blob = torch.load(Path(directory) / "train_state.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
+
+
+def checkpoint_uri(path: str, filesystem, storage_path: str) -> str:
+    """A stage checkpoint as a string that ``ray.train.Checkpoint(...)`` resolves again on any node.
+
+    Ray Train gives a checkpoint as (filesystem, path with the scheme stripped): on S3/GCS the bare path
+    would later be read as a local directory. Rebuild the URI from the run's ``storage_path``, keeping its
+    ``?query`` (endpoint_override, scheme, region) so that the same store is reached again.
+    """
+    import pyarrow.fs as pafs
+
+    if isinstance(filesystem, pafs.LocalFileSystem) or "://" not in storage_path:
+        return path
+    base, _, query = storage_path.partition("?")
+    _, root = pafs.FileSystem.from_uri(storage_path)
+    root = root.rstrip("/")
+    if not path.startswith(root + "/"):
+        raise ValueError(f"checkpoint {path!r} is not under the storage path {storage_path!r}")
+    return base.rstrip("/") + path[len(root):] + (f"?{query}" if query else "")

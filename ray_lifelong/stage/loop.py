@@ -207,6 +207,8 @@ def train_loop_per_worker(config: dict) -> dict:
                 state.tokens += seq_tokens
                 micro = 0
                 _maybe_crash(spec, state.step, rank)
+                if cfg.debug.slow_step_s:
+                    time.sleep(cfg.debug.slow_step_s)
                 if state.step % t.log_every == 0 or state.step == spec.steps:
                     loss_acc, ce_acc, kl_acc = float(loss_acc), float(ce_acc), float(kl_acc)
                     now = time.perf_counter()
@@ -254,7 +256,17 @@ def train_loop_per_worker(config: dict) -> dict:
     ppl = _evaluate(inner, spec, masker, device, rank, world)
     state.evals.append({"step": state.step, "tokens": state.tokens, "ppl": ppl})
     _report(spec, state, ppl, rank, inner, tokenizer, optimizer, scheduler, final=True)
-    return {"state": state.__dict__, "ppl": ppl, "sizes": model_sizes(inner.model)}
+    return {"state": state.__dict__, "ppl": ppl, "sizes": model_sizes(inner.model), "nodes": _worker_nodes(world)}
+
+
+def _worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (where a stage's placement put its workers)."""
+    node = ray.get_runtime_context().get_node_id()  # [ray]
+    if world == 1:
+        return [node]
+    nodes: list = [None] * world
+    torch.distributed.all_gather_object(nodes, node)
+    return nodes
 
 
 def _load_memory() -> tuple[list[torch.Tensor], list[int]]:

@@ -13,6 +13,7 @@ from ray_lifelong.config.schema import LifelongConfig
 from ray_lifelong.data.stream import StreamOptions, files_dataset, quiet_ray_data
 from ray_lifelong.distill.teacher import check_teacher_compatible, resolve_teacher_dir
 from ray_lifelong.flops import forward_flops_per_sequence, logit_positions, train_flops_per_sequence
+from ray_lifelong.stage.checkpoint import checkpoint_uri
 from ray_lifelong.stage.loop import train_loop_per_worker
 from ray_lifelong.stage.spec import StageResult, StageSpec
 
@@ -51,7 +52,7 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
 
         replay = {"replay": memory_dataset(spec.replay_uris)}
     sc = spec.domain_cfg.scaling or cfg.scaling  # a stage may take more workers, e.g. after growth
-    resources = {"CPU": sc.cpus_per_worker}
+    resources = {"CPU": sc.cpus_per_worker, **sc.resources}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
     trainer = TorchTrainer(
@@ -62,7 +63,8 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
                                                placement_strategy=sc.placement_strategy),
         run_config=RunConfig(
             name=stage_name(cfg.run_name, spec.index, spec.domain, spec.phase), storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures,
+                                         controller_failure_limit=cfg.ray.startup_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             logging_config=LoggingConfig(log_level="WARNING"), callbacks=callbacks),
         datasets={"train": train_ds, "valid": valid_ds, **replay},
@@ -92,14 +94,15 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
                                            cfg.model.arch, cfg.data.seq_len, cfg.data.mlm_probability))
         for d, n in state.get("teacher_sequences", {}).items() if d != "kd") + state.get("kd_flops", 0.0)
     return StageResult(
-        index=spec.index, domain=spec.domain, checkpoint_path=result.checkpoint.path,
+        index=spec.index, domain=spec.domain,
+        checkpoint_path=checkpoint_uri(result.checkpoint.path, result.checkpoint.filesystem, storage_path),
         ppl=out.get("ppl", {}), steps=state.get("step", 0), tokens=state.get("tokens", 0),
         train_flops=per_seq * sequences, wall_time_s=wall, history=state.get("history", []),
         evals=state.get("evals", []), data_wait_s=state.get("data_wait_s", 0.0),
         bad_records=ray.get(bad_log.summary.remote()) if bad_log is not None else {},
         restarts=state.get("restarts", 0), model_sizes=sizes, growth=state.get("growth"),
         teacher_flops=teacher_flops, teacher_s=state.get("teacher_s", 0.0), phase=spec.phase,
-        replayed_sequences=state.get("replayed", 0))
+        replayed_sequences=state.get("replayed", 0), nodes=out.get("nodes", []))
 
 
 def _prepare_teachers(spec: StageSpec, tokenizer_dir: str) -> dict[int, dict]:

@@ -95,6 +95,8 @@ class StageResult:
     teacher_s: float = 0.0
     phase: str = "main"
     replayed_sequences: int = 0
+    nodes: list[str] = field(default_factory=list)
+    """Ray node id of each worker rank."""
 
 
 def read_tokenizer_files(path: str | os.PathLike) -> dict[str, bytes]:

@@ -12,20 +12,9 @@ import pytest
 from ray_lifelong.config import load_config
 from ray_lifelong.data.tokenizer import load_tokenizer, prompt_token
 from ray_lifelong.pipeline import run_lifelong
-from tests.conftest import tiny_overrides
+from tests.conftest import elle_overrides, tiny_overrides
 
 pytestmark = [pytest.mark.ray]
-
-
-def elle_overrides(root, out, *extra):
-    doms = (f"[{{name: sports, train: ['{root}/sports/train-*.jsonl.gz'], valid: ['{root}/sports/valid-*.jsonl.gz']}}, "
-            f"{{name: astronomy, train: ['{root}/astronomy/train-*.jsonl.gz'], "
-            f"valid: ['{root}/astronomy/valid-*.jsonl.gz'], "
-            f"grow: {{num_layers: 2, hidden_size: 64, intermediate_size: 128}}}}]")
-    return tiny_overrides(root, out, steps=8) + [
-        f"data.domains={doms}", "continual.prompts=true", "continual.replay.enabled=true",
-        "continual.replay.memory_fraction=0.3", "continual.replay.ratio=0.25", "continual.frw.steps=3",
-        "continual.frw.warmup_steps=1", "run_name=elle", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -142,3 +142,13 @@ def test_a_stage_can_take_its_own_workers_and_the_batch_is_checked_against_them(
     assert cfg.data.domains[1].scaling.num_workers == 2 and cfg.data.domains[0].scaling is None
     with pytest.raises(ConfigError, match=r"data.domains\[1\].scaling.num_workers = 24"):
         load_config(REPO / "configs/demo.yaml", ["data.domains.1.scaling={num_workers: 3}"])
+
+
+def test_placement_and_custom_resources_are_checked():
+    cfg = load_config(REPO / "configs/demo.yaml", ["scaling.placement_strategy=STRICT_SPREAD",
+                                                   "scaling.resources={trainer: 1}"])
+    assert cfg.scaling.resources == {"trainer": 1.0}
+    with pytest.raises(ConfigError, match=r"scaling\.placement_strategy.*STRICT_SPREAD"):
+        load_config(REPO / "configs/demo.yaml", ["scaling.placement_strategy=spread_out"])
+    with pytest.raises(ConfigError, match=r"data\.domains\[1\]\.scaling\.resources"):
+        load_config(REPO / "configs/demo.yaml", ["data.domains.1.scaling={resources: {GPU: 1}}"])

@@ -4,47 +4,17 @@ from __future__ import annotations
 
 import gzip
 import json
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
 from ray_lifelong.data.sources import DataError, iter_documents, resolve_sources
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import moto_server
 
 
 @pytest.fixture(scope="module")
-def s3_server(monkeypatch_module):
-    pytest.importorskip("moto")  # an extra of [test]; always installed by .ci/run
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch_module.setenv(k, v)
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
+def s3_server():
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 def test_read_jsonl_gz_shards_from_s3(s3_server):
@@ -67,3 +37,19 @@ def test_read_jsonl_gz_shards_from_s3(s3_server):
         list(iter_documents(f"s3://corpus/news/bad.jsonl{query}"))
     with pytest.raises(DataError, match="no file matches"):
         resolve_sources([f"s3://corpus/sports/*.jsonl{query}"], "sports")
+
+
+def test_a_checkpoint_on_s3_keeps_its_uri_and_query(s3_server):
+    import pyarrow.fs as pafs
+
+    from ray_lifelong.stage.checkpoint import checkpoint_uri
+
+    storage = f"s3://ckpt/runs?endpoint_override={s3_server}&scheme=http&region=us-east-1"
+    fs, root = pafs.FileSystem.from_uri(storage)
+    uri = checkpoint_uri(f"{root}/run-stage0-a/checkpoint_0001", fs, storage)
+    assert uri == f"s3://ckpt/runs/run-stage0-a/checkpoint_0001?endpoint_override={s3_server}&scheme=http&region=us-east-1"
+    assert pafs.FileSystem.from_uri(uri)[1] == "ckpt/runs/run-stage0-a/checkpoint_0001"  # the same store again
+    local = pafs.LocalFileSystem()
+    assert checkpoint_uri("/tmp/x/checkpoint_1", local, "/tmp/x") == "/tmp/x/checkpoint_1"
+    with pytest.raises(ValueError, match="not under the storage path"):
+        checkpoint_uri("other/checkpoint_1", fs, storage)

@@ -1,0 +1,87 @@
+"""A driver killed in the middle of an ELLE run whose checkpoints live on S3 (moto on 127.0.0.1):
+``ray-lifelong run --resume`` continues from the last checkpoint in that store, with the replay memory and
+the growth history of the first run, and writes the same results layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ray_lifelong.config import load_config, save_config
+from tests.conftest import REPO, elle_overrides, moto_server
+from tests.e2e.test_pipeline import cli
+
+pytestmark = [pytest.mark.e2e]
+
+
+def _s3(endpoint: str):
+    import pyarrow.fs as pafs
+
+    return pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1", access_key="test",
+                             secret_key="test", allow_bucket_creation=True)
+
+
+def _checkpoints(fs, prefix: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True))
+    except (FileNotFoundError, OSError):
+        return []
+    return [i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+
+
+@pytest.mark.timeout(1500)
+def test_a_killed_driver_resumes_an_elle_run_from_its_checkpoints_on_s3(demo_corpus, tmp_path):
+    with moto_server() as endpoint:
+        fs = _s3(endpoint)
+        fs.create_dir("ckpts")
+        query = f"endpoint_override={endpoint}&scheme=http&region=us-east-1"
+        cfg = load_config(None, elle_overrides(demo_corpus, tmp_path) + [
+            f"ray.storage_path=s3://ckpts/lifelong?{query}", "ray.num_cpus=4", "scaling.num_workers=1",
+            "train.micro_batch_size=8", "train.checkpoint_every=2", "data.domains.1.steps=16",
+            "debug.slow_step_s=0.4"])
+        config = tmp_path / "elle.yaml"
+        save_config(cfg, config)
+        rdir = tmp_path / "elle"
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen([sys.executable, "-m", "ray_lifelong", "run", str(config)], cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        # kill the driver and the Ray processes it started once the grown stage has a checkpoint on S3
+        deadline = time.time() + 900
+        while time.time() < deadline and proc.poll() is None:
+            if _checkpoints(fs, "ckpts/lifelong/elle-stage1-astronomy"):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not (rdir / "results.json").exists()
+        memories = sorted((rdir / "memory").rglob("*.parquet"))
+        assert memories, "the first domain's memory was not written before the kill"
+        mtimes = {p: p.stat().st_mtime_ns for p in memories}
+
+        resumed = cli("run", str(config), "--resume", timeout=1200)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert "stage 00-sports already finished: skipped" in resumed.stdout
+        assert "01-astronomy-frw already finished: skipped" in resumed.stdout
+
+    res = json.loads((rdir / "results.json").read_text())
+    assert len(res["stages"]) == 2 and len(res["ppl_matrix"]) == 2
+    grown = res["stages"][1]
+    assert grown["restarts"] == 1  # continued from its checkpoint on S3, not from step 0
+    assert grown["steps"] == 16 and grown["tokens"] == 16 * 8 * 32
+    steps = [h["step"] for h in grown["history"]]
+    assert steps == list(range(2, 17, 2)), steps  # nothing lost or repeated across the kill
+    assert grown["checkpoint"].startswith("s3://ckpts/lifelong/elle-stage1-astronomy/checkpoint_")
+    assert grown["checkpoint"].endswith(f"?{query}")
+    assert grown["growth"]["after"]["hidden_size"] == 64 and grown["model_sizes"]["num_hidden_layers"] == 2
+    assert grown["frw"]["steps"] == 3 and grown["replayed_sequences"] > 0
+    assert {p: p.stat().st_mtime_ns for p in memories} == mtimes  # the memory was reused, not rewritten
+    assert (rdir / "final_model" / "config.json").exists() and (rdir / "report.md").exists()
