@@ -11,7 +11,10 @@ Per model it times:
 - ``bf16``: bf16 autocast, as the stage runs on CUDA;
 - ``bf16+ddp``: the same wrapped in DistributedDataParallel over an NCCL process group of one rank, the
   path Ray Train's ``prepare_model`` takes on a GPU worker (checks NCCL and DDP work, and what they cost);
-- ``bf16+compile`` (optional): the bf16 step through ``torch.compile``;
+- ``bf16+compile`` (optional): the bf16 step through ``torch.compile`` (the stage's ``train.compile``);
+- ``bf16+foreach`` (optional): the multi-tensor AdamW the stage used before it took the fused CUDA one;
+- ``bf16+gelu_new`` (optional, GPT-2): HF's default GELU written as element-wise ops, which the stage's
+  models replaced by ``gelu_pytorch_tanh`` (same function, one kernel);
 - ``bf16+ki`` (GPT-2): KI from a frozen half-size bf16 teacher on the same batch, the teacher's forward
   FLOPs charged.
 
@@ -84,7 +87,8 @@ def make_batch(arch: str, vocab: int, seq: int, batch: int, gen: torch.Generator
     return ids, ids
 
 
-def time_variant(name: str, variant: str, *, steps: int, warmup: int, device) -> dict:
+def time_variant(name: str, variant: str, *, steps: int, warmup: int, device, batch_mult: int = 1,
+                 profile: bool = False) -> dict:
     from ray_lifelong.config import TrainConfig
     from ray_lifelong.distill import ki_loss_parts
     from ray_lifelong.distill.teacher import teacher_logits
@@ -92,7 +96,13 @@ def time_variant(name: str, variant: str, *, steps: int, warmup: int, device) ->
     from ray_lifelong.stage.step import build_optimizer
 
     arch, layers, hidden, heads, ffn, vocab, seq, batch = MODELS[name]
+    batch *= batch_mult
     model = build(arch, layers, hidden, heads, ffn, vocab, seq)
+    if variant == "bf16+gelu_new" and arch == "gpt2":
+        from transformers.activations import ACT2FN
+
+        for block in model.transformer.h:
+            block.mlp.act = ACT2FN["gelu_new"]
     objective = LMObjective(model).to(device)
     if variant == "bf16+ddp":
         objective = torch.nn.parallel.DistributedDataParallel(
@@ -101,6 +111,8 @@ def time_variant(name: str, variant: str, *, steps: int, warmup: int, device) ->
         torch._dynamo.reset()  # a fresh cache per model: no guards or graphs carried over from the last one
         objective = torch.compile(objective)
     optimizer = build_optimizer(model, 1e-4, TrainConfig())
+    if variant == "bf16+foreach":
+        optimizer = torch.optim.AdamW(optimizer.param_groups, lr=1e-4, foreach=True)
     bf16 = variant.startswith("bf16")
     teacher, t_fwd = None, 0.0
     if variant == "bf16+ki":  # a frozen half-depth, half-width teacher in bf16, as load_teacher leaves it
@@ -133,6 +145,7 @@ def time_variant(name: str, variant: str, *, steps: int, warmup: int, device) ->
     for _ in range(warmup):
         step()
     sync()
+    kernels = _profile(step, sync) if profile else None
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = step()
@@ -140,10 +153,27 @@ def time_variant(name: str, variant: str, *, steps: int, warmup: int, device) ->
     seconds = (time.perf_counter() - t0) / steps
     train_f, _ = model_flops(arch, layers, hidden, ffn, vocab, seq)
     flops = batch * (train_f + t_fwd)
-    return {"model": name, "variant": variant, "batch": batch, "seq_len": seq,
+    return {"model": name, "variant": variant, "batch": batch, "seq_len": seq, "vocab": vocab,
             "params": sum(p.numel() for p in model.parameters()), "step_s": seconds,
             "tokens_per_s": batch * seq / seconds, "tflops_per_s": flops / seconds / 1e12,
-            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan"), "final_loss": float(loss.detach())}
+            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan"),
+            "final_loss": float(loss.detach()), **({"top_kernels": kernels} if kernels else {})}
+
+
+def _profile(step, sync, steps: int = 3, top: int = 12) -> list[dict]:
+    """The kernels (or CPU ops without a GPU) that take most of the device time over a few steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    attr = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr, 0), reverse=True)
+    total = sum(getattr(e, attr, 0) for e in events) or 1
+    return [{"name": e.key[:90], "ms_per_step": getattr(e, attr, 0) / 1e3 / steps,
+             "share": getattr(e, attr, 0) / total, "calls_per_step": e.count / steps} for e in events[:top]]
 
 
 def growth_check(device, smoke: bool = False) -> dict:
@@ -185,11 +215,20 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--variants", nargs="*", default=["fp32", "bf16", "bf16+ddp", "bf16+ki"])
+    ap.add_argument("--pad-vocab", type=int, default=1,
+                    help="round every vocabulary up to a multiple of this (tokenizer.pad_vocab_to_multiple_of)")
+    ap.add_argument("--batch-mult", type=int, default=1, help="multiply every model's batch")
+    ap.add_argument("--profile", nargs="*", default=[], metavar="VARIANT",
+                    help="also list the top kernels of these variants (torch.profiler, 3 steps)")
+    ap.add_argument("--name", default="gpu_throughput", help="results file stem")
+    ap.add_argument("--skip-checks", action="store_true", help="time only (no growth / KI checks)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: by device name)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--smoke", action="store_true",
                     help="tiny models on the CPU (gloo instead of NCCL): checks the script, measures nothing")
     args = ap.parse_args()
+    for k, (arch, layers, hidden, heads, ffn, vocab, seq, batch) in list(MODELS.items()):
+        MODELS[k] = (arch, layers, hidden, heads, ffn, -(-vocab // args.pad_vocab) * args.pad_vocab, seq, batch)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.smoke:
         for k, (arch, *_rest) in list(MODELS.items()):
@@ -215,10 +254,11 @@ def main() -> None:
     rows = []
     for name in args.models:
         for variant in args.variants:
-            if variant == "bf16+ki" and MODELS[name][0] != "gpt2":
+            if variant in ("bf16+ki", "bf16+gelu_new") and MODELS[name][0] != "gpt2":
                 continue
             try:
-                r = time_variant(name, variant, steps=args.steps, warmup=args.warmup, device=device)
+                r = time_variant(name, variant, steps=args.steps, warmup=args.warmup, device=device,
+                                 batch_mult=args.batch_mult, profile=variant in args.profile)
             except Exception as e:  # report and go on: one failing variant must not hide the others
                 r = {"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"}
             if peak and "tflops_per_s" in r:
@@ -227,8 +267,9 @@ def main() -> None:
             rows.append(r)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    checks = {"nccl_all_reduce": float(probe.sum()), "growth": growth_check(device, args.smoke),
-              "ki_bf16": ki_bf16_check(device, 512 if args.smoke else 50257)}
+    checks = {"nccl_all_reduce": float(probe.sum())}
+    if not args.skip_checks:
+        checks.update(growth=growth_check(device, args.smoke), ki_bf16=ki_bf16_check(device, 512 if args.smoke else 50257))
     print(json.dumps(checks), flush=True)
     dist.destroy_process_group()
 
@@ -238,7 +279,7 @@ def main() -> None:
               "steps": args.steps, "warmup": args.warmup, "runs": rows, "checks": checks}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# GPU throughput of the stage's training step ({gpu})", "",
              f"torch {torch.__version__}, transformers {transformers.__version__}, {args.steps} timed steps after "
              f"{args.warmup} warm-up; MFU against a dense bf16 peak of {peak} TFLOP/s; model FLOPs as in "
@@ -252,12 +293,20 @@ def main() -> None:
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "n/a"
         lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} x {r['seq_len']} | {r['step_s'] * 1e3:.1f} | "
                      f"{r['tokens_per_s']:,.0f} | {r['tflops_per_s']:.1f} | {mfu} | {r['peak_mem_gib']:.1f} |")
-    g = checks["growth"]
-    lines += ["", "Checks on the GPU: NCCL all-reduce over one rank "
-              f"({'ok' if checks['nccl_all_reduce'] == 4.0 else 'WRONG'}); growth 6x384 -> 12x768 max logit error "
-              f"BERT {g['bert']['max_logit_error']:.1e}, GPT-2 {g['gpt2']['max_logit_error']:.1e} (float32); KI loss "
-              f"on bf16 logits vs float32: relative error {checks['ki_bf16']['rel_error']:.1e}."]
-    (out / "gpu_throughput.md").write_text("\n".join(lines) + "\n")
+    lines += ["", f"Checks on the GPU: NCCL all-reduce over one rank "
+              f"({'ok' if checks['nccl_all_reduce'] == 4.0 else 'WRONG'})" + ("." if args.skip_checks else "")]
+    if not args.skip_checks:
+        g = checks["growth"]
+        lines[-1] += (f"; growth 6x384 -> 12x768 max logit error BERT {g['bert']['max_logit_error']:.1e}, GPT-2 "
+                      f"{g['gpt2']['max_logit_error']:.1e} (float32); KI loss on bf16 logits vs float32: relative "
+                      f"error {checks['ki_bf16']['rel_error']:.1e}.")
+    for r in rows:
+        if r.get("top_kernels"):
+            lines += ["", f"Top kernels, {r['model']} {r['variant']} ({r['batch']} x {r['seq_len']}):", "",
+                      "| kernel | ms/step | share | calls/step |", "|---|---|---|---|"]
+            lines += [f"| `{k['name']}` | {k['ms_per_step']:.2f} | {k['share']:.1%} | {k['calls_per_step']:.0f} |"
+                      for k in r["top_kernels"]]
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -189,6 +189,9 @@ class ModelConfig:
     intermediate_size: int = 512
     max_position_embeddings: int = 512
     dropout: float = 0.1
+    vocab_multiple: int = 64
+    """Embedding rows are the tokenizer's size rounded up to this multiple (1: exact). An odd vocabulary
+    (GPT-2's 50257) sends the output layer to a slow unaligned GEMM: 1.55x on a GPT-2-small step (H200)."""
 
 
 @dataclass
@@ -216,6 +219,8 @@ class TrainConfig:
     """Max global gradient norm; 0 disables clipping."""
     bf16: bool = True
     """bf16 autocast on GPU (ignored on CPU, where fp32 is faster)."""
+    compile: bool = False
+    """``torch.compile`` the training forward (fuses the element-wise work; the first steps compile)."""
     log_every: int = 10
     eval_every: int = 0
     """Validation on every domain each N steps (0: only at the end of the stage)."""

@@ -20,7 +20,7 @@ def resolve_teacher_dir(path: str) -> str:
                             f"and config.json)")
 
 
-def check_teacher_compatible(teacher_dir: str, tokenizer, arch: str) -> dict:
+def check_teacher_compatible(teacher_dir: str, tokenizer, arch: str, vocab_multiple: int = 1) -> dict:
     """Refuse a teacher whose vocabulary or tokenizer differs from the student's; return its config.
 
     Raises:
@@ -31,9 +31,12 @@ def check_teacher_compatible(teacher_dir: str, tokenizer, arch: str) -> dict:
     if kind != arch:
         raise ValueError(f"teacher {teacher_dir}: model type {cfg.get('model_type')!r} does not match the "
                          f"student's architecture {arch!r}")
-    if cfg.get("vocab_size") != len(tokenizer):
-        raise ValueError(f"teacher {teacher_dir}: vocabulary of {cfg.get('vocab_size')} tokens, the student's "
-                         f"tokenizer has {len(tokenizer)}: KI needs the same tokenizer")
+    from ray_lifelong.models.build import padded_vocab
+
+    rows = padded_vocab(len(tokenizer), vocab_multiple)
+    if cfg.get("vocab_size") != rows:  # the KL needs logits of the same width
+        raise ValueError(f"teacher {teacher_dir}: vocabulary of {cfg.get('vocab_size')} rows, the student's "
+                         f"tokenizer has {len(tokenizer)} tokens ({rows} rows): KI needs the same tokenizer")
     if (Path(teacher_dir) / "tokenizer.json").is_file():
         from ray_lifelong.data.tokenizer import load_tokenizer
 

@@ -13,12 +13,20 @@ from ray_lifelong.config.schema import ModelConfig
 from ray_lifelong.data.packing import IGNORE_INDEX
 
 
+def padded_vocab(tokens: int, multiple: int) -> int:
+    """The model's vocabulary (embedding rows) for a tokenizer of ``tokens`` entries; the extra rows are
+    never inputs or targets, their logits learn to stay low."""
+    return -(-tokens // multiple) * multiple
+
+
 def build_model(cfg: ModelConfig, vocab_size: int, *, pad_id: int | None = None, eos_id: int | None = None,
                 seed: int = 0):
-    """A fresh ``BertForMaskedLM`` or ``GPT2LMHeadModel`` with the configured sizes."""
+    """A fresh ``BertForMaskedLM`` or ``GPT2LMHeadModel`` with the configured sizes and a vocabulary of
+    ``vocab_size`` tokens (rounded up to ``cfg.vocab_multiple`` rows)."""
     from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
+    vocab_size = padded_vocab(vocab_size, cfg.vocab_multiple)
     if cfg.arch == "bert":
         hf = BertConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                         num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
@@ -30,7 +38,10 @@ def build_model(cfg: ModelConfig, vocab_size: int, *, pad_id: int | None = None,
         hf = GPT2Config(vocab_size=vocab_size, n_positions=cfg.max_position_embeddings, n_embd=cfg.hidden_size,
                         n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.intermediate_size,
                         resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-                        bos_token_id=eos_id, eos_token_id=eos_id)
+                        bos_token_id=eos_id, eos_token_id=eos_id,
+                        # GPT-2's tanh GELU as one kernel; the default "gelu_new" is the same formula
+                        # written as ~8 element-wise ops (memory-bound on a GPU)
+                        activation_function="gelu_pytorch_tanh")
         return GPT2LMHeadModel(hf)
     raise ValueError(f"unknown architecture {cfg.arch!r}")
 

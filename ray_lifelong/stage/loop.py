@@ -80,8 +80,8 @@ def train_loop_per_worker(config: dict) -> dict:
     else:
         model = build_model(cfg.model, len(tokenizer), pad_id=tokenizer.pad_token_id,
                             eos_id=tokenizer.eos_token_id, seed=t.seed)
-    if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
                          f"{model.get_input_embeddings().weight.shape[0]}")
 
     # [1b] KI teachers: frozen, never DDP-wrapped, freed once the inheritance rate reaches 0
@@ -102,6 +102,9 @@ def train_loop_per_worker(config: dict) -> dict:
     # [2] DDP and optimizer
     objective = ray.train.torch.prepare_model(LMObjective(model))  # [ray] moves to device, wraps DDP if world > 1
     inner: LMObjective = objective.module if hasattr(objective, "module") else objective
+    ddp = objective
+    if t.compile:  # compiled around DDP: TorchDynamo splits the graph at DDP's gradient buckets
+        objective = torch.compile(objective)
     optimizer = build_optimizer(inner.model, spec.lr, t)
     if carried is not None:  # AdamW moments mapped onto the grown parameters (grow.optimizer=carry)
         optimizer.load_state_dict(carried)
@@ -163,7 +166,7 @@ def train_loop_per_worker(config: dict) -> dict:
             sync = micro == accum - 1
             alpha = inheritance_rate(state.step, schedule=ki.schedule, steps=ki_steps, alpha0=ki.alpha0) \
                 if teachers else 0.0
-            with _maybe_no_sync(objective, sync), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
+            with _maybe_no_sync(ddp, sync), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
                 logits, targets = objective(inputs, labels)
                 if alpha > 0:  # the teacher sees exactly the student's batch (same masking)
                     t0 = time.perf_counter()
@@ -256,7 +259,8 @@ def train_loop_per_worker(config: dict) -> dict:
     ppl = _evaluate(inner, spec, masker, device, rank, world)
     state.evals.append({"step": state.step, "tokens": state.tokens, "ppl": ppl})
     _report(spec, state, ppl, rank, inner, tokenizer, optimizer, scheduler, final=True)
-    return {"state": state.__dict__, "ppl": ppl, "sizes": model_sizes(inner.model), "nodes": _worker_nodes(world)}
+    return {"state": state.__dict__, "ppl": ppl, "sizes": model_sizes(inner.model),
+            "vocab": inner.model.config.vocab_size, "nodes": _worker_nodes(world)}
 
 
 def _worker_nodes(world: int) -> list[str]:

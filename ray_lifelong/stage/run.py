@@ -84,14 +84,15 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
     per_seq = train_flops_per_sequence(
         num_layers=sizes.get("num_hidden_layers", cfg.model.num_layers),
         hidden=sizes.get("hidden_size", cfg.model.hidden_size),
-        ffn=sizes.get("intermediate_size", cfg.model.intermediate_size), vocab=len_vocab(tokenizer_dir),
+        ffn=sizes.get("intermediate_size", cfg.model.intermediate_size), vocab=out.get("vocab") or len_vocab(tokenizer_dir),  # the model's rows (padded)
         seq_len=cfg.data.seq_len,
         logit_positions=logit_positions(cfg.model.arch, cfg.data.seq_len, cfg.data.mlm_probability))
     sequences = state.get("tokens", 0) // cfg.data.seq_len
     teacher_flops = sum(
-        n * forward_flops_per_sequence(**_flops_sizes(teacher_cfgs[int(d)], cfg), vocab=len_vocab(tokenizer_dir),
-                                       seq_len=cfg.data.seq_len, logit_positions=logit_positions(
-                                           cfg.model.arch, cfg.data.seq_len, cfg.data.mlm_probability))
+        n * forward_flops_per_sequence(**_flops_sizes(teacher_cfgs[int(d)], cfg),
+                                       vocab=teacher_cfgs[int(d)]["vocab_size"], seq_len=cfg.data.seq_len,
+                                       logit_positions=logit_positions(cfg.model.arch, cfg.data.seq_len,
+                                                                       cfg.data.mlm_probability))
         for d, n in state.get("teacher_sequences", {}).items() if d != "kd") + state.get("kd_flops", 0.0)
     return StageResult(
         index=spec.index, domain=spec.domain,
@@ -119,7 +120,8 @@ def _prepare_teachers(spec: StageSpec, tokenizer_dir: str) -> dict[int, dict]:
     configs = {}
     for domain_id, path in wanted.items():
         spec.teacher_dirs[domain_id] = resolve_teacher_dir(path)
-        configs[domain_id] = check_teacher_compatible(spec.teacher_dirs[domain_id], tok, spec.cfg.model.arch)
+        configs[domain_id] = check_teacher_compatible(spec.teacher_dirs[domain_id], tok, spec.cfg.model.arch,
+                                                      spec.cfg.model.vocab_multiple)
     return configs
 
 

@@ -161,8 +161,17 @@ def test_ki_stage_distils_from_a_frozen_teacher(ray_4cpus, demo_corpus, tmp_path
     small_fwd = res.teacher_flops / (4 * 8)
     assert small_fwd < res.train_flops / (8 * 8) / 3  # a smaller model's forward, not the student's
 
-    build_model(small, len(tok) + 3, seed=3).save_pretrained(tmp_path / "other_vocab")
+    build_model(small, len(tok) + small.vocab_multiple, seed=3).save_pretrained(tmp_path / "other_vocab")
     spec.cfg.data.domains[0].teacher = TeacherConfig(path=str(tmp_path / "other_vocab"))
     spec.teacher_dirs = {}
     with pytest.raises(ValueError, match="same tokenizer"):
         run_stage(spec, **{**kw, "storage_path": str(tmp_path / "x")})
+
+
+def test_a_compiled_stage_trains(ray_4cpus, demo_corpus, tmp_path):
+    # train.compile wraps the (DDP) objective in torch.compile; inductor compiles for the CPU here
+    spec, kw = make_stage(demo_corpus, tmp_path, steps=4, extra=["train.compile=true", "scaling.num_workers=1",
+                                                                 "train.micro_batch_size=8", "train.log_every=1"])
+    res = run_stage(spec, **kw)
+    losses = [h["loss"] for h in res.history]
+    assert res.steps == 4 and len(losses) == 4 and all(0 < x < 20 for x in losses), losses

@@ -4,13 +4,14 @@ import torch
 from ray_lifelong.config import ModelConfig
 from ray_lifelong.data.packing import IGNORE_INDEX
 from ray_lifelong.flops import forward_flops_per_sequence, logit_positions, non_embedding_params
-from ray_lifelong.models.build import LMObjective, build_model, count_parameters, lm_loss, load_model
+from ray_lifelong.models.build import (LMObjective, build_model, count_parameters, lm_loss, load_model,
+                                       padded_vocab)
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_build_and_objective(tmp_path, arch):
     cfg = ModelConfig(arch=arch, num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64,
-                      max_position_embeddings=64, dropout=0.0)
+                      max_position_embeddings=64, dropout=0.0, vocab_multiple=1)
     model = build_model(cfg, vocab_size=100, pad_id=0, eos_id=1).eval()
     assert count_parameters(model)["non_embedding"] > non_embedding_params(2, 32, 64)  # plus LN, biases
     ids = torch.randint(5, 100, (3, 16))
@@ -31,6 +32,24 @@ def test_build_and_objective(tmp_path, arch):
     assert type(again) is type(model)
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_an_odd_vocabulary_gets_aligned_rows_that_are_never_targets(arch):
+    cfg = ModelConfig(arch=arch, num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32,
+                      max_position_embeddings=32)  # vocab_multiple 64 by default
+    model = build_model(cfg, vocab_size=101, pad_id=0, eos_id=1).eval()
+    assert model.get_input_embeddings().weight.shape[0] == 128 == model.config.vocab_size
+    ids = torch.randint(5, 101, (2, 8))
+    logits, targets = LMObjective(model)(ids, None if arch == "gpt2" else ids)
+    assert logits.shape[1] == 128 and int(targets.max()) < 101
+
+
+def test_padded_vocab():
+    for n in range(1, 300):
+        for m in (1, 8, 64):
+            p = padded_vocab(n, m)
+            assert p % m == 0 and n <= p < n + m
 
 
 def test_flops_counts():
