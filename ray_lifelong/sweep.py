@@ -1,10 +1,12 @@
 """``ray-lifelong tune``: Ray Tune sweeps over any config field, each trial a real staged run on Ray Train.
 
 A sweep is a lifelong config plus a ``tune:`` section (:class:`SweepConfig`): a search space over dotted
-config paths, a scheduler (ASHA or FIFO), a search algorithm (random/grid or Optuna) and the trials'
+config paths, a scheduler (ASHA, FIFO or PBT), a search algorithm (random/grid or Optuna) and the trials'
 resources. Each trial is a Tune *function trainable* that runs :func:`run_lifelong` on the config with
 its sampled values (Train V2 inside Tune, shared/specs/ray.md §4.2); every validation of every stage is
-forwarded to Tune as one iteration, so ASHA can stop a poor trial between evaluations.
+forwarded to Tune as one iteration, so ASHA can stop a poor trial between evaluations. Under PBT a trial
+runs its one stage in segments (:func:`_pbt_trial`) and reports a Tune checkpoint after each, which PBT
+clones into the worst trials.
 
 Layout under ``<output_dir>/<run_name>/``: ``tokenizer/``, the KI teacher's run (``tune.base: ki``),
 ``trials/<trial_id>/`` (each trial's own run directory), ``tune/`` (Tune's state, unless
@@ -151,12 +153,88 @@ def _trial(params: dict, *, cfg: LifelongConfig, tokenizer_dir: str, teacher_dir
                  "final": True, **{f"ppl/{d}": p for d, p in zip(summary["domains"], ppl)}})
 
 
+def segment_ends(steps: int, interval: int) -> list[int]:
+    """PBT: the steps at which a stage's segments end (the last one at ``steps``)."""
+    return sorted({min(steps, k) for k in range(interval, steps + interval, interval)})
+
+
+def pbt_interval(cfg: LifelongConfig) -> int:
+    steps = cfg.data.domains[0].steps or cfg.train.steps
+    return cfg.tune.perturbation_interval or cfg.train.eval_every or max(1, steps // 4)
+
+
+def _pbt_trial(params: dict, *, cfg: LifelongConfig, tokenizer_dir: str, teacher_dir: str | None,
+               trials_dir: str) -> None:
+    """A PBT trial: the one stage in segments, each its own Ray Train run continuing the last segment's
+    checkpoint. The Tune checkpoint after a segment is a pointer to that Train checkpoint, so a trial that
+    PBT makes clone another continues from the other's weights, optimizer and data position, with the
+    values PBT gave it (``params`` then holds the perturbed ones)."""
+    import tempfile
+
+    import ray.train
+    from ray import tune
+
+    from ray_lifelong.data.stream import BadRecordLog, StreamOptions, validation_dataset
+    from ray_lifelong.pipeline import run_dir, summarize
+    from ray_lifelong.stage.run import run_stage
+    from ray_lifelong.stage.spec import StageSpec, read_tokenizer_files
+
+    trial_id = tune.get_context().get_trial_id()
+    c = trial_config(cfg, params["params"], run_name=trial_id, output_dir=trials_dir,
+                     tokenizer_dir=tokenizer_dir, teacher_dir=teacher_dir)
+    rdir = run_dir(c).resolve()
+    rdir.mkdir(parents=True, exist_ok=True)
+    dom = c.data.domains[0]
+    steps = dom.steps or c.train.steps
+    ends = segment_ends(steps, pbt_interval(c))
+    start, resume_from = 0, None
+    pointer = tune.get_checkpoint()
+    if pointer is not None:  # after a pause, a clone or a restored sweep
+        with pointer.as_directory() as d:
+            last = json.loads((Path(d) / "segment.json").read_text())
+        start, resume_from = last["segment"] + 1, ray.train.Checkpoint(last["checkpoint"])
+        print(f"[pbt] {trial_id}: segment {start} continues {last['checkpoint']} ({last['trial_id']})")
+    log = BadRecordLog.remote()
+    valid = validation_dataset(c.data.domains, StreamOptions(tokenizer_dir, c.model.arch, c.data), log)
+    storage = c.ray.storage_path or str(rdir / "checkpoints")
+    for k in range(start, len(ends)):
+        spec = StageSpec(cfg=c, index=0, domain=dom.name, eval_domains=[dom.name], steps=steps,
+                         batch_size=dom.batch_size or c.train.batch_size, lr=dom.lr or c.train.lr,
+                         tokenizer_files=read_tokenizer_files(tokenizer_dir), segment=k,
+                         resume_from=resume_from, stop_at=ends[k])
+        res = run_stage(spec, tokenizer_dir=tokenizer_dir, storage_path=storage, valid_ds=valid, bad_log=log)
+        resume_from = ray.train.Checkpoint(res.checkpoint_path)
+        final = k == len(ends) - 1
+        if final:  # the trial ran to the end: the same results.json as a run's
+            (rdir / "results.json").write_text(json.dumps(summarize([dom.name], [res]), indent=1))
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "segment.json").write_text(json.dumps(
+                {"segment": k, "checkpoint": res.checkpoint_path, "trial_id": trial_id, "step": res.steps}))
+            tune.report({"valid_loss": math.log(res.ppl[dom.name]), "stage": 0, "step": res.steps, "segment": k,
+                         "final": final, f"ppl/{dom.name}": res.ppl[dom.name]},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def _scheduler(cfg: LifelongConfig, reports: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    tu = cfg.tune
+    if tu.scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=tu.grace_period,
+                             reduction_factor=tu.reduction_factor)
+    if tu.scheduler == "pbt":  # one iteration per segment; synchronous, so every boundary compares all trials
+        return PopulationBasedTraining(
+            time_attr="training_iteration", perturbation_interval=1, synch=True,
+            hyperparam_mutations={"params": {p: dimension(d) for p, d in tu.space.items()}},
+            quantile_fraction=tu.quantile_fraction, resample_probability=tu.resample_probability)
+    return FIFOScheduler()
+
+
 # ------------------------------------------------------------------------------------------ the sweep
 
 def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<config>") -> dict:
     """Run (or, with ``resume``, restore and finish) the sweep of ``cfg``; write and return the results."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from ray_lifelong.pipeline import prepare_demo, prepare_tokenizer, run_dir, run_lifelong
 
@@ -181,7 +259,7 @@ def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<confi
             run_lifelong(teacher_cfg, resume=True)
 
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, cfg=cfg, tokenizer_dir=tok_dir, teacher_dir=teacher_dir,
+        tune.with_parameters(_pbt_trial if tu.scheduler == "pbt" else _trial, cfg=cfg, tokenizer_dir=tok_dir, teacher_dir=teacher_dir,
                              trials_dir=str(base / TRIALS)),
         {"cpu": tu.trial_cpus})
     storage = tu.storage_path or str(base)
@@ -195,9 +273,7 @@ def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<confi
                               f"choose another run_name=/tune.storage_path=")
         reports = max_reports(trial_config(cfg, {}, run_name="probe", output_dir=str(base), tokenizer_dir=tok_dir,
                                            teacher_dir=teacher_dir))
-        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=tu.grace_period,
-                                   reduction_factor=tu.reduction_factor)
-                     if tu.scheduler == "asha" else FIFOScheduler())
+        scheduler = _scheduler(cfg, reports)
         tuner = tune.Tuner(
             trainable,
             param_space={"params": {path: dimension(dim) for path, dim in tu.space.items()}},

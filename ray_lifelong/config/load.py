@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ray_lifelong.config.schema import ARCHS, LifelongConfig
@@ -34,9 +34,15 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
             merged = OmegaConf.merge(schema, OmegaConf.load(path))
         for item in overrides:
             if "=" in item:
-                # update, not merge: it also reaches into lists (data.domains.1.lr=1e-3)
+                # update, not merge: it also reaches into lists (data.domains.1.lr=1e-3); a mapping
+                # value replaces a free-form mapping (tune.space={...} is the whole space) and fills in
+                # a typed section (data.domains.1.scaling={...}) over its defaults; overlay files merge
                 key = item.split("=", 1)[0].strip()
                 value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
+                node = OmegaConf.select(merged, key, default=None)
+                free_form = isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict
+                if isinstance(value, (dict, DictConfig)) and free_form:
+                    OmegaConf.update(merged, key, {}, merge=False)
                 OmegaConf.update(merged, key, value, merge=True)
             elif item.endswith((".yaml", ".yml")):
                 if not Path(item).is_file():
@@ -162,7 +168,19 @@ def validate(cfg: LifelongConfig, where: str = "<config>") -> None:
     tu = cfg.tune
     need(tu.base in ("run", "ki"), "tune.base", "must be run or ki")
     need(tu.mode in ("min", "max"), "tune.mode", "must be min or max")
-    need(tu.scheduler in ("asha", "fifo"), "tune.scheduler", "must be asha or fifo")
+    need(tu.scheduler in ("asha", "fifo", "pbt"), "tune.scheduler", "must be asha, fifo or pbt")
+    if tu.scheduler == "pbt":
+        need(len(d.domains) == 1, "tune.scheduler",
+             f"pbt clones trials between segments of one stage: the config has {len(d.domains)} domains, keep one")
+        need(tu.search == "random", "tune.search", "pbt draws its own values: use search=random")
+        need(tu.perturbation_interval >= 0 and 0 < tu.quantile_fraction <= 0.5, "tune.quantile_fraction",
+             "perturbation_interval must be >= 0 and quantile_fraction in (0, 0.5]")
+        # a clone continues the same weights, optimizer and data position: only values a running stage can
+        # take up change between segments
+        fixed = [p for p in tu.space if not (p.startswith("ki.inherit.") or ".teacher." in p
+                                             or p in ("train.lr", "train.grad_clip"))]
+        need(not fixed, "tune.space", f"pbt cannot change {fixed} in the middle of a stage (model, data and "
+             "batch shapes are fixed): use asha or fifo for them")
     need(tu.search in ("random", "optuna"), "tune.search", "must be random or optuna")
     need(tu.num_samples >= 1 and tu.max_concurrent_trials >= 1, "tune.num_samples",
          "num_samples and max_concurrent_trials must be >= 1")
@@ -181,6 +199,7 @@ def validate(cfg: LifelongConfig, where: str = "<config>") -> None:
             need(len(vals) == 2 and vals[0] < vals[1], key, f"{kinds[0]} needs [low, high] with low < high")
             need(kinds[0] != "loguniform" or (len(vals) == 2 and vals[0] > 0), key, "loguniform needs low > 0")
         need(not (kinds[0] == "grid" and tu.search == "optuna"), key, "grid dimensions need tune.search=random")
+        need(not (kinds[0] == "grid" and tu.scheduler == "pbt"), key, "pbt perturbs values: use choice, not grid")
     names = [dom.name for dom in d.domains]
     need(len(set(names)) == len(names), "data.domains", f"domain names repeat: {names}")
     for i, dom in enumerate(d.domains):

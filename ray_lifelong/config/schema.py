@@ -325,7 +325,15 @@ class SweepConfig:
     max_concurrent_trials: int = 1
     """About the cluster's GPUs (or CPUs) divided by one trial's: idle trial drivers otherwise pile up."""
     scheduler: str = "asha"
-    """``asha`` (stops poor trials early on the reported metric) or ``fifo`` (runs every trial to the end)."""
+    """``asha`` (stops poor trials early on the reported metric), ``fifo`` (runs every trial to the end) or
+    ``pbt`` (population-based training: at every segment boundary the worst trials continue from the best
+    ones' checkpoints with perturbed values; one-domain configs, values the run can change mid-stage)."""
+    perturbation_interval: int = 0
+    """PBT: steps per segment (0: ``train.eval_every``, else a quarter of the stage)."""
+    quantile_fraction: float = 0.25
+    """PBT: the bottom fraction of trials that clone the top fraction at each boundary."""
+    resample_probability: float = 0.25
+    """PBT: chance that a cloned value is drawn afresh from the space rather than perturbed."""
     search: str = "random"
     """``random`` (Tune's variant generator, grid dimensions expanded) or ``optuna`` (needs optuna)."""
     grace_period: int = 1

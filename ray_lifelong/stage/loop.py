@@ -54,13 +54,16 @@ def train_loop_per_worker(config: dict) -> dict:
 
     # [1] model and state: a retry of this stage > the previous stage's model > a fresh model
     resume = ray.train.get_checkpoint()  # [ray]
+    own = resume is not None
+    if resume is None:
+        resume = spec.resume_from  # a PBT segment continues its (or a cloned trial's) last segment
     state = TrainState()
     carried = None
     if resume is not None:
         with resume.as_directory() as d:
             model = load_model(str(Path(d) / "model"), cfg.model.arch)
             state = load_state(d)
-            state.restarts += 1
+            state.restarts += int(own)
             opt_dir = tempfile.mkdtemp()
             Path(opt_dir, "train_state.pt").write_bytes(Path(d, "train_state.pt").read_bytes())
     elif spec.init_checkpoint is not None:
@@ -117,6 +120,10 @@ def train_loop_per_worker(config: dict) -> dict:
                                            min_ratio=t.min_lr_ratio))
     if resume is not None:
         load_optimizer_state(opt_dir, optimizer, scheduler)
+        if not own:  # a segment's LR is its own (PBT may have perturbed it): rescale the restored schedule
+            scheduler.base_lrs = [spec.lr] * len(optimizer.param_groups)
+            for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
+                group["initial_lr"], group["lr"] = spec.lr, spec.lr * fn(scheduler.last_epoch)
 
     # [3] data: this worker's share of the domain stream, and the (unsplit) validation sets
     train_shard = ray.train.get_dataset_shard("train")  # [ray]
@@ -128,7 +135,7 @@ def train_loop_per_worker(config: dict) -> dict:
     seq_tokens = spec.batch_size * cfg.data.seq_len
     name = f"[stage {spec.label}]"
     if rank == 0:
-        print(f"{name} start at step {state.step}/{spec.steps} "
+        print(f"{name} start at step {state.step}/{spec.end} "
               f"(workers={world}, accumulation={accum}, restarts={state.restarts})", flush=True)
         if memory is not None:
             print(f"{name} replaying {rp.ratio:.0%} of each batch from {len(memory[0])} memories "
@@ -143,7 +150,7 @@ def train_loop_per_worker(config: dict) -> dict:
     # [4] step loop
     micro, loss_acc, ce_acc, kl_acc, alpha = 0, 0.0, 0.0, 0.0, 0.0
     log_t0, log_tok0 = time.perf_counter(), state.tokens
-    while state.step < spec.steps:
+    while state.step < spec.end:
         seen = 0
         batches = train_shard.iter_torch_batches(  # [ray] streams while we train
             batch_size=t.micro_batch_size, drop_last=True, dtypes=torch.long,
@@ -212,7 +219,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 _maybe_crash(spec, state.step, rank)
                 if cfg.debug.slow_step_s:
                     time.sleep(cfg.debug.slow_step_s)
-                if state.step % t.log_every == 0 or state.step == spec.steps:
+                if state.step % t.log_every == 0 or state.step == spec.end:
                     loss_acc, ce_acc, kl_acc = float(loss_acc), float(ce_acc), float(kl_acc)
                     now = time.perf_counter()
                     tps = (state.tokens - log_tok0) / max(now - log_t0, 1e-9)
@@ -223,7 +230,7 @@ def train_loop_per_worker(config: dict) -> dict:
                     if rank == 0:
                         ki_note = f" alpha {alpha:.2f} ce {ce_acc:.3f} kl {kl_acc:.3f}" if ki else (
                             f" ce {ce_acc:.3f} kd {kl_acc:.3f}" if spec.kd_previous else "")
-                        print(f"{name} step {state.step}/{spec.steps} "
+                        print(f"{name} step {state.step}/{spec.end} "
                               f"loss {loss_acc:.4f}{ki_note} lr {scheduler.get_last_lr()[0]:.2e} tok/s {tps:,.0f}",
                               flush=True)
                     log_t0, log_tok0 = now, state.tokens
@@ -235,7 +242,7 @@ def train_loop_per_worker(config: dict) -> dict:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 state.compute_s += time.perf_counter() - c0
-                done = state.step >= spec.steps
+                done = state.step >= spec.end
                 if done:
                     break
                 if t.eval_every and state.step % t.eval_every == 0:

@@ -22,9 +22,10 @@ class StageFailedError(RuntimeError):
     """A stage that Ray Train could not finish; the message carries the root cause."""
 
 
-def stage_name(run_name: str, index: int, domain: str, phase: str = "main") -> str:
+def stage_name(run_name: str, index: int, domain: str, phase: str = "main", segment: int | None = None) -> str:
     """Deterministic Ray Train run name: re-running with it resumes from the stage's checkpoints."""
-    return f"{run_name}-stage{index}-{domain}" + ("" if phase == "main" else f"-{phase}")
+    return (f"{run_name}-stage{index}-{domain}" + ("" if phase == "main" else f"-{phase}")
+            + ("" if segment is None else f"-seg{segment}"))
 
 
 def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_ds, bad_log=None,
@@ -62,7 +63,8 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
                                                resources_per_worker=resources,
                                                placement_strategy=sc.placement_strategy),
         run_config=RunConfig(
-            name=stage_name(cfg.run_name, spec.index, spec.domain, spec.phase), storage_path=storage_path,
+            name=stage_name(cfg.run_name, spec.index, spec.domain, spec.phase, spec.segment),
+            storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures,
                                          controller_failure_limit=cfg.ray.startup_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
@@ -84,7 +86,8 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
     per_seq = train_flops_per_sequence(
         num_layers=sizes.get("num_hidden_layers", cfg.model.num_layers),
         hidden=sizes.get("hidden_size", cfg.model.hidden_size),
-        ffn=sizes.get("intermediate_size", cfg.model.intermediate_size), vocab=out.get("vocab") or len_vocab(tokenizer_dir),  # the model's rows (padded)
+        ffn=sizes.get("intermediate_size", cfg.model.intermediate_size),
+        vocab=out.get("vocab") or len_vocab(tokenizer_dir),  # the model's rows (padded)
         seq_len=cfg.data.seq_len,
         logit_positions=logit_positions(cfg.model.arch, cfg.data.seq_len, cfg.data.mlm_probability))
     sequences = state.get("tokens", 0) // cfg.data.seq_len

@@ -39,6 +39,17 @@ class StageSpec:
     """Apply the domain's growth to ``init_checkpoint`` (``False`` after an FRW phase, which grew it)."""
     replay_uris: list[str] = field(default_factory=list)
     """Memories of earlier domains replayed into this stage (continual.replay.ratio of every micro-batch)."""
+    segment: int | None = None
+    """Population-based training: this run is segment ``segment`` of the stage (its own Ray Train run)."""
+    resume_from: Any = None
+    """A segment's start: the checkpoint it continues as if it were its own (step, optimizer, data
+    position), from this trial or from the trial PBT cloned; the LR comes from this spec's ``lr``."""
+    stop_at: int | None = None
+    """A segment's end step; the LR and KI schedules still span ``steps``."""
+
+    @property
+    def end(self) -> int:
+        return self.stop_at or self.steps
 
     @property
     def domain_cfg(self):
@@ -62,7 +73,8 @@ class StageSpec:
 
     @property
     def label(self) -> str:
-        return f"{self.index:02d}-{self.domain}" + ("-frw" if self.phase == "frw" else "")
+        return (f"{self.index:02d}-{self.domain}" + ("-frw" if self.phase == "frw" else "")
+                + ("" if self.segment is None else f"-seg{self.segment}"))
 
     def grad_accum(self, world_size: int) -> int:
         per_step = self.cfg.train.micro_batch_size * world_size

@@ -89,3 +89,26 @@ def test_sweep_survives_a_killed_driver_and_its_best_config_runs(demo_corpus, tm
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     res = json.loads((base / "sw-best" / "results.json").read_text())
     assert res["stages"][0]["teacher_flops"] > 0  # it distilled from the sweep's teacher
+
+
+@pytest.mark.timeout(1200)
+def test_pbt_clones_the_better_trial_between_segments(demo_corpus, tmp_path):
+    out = tmp_path / "pbt"
+    overrides = [o for o in sweep_overrides(demo_corpus, out) if not o.startswith("tune.space=")] + [
+        "run_name=pbt", "tune.scheduler=pbt", "tune.quantile_fraction=0.5", "tune.perturbation_interval=4",
+        # two very different learning rates: the slow trial is the one cloned over at the boundary
+        "tune.space={train.lr: {choice: [1.0e-5, 3.0e-3]}, ki.inherit.alpha0: {uniform: [0.2, 0.8]}}"]
+    done = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, timeout=1100)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    base = out / "pbt"
+    with open(base / "sweep_results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["finished"] == "True" and int(r["step"]) == 8 for r in rows), rows
+    for r in rows:  # two segments, each its own Ray Train run continuing the last one's checkpoint
+        ckpts = base / "trials" / r["trial_id"] / "checkpoints"
+        assert {p.name.rsplit("-", 1)[-1] for p in ckpts.iterdir() if p.is_dir()} == {"seg0", "seg1"}
+    policy = list((base / "tune").glob("pbt_policy_*.txt"))
+    assert policy, "PBT exploited no trial"  # one line per clone: (target, source, iteration, old, new config)
+    clone = json.loads(policy[0].read_text().splitlines()[0])
+    assert clone[0] != clone[1] and clone[2] == 1  # the cloned-over trial continued from the other at segment 1
+    assert "segment 1 continues" in done.stdout

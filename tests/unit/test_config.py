@@ -152,3 +152,12 @@ def test_placement_and_custom_resources_are_checked():
         load_config(REPO / "configs/demo.yaml", ["scaling.placement_strategy=spread_out"])
     with pytest.raises(ConfigError, match=r"data\.domains\[1\]\.scaling\.resources"):
         load_config(REPO / "configs/demo.yaml", ["data.domains.1.scaling={resources: {GPU: 1}}"])
+
+
+def test_a_mapping_override_replaces_a_free_form_mapping_and_fills_a_typed_one():
+    base = REPO / "configs/tune_ki.yaml"
+    assert "train.lr" in load_config(base).tune.space
+    cfg = load_config(base, ["tune.space={ki.inherit.alpha0: {uniform: [0.2, 0.8]}}"])
+    assert list(cfg.tune.space) == ["ki.inherit.alpha0"]  # the whole space, not merged into the file's
+    cfg = load_config(REPO / "configs/demo.yaml", ["data.domains.1.scaling={num_workers: 2}"])
+    assert cfg.data.domains[1].scaling.num_workers == 2 and cfg.data.domains[1].scaling.cpus_per_worker == 0.5

@@ -98,3 +98,30 @@ def test_absolute_paths_keeps_uris_and_makes_local_paths_absolute():
     assert c.data.domains[0].train == [os.path.abspath("data/x/*.gz"), "s3://b/k/*.gz"]
     assert os.path.isabs(c.output_dir) and os.path.isabs(c.demo.dir) and os.path.isabs(c.data.domains[0].valid[0])
     assert cfg.data.domains[0].train[0] == "data/x/*.gz"
+
+
+def test_pbt_segments_cover_the_stage_and_end_at_its_last_step():
+    from ray_lifelong.sweep import segment_ends
+
+    assert segment_ends(8, 4) == [4, 8]
+    assert segment_ends(10, 4) == [4, 8, 10]
+    assert segment_ends(3, 5) == [3]
+    for steps in range(1, 40):
+        for k in range(1, 12):
+            ends = segment_ends(steps, k)
+            assert ends[-1] == steps and ends == sorted(set(ends)) and all(b - a <= k for a, b in zip([0] + ends, ends))
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["tune.space={model.hidden_size: {choice: [64, 128]}}"], r"pbt cannot change \['model.hidden_size'\]"),
+    (["tune.space={train.lr: {grid: [1.0e-3, 2.0e-3]}}"], "use choice, not grid"),
+    (["tune.search=optuna"], "pbt draws its own values"),
+])
+def test_pbt_refuses_what_a_running_stage_cannot_change(overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        load_config(TUNE_KI, ["tune.scheduler=pbt", *overrides])
+
+
+def test_pbt_needs_a_one_domain_config():
+    with pytest.raises(ConfigError, match="pbt clones trials between segments of one stage"):
+        load_config(REPO / "configs/demo.yaml", ["tune.scheduler=pbt"])
