@@ -24,6 +24,12 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("config")
     tune.add_argument("overrides", nargs="*")
     tune.add_argument("--resume", action="store_true", help="restore an interrupted sweep and finish it")
+    ft = sub.add_parser("finetune", help="fine-tune a pre-trained model on the config's downstream tasks "
+                                         "(finetune: section), every task and seed a Ray Train run")
+    ft.add_argument("config")
+    ft.add_argument("overrides", nargs="*")
+    ft.add_argument("--model", default=None, help="model to fine-tune (default: finetune.model, else the run's "
+                                                   "final_model); a run dir, checkpoint or HF model dir")
     tok = sub.add_parser("tokenizer", help="train a tokenizer on a sample of the config's domains")
     tok.add_argument("config")
     tok.add_argument("overrides", nargs="*")
@@ -53,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             return _tokenizer(cfg, args.out)
         if args.command == "tune":
             return _tune(cfg, args.resume, args.config)
+        if args.command == "finetune":
+            return _finetune(cfg, args.model)
         return _run(cfg, args.resume, ki=args.command == "ki")
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -102,6 +110,22 @@ def _tune(cfg, resume: bool, where: str) -> int:
     try:
         run_sweep(cfg, resume=resume, where=where)
     except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        ray.shutdown()
+    return 0
+
+
+def _finetune(cfg, model: str | None) -> int:
+    import ray
+
+    from ray_lifelong.downstream.run import run_finetune
+
+    init_ray(cfg)
+    try:
+        run_finetune(cfg, model=model)
+    except (RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -151,6 +151,10 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
 
     write_report(summary, rdir)
     print(f"[run] done: {rdir}/results.json, report.md, final_model/")
+    if cfg.finetune.tasks:  # downstream evaluation of the final model, when the config lists tasks
+        from ray_lifelong.downstream.run import run_finetune
+
+        summary["downstream"] = run_finetune(cfg)
     return summary
 
 

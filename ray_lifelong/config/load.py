@@ -202,6 +202,21 @@ def validate(cfg: LifelongConfig, where: str = "<config>") -> None:
         need(not (kinds[0] == "grid" and tu.scheduler == "pbt"), key, "pbt perturbs values: use choice, not grid")
     names = [dom.name for dom in d.domains]
     need(len(set(names)) == len(names), "data.domains", f"domain names repeat: {names}")
+    f = cfg.finetune
+    need(f.epochs >= 1 and f.lr > 0 and f.max_length >= 8 and f.max_concurrent >= 1, "finetune",
+         "epochs and max_concurrent must be >= 1, lr > 0, max_length >= 8")
+    need(f.micro_batch_size > 0 and f.batch_size % f.micro_batch_size == 0, "finetune.batch_size",
+         f"must be a multiple of finetune.micro_batch_size ({f.micro_batch_size})")
+    need(bool(f.seeds), "finetune.seeds", "name at least one seed")
+    task_names = [t.name for t in f.tasks]
+    need(len(set(task_names)) == len(task_names), "finetune.tasks", f"task names repeat: {task_names}")
+    for i, task in enumerate(f.tasks):
+        key = f"finetune.tasks[{i}]"
+        need(task.name not in ("", "???"), f"{key}.name", "every task needs a name")
+        need(task.metric in ("accuracy", "macro_f1", "micro_f1"), f"{key}.metric",
+             "must be accuracy, macro_f1 or micro_f1")
+        for split in ("train", "valid", "test"):
+            need(bool(getattr(task, split)), f"{key}.{split}", f"task {task.name!r} lists no {split} files")
     for i, dom in enumerate(d.domains):
         key = f"data.domains[{i}]"
         need(dom.name not in ("", "???") and dom.name.replace("_", "").replace("-", "").isalnum(),

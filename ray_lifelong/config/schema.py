@@ -348,6 +348,50 @@ class SweepConfig:
 
 
 @dataclass
+class TaskConfig:
+    """One labelled downstream task: ``{text, label}`` records (JSON lines or Parquet, local or URIs)."""
+
+    name: str = "???"
+    domain: Optional[str] = None
+    """The pre-training domain whose prompt is prepended (``None``: the task's name)."""
+    train: List[str] = field(default_factory=list)
+    valid: List[str] = field(default_factory=list)
+    test: List[str] = field(default_factory=list)
+    metric: str = "accuracy"
+    """``accuracy``, ``macro_f1`` or ``micro_f1``; model selection (epoch) uses it on valid."""
+    text_field: str = "text"
+    label_field: str = "label"
+    max_train_examples: Optional[int] = None
+    """Fine-tune on the first N training records only (the files' own order)."""
+
+
+@dataclass
+class FinetuneConfig:
+    """``ray-lifelong finetune``: a classification head on a pre-trained model, per task and seed."""
+
+    model: Optional[str] = None
+    """A run directory, its ``final_model/``, a stage checkpoint or an HF model directory (local or URI);
+    ``None``: this config's run's ``final_model``."""
+    tasks: List[TaskConfig] = field(default_factory=list)
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    prompts: Optional[bool] = None
+    """Prepend the task domain's prompt token; ``None``: when the model was pre-trained with prompts."""
+    epochs: int = 3
+    batch_size: int = 32
+    micro_batch_size: int = 32
+    lr: float = 1.0e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_length: int = 128
+    max_concurrent: int = 2
+    """Fine-tuning runs (task x seed) at once, each a Ray Train run (a Tune trial)."""
+    scaling: Optional[ScalingConfig] = None
+    """Workers of each fine-tuning run (``None``: the run's ``scaling``)."""
+    output: str = "downstream"
+    """Results directory, under the run directory."""
+
+
+@dataclass
 class DebugConfig:
     """Fault injection for tests: kill one worker process once at this step of this stage."""
 
@@ -373,4 +417,5 @@ class LifelongConfig:
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     ki: KIExperimentConfig = field(default_factory=KIExperimentConfig)
     tune: SweepConfig = field(default_factory=SweepConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)

@@ -168,7 +168,8 @@ def _open_binary(path: str):
     return raw
 
 
-def _iter_lines(path: str, fmt: str, text_field: str, bad: Callable[[int, str], None]) -> Iterator[str]:
+def _decoded_lines(path: str, bad: Callable[[int, str], None]) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of the non-blank lines of a (gzipped) text file; unreadable ones go to ``bad``."""
     stream = _open_binary(path)
     lineno = 0
     try:
@@ -187,27 +188,72 @@ def _iter_lines(path: str, fmt: str, text_field: str, bad: Callable[[int, str], 
             except UnicodeDecodeError as e:
                 bad(lineno, f"not valid UTF-8 ({e.reason} at byte {e.start})")
                 continue
-            if not line.strip():
-                continue
-            if fmt == "text":
-                yield line.rstrip("\n")
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad(lineno, f"invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(record, dict) or text_field not in record:
-                bad(lineno, f"record has no {text_field!r} field")
-                continue
-            text = record[text_field]
-            if not isinstance(text, str):
-                bad(lineno, f"field {text_field!r} is {type(text).__name__}, not a string")
-                continue
-            if text.strip():
-                yield text
+            if line.strip():
+                yield lineno, line
     finally:
         stream.close()
+
+
+def _json_records(path: str, bad: Callable[[int, str], None]) -> Iterator[tuple[int, dict]]:
+    for lineno, line in _decoded_lines(path, bad):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad(lineno, f"invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(record, dict):
+            bad(lineno, f"record is a JSON {type(record).__name__}, not an object")
+            continue
+        yield lineno, record
+
+
+def _iter_lines(path: str, fmt: str, text_field: str, bad: Callable[[int, str], None]) -> Iterator[str]:
+    if fmt == "text":
+        for _, line in _decoded_lines(path, bad):
+            yield line.rstrip("\n")
+        return
+    for lineno, record in _json_records(path, bad):
+        if text_field not in record:
+            bad(lineno, f"record has no {text_field!r} field")
+            continue
+        text = record[text_field]
+        if not isinstance(text, str):
+            bad(lineno, f"field {text_field!r} is {type(text).__name__}, not a string")
+            continue
+        if text.strip():
+            yield text
+
+
+def iter_records(path: str, fields: tuple[str, ...], *, fmt: str = "auto") -> Iterator[tuple[int, dict]]:
+    """``(line or row number, {field: value})`` of every record of a JSON-lines or Parquet file that must
+    carry ``fields`` (labelled tasks: text and label). A missing field is a :class:`DataError` naming the
+    file and line."""
+    fmt = detect_format(path, fmt)
+
+    def bad(line: int, reason: str) -> None:
+        raise DataError(f"{path}, line {line}: {reason}" if line else f"{path}: {reason}")
+
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        fs, fs_path = _filesystem(path)
+        try:
+            table = pq.read_table(fs.open_input_file(fs_path))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        missing = [f for f in fields if f not in table.column_names]
+        if missing:
+            raise DataError(f"{path}: no column {missing[0]!r} (columns: {table.column_names})")
+        for i, row in enumerate(table.select(list(fields)).to_pylist(), start=1):
+            yield i, row
+        return
+    if fmt != "jsonl":
+        raise DataError(f"{path}: labelled records need JSON lines or Parquet, not {fmt}")
+    for lineno, record in _json_records(path, bad):
+        missing = [f for f in fields if f not in record]
+        if missing:
+            bad(lineno, f"record has no {missing[0]!r} field")
+        yield lineno, {f: record[f] for f in fields}
 
 
 def _binary_lines(stream) -> Iterator[bytes]:

@@ -52,16 +52,11 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
         from ray_lifelong.data.memory import memory_dataset
 
         replay = {"replay": memory_dataset(spec.replay_uris)}
-    sc = spec.domain_cfg.scaling or cfg.scaling  # a stage may take more workers, e.g. after growth
-    resources = {"CPU": sc.cpus_per_worker, **sc.resources}
-    if sc.use_gpu:
-        resources["GPU"] = sc.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
-        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                               resources_per_worker=resources,
-                                               placement_strategy=sc.placement_strategy),
+        # a stage may take its own workers, e.g. more after growth
+        scaling_config=ray_scaling(spec.domain_cfg.scaling or cfg.scaling),
         run_config=RunConfig(
             name=stage_name(cfg.run_name, spec.index, spec.domain, spec.phase, spec.segment),
             storage_path=storage_path,
@@ -107,6 +102,15 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
         restarts=state.get("restarts", 0), model_sizes=sizes, growth=state.get("growth"),
         teacher_flops=teacher_flops, teacher_s=state.get("teacher_s", 0.0), phase=spec.phase,
         replayed_sequences=state.get("replayed", 0), nodes=out.get("nodes", []))
+
+
+def ray_scaling(sc) -> ray.train.ScalingConfig:
+    """Ray Train's ``ScalingConfig`` from ours (workers, CPUs/GPUs and custom resources, placement)."""
+    resources = {"CPU": sc.cpus_per_worker, **sc.resources}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker
+    return ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources,
+                                   placement_strategy=sc.placement_strategy)
 
 
 def _prepare_teachers(spec: StageSpec, tokenizer_dir: str) -> dict[int, dict]:

@@ -161,3 +161,16 @@ def test_a_mapping_override_replaces_a_free_form_mapping_and_fills_a_typed_one()
     assert list(cfg.tune.space) == ["ki.inherit.alpha0"]  # the whole space, not merged into the file's
     cfg = load_config(REPO / "configs/demo.yaml", ["data.domains.1.scaling={num_workers: 2}"])
     assert cfg.data.domains[1].scaling.num_workers == 2 and cfg.data.domains[1].scaling.cpus_per_worker == 0.5
+
+
+def test_the_downstream_overlay_lists_five_tasks_and_finetune_settings_are_checked():
+    cfg = load_config(REPO / "configs/elle_stream_gpt2.yaml", [str(REPO / "configs/finetune/downstream.yaml")])
+    assert [t.domain for t in cfg.finetune.tasks] == ["wb", "news", "reviews", "bio", "cs"]
+    assert {t.metric for t in cfg.finetune.tasks} == {"accuracy", "micro_f1", "macro_f1"}
+    with pytest.raises(ConfigError, match=r"finetune\.tasks\[0\]\.metric"):
+        load_config(REPO / "configs/demo.yaml", ["finetune.tasks=[{name: a, train: [x], valid: [y], test: [z], "
+                                                 "metric: auc}]"])
+    with pytest.raises(ConfigError, match=r"finetune\.tasks\[0\]\.test"):
+        load_config(REPO / "configs/demo.yaml", ["finetune.tasks=[{name: a, train: [x], valid: [y]}]"])
+    with pytest.raises(ConfigError, match=r"finetune\.batch_size"):
+        load_config(REPO / "configs/demo.yaml", ["finetune.batch_size=30", "finetune.micro_batch_size=8"])
