@@ -362,7 +362,8 @@ class TaskConfig:
     text_field: str = "text"
     label_field: str = "label"
     max_train_examples: Optional[int] = None
-    """Fine-tune on the first N training records only (the files' own order)."""
+    """Fine-tune on the first N training records only (the files' own order); the classes still come from
+    the whole training split."""
 
 
 @dataclass

@@ -40,8 +40,6 @@ def read_split(task: TaskConfig, split: str) -> list[tuple[str, int, str, str]]:
             if label is None or isinstance(label, (dict, list)):
                 raise DataError(f"{path}, line {line}: field {task.label_field!r} is {label!r}, not a label")
             out.append((path, line, text, str(label)))
-            if split == "train" and task.max_train_examples and len(out) >= task.max_train_examples:
-                return out
     return out
 
 
@@ -84,7 +82,9 @@ def encode_task(task: TaskConfig, tokenizer, *, arch: str, max_length: int, prom
                             f"{prompt_token(domain)!r} for domain {domain!r} (set the task's domain, or "
                             f"finetune.prompts=false)")
     records = {s: read_split(task, s) for s in ("train", "valid", "test")}
-    mapping = label_map(records["train"])
+    mapping = label_map(records["train"])  # from the whole split: a subset may miss a rare class
+    if task.max_train_examples:
+        records["train"] = records["train"][: task.max_train_examples]
     splits = {}
     for s, recs in records.items():
         if not recs:

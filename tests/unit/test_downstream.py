@@ -140,3 +140,11 @@ def test_a_finished_job_is_reused_only_under_the_same_settings():
     assert key == job_key(load_config(None, ["finetune.seeds=[0, 1, 2]", "finetune.max_concurrent=4"]), "/m", True)
     assert key != job_key(cfg, "/m", False) and key != job_key(cfg, "/other", True)
     assert key != job_key(load_config(None, ["finetune.lr=1.0e-3"]), "/m", True)
+
+
+def test_a_training_subset_keeps_every_class_of_the_split(tokenizers, tmp_path):
+    rows = [{"text": f"doc {i}", "label": "common"} for i in range(5)] + [{"text": "rare one", "label": "rare"}]
+    task = _task(tmp_path, rows, [{"text": "a", "label": "rare"}], [{"text": "b", "label": "common"}],
+                 max_train_examples=3)
+    enc = encode_task(task, tokenizers["bpe"], arch="gpt2", max_length=16, prompts=False)
+    assert enc.label_names == ["common", "rare"] and len(enc.train.labels) == 3 and enc.valid.labels == [1]

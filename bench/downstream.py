@@ -1,0 +1,116 @@
+"""Downstream fine-tuning of the ELLE benchmark's final models on one real task per domain (issue 8).
+
+    python bench/downstream.py --runs /work/elle-out [--arch gpt2] [--seeds 0 1 2] [--train 1000] [--epochs 2]
+
+For each method's final model from ``bench/elle_stream.py`` (``<runs>/<arch>-<method>/final_model``):
+naive, er, scratch_large, elle and elle_no_prompts, plus ``elle`` fine-tuned with its prompts switched off
+(``elle_prompts_off``: the same weights, so the difference is the prompt's alone), it runs
+``ray-lifelong finetune``'s own ``run_finetune`` on the five tasks of ``configs/finetune/downstream.yaml``
+(RTE, AG News, IMDB, ChemProt, ACL-ARC) with every seed: the epoch selected on valid, test reported.
+Sized for 2 CPU cores: the first ``--train`` training examples of each task, ``--epochs`` epochs.
+
+Writes bench/results/downstream.json as ``{arch: {method: {task: {"test": mean, "std": s}, "average": a}}}``
+(plus each task's valid score, seeds and majority baseline) and downstream.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, write  # noqa: E402
+
+# method -> (run directory suffix, prompts switch: None = as the model was pre-trained)
+METHODS = {"naive": ("naive", None), "er": ("er", None), "scratch_large": ("scratch_large", None),
+           "elle": ("elle", None), "elle_prompts_off": ("elle", False), "elle_no_prompts": ("elle_no_prompts", None)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", required=True, help="bench/elle_stream.py's --out directory")
+    ap.add_argument("--arch", nargs="+", default=["gpt2"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--train", type=int, default=1000, help="training examples per task")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--concurrent", type=int, default=2)
+    ap.add_argument("--work", default=None, help="where the fine-tuning runs go (default: <runs>/downstream)")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    import ray
+
+    from ray_lifelong.config import load_config
+    from ray_lifelong.downstream.run import run_finetune
+
+    runs = Path(args.runs).resolve()
+    work = Path(args.work or runs / "downstream").resolve()
+    ray.init(num_cpus=4, configure_logging=False, runtime_env={"env_vars": {
+        k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_DATA_LOG_LEVEL")}})
+    results: dict = {}
+    t0 = time.time()
+    for arch in args.arch:
+        results[arch] = {}
+        for method in args.methods:
+            suffix, prompts = METHODS[method]
+            model = runs / f"{arch}-{suffix}"
+            if not (model / "final_model" / "config.json").exists():
+                print(f"[bench] {arch} {method}: no final model in {model}, skipped", flush=True)
+                continue
+            overrides = [str(REPO / "configs/finetune/downstream.yaml"), f"output_dir={work}",
+                         f"run_name={arch}-{method}", f"finetune.seeds=[{', '.join(map(str, args.seeds))}]",
+                         f"finetune.epochs={args.epochs}", f"finetune.lr={args.lr}",
+                         f"finetune.max_length={args.max_length}", f"finetune.max_concurrent={args.concurrent}",
+                         "scaling.num_workers=1", "scaling.cpus_per_worker=0.5"]
+            if prompts is not None:
+                overrides.append(f"finetune.prompts={str(prompts).lower()}")
+            cfg = load_config(None, overrides)
+            for task in cfg.finetune.tasks:
+                task.max_train_examples = args.train
+                task.train = [str((REPO / p).resolve()) if not Path(p).is_absolute() else p for p in task.train]
+                task.valid = [str((REPO / p).resolve()) if not Path(p).is_absolute() else p for p in task.valid]
+                task.test = [str((REPO / p).resolve()) if not Path(p).is_absolute() else p for p in task.test]
+            print(f"[bench] {arch} {method}: fine-tuning {model}", flush=True)
+            s = run_finetune(cfg, model=str(model))
+            results[arch][method] = {
+                **{name: {"test": t["test"], "std": t["std"], "valid": t["valid"], "majority_test": t["majority_test"],
+                          "metric": t["metric"], "seeds": t["seeds"]} for name, t in s["tasks"].items()},
+                "average": s["average"], "prompts": s["prompts"]}
+    wall = time.time() - t0
+    goals = {}
+    for arch, r in results.items():
+        if "elle" in r:
+            avg = {m: v["average"] for m, v in r.items()}
+            goals[arch] = {"elle_best_average": max(avg, key=avg.get) in ("elle", "elle_prompts_off"),
+                           "prompts_help_on_average": (r["elle"]["average"] > r["elle_prompts_off"]["average"]
+                                                       if "elle_prompts_off" in r else None)}
+    lines = ["# Downstream fine-tuning of the ELLE benchmark's final models", "",
+             f"Tasks of configs/finetune/downstream.yaml (../shared/downstream), first {args.train} training examples, "
+             f"{args.epochs} epochs, lr {args.lr}, max length {args.max_length}, seeds {args.seeds}; epoch selected on "
+             f"valid, test mean ± std over seeds. Wall {wall / 60:.0f} min on 2 cores.", ""]
+    for arch, r in results.items():
+        if not r:
+            continue
+        tasks = [k for k in next(iter(r.values())) if k not in ("average", "prompts")]
+        lines += [f"## {arch}", "", "| method | prompts | " + " | ".join(tasks) + " | average |",
+                  "|---|---|" + "---|" * (len(tasks) + 1)]
+        for m, v in r.items():
+            lines.append(f"| {m} | {'on' if v['prompts'] else 'off'} | "
+                         + " | ".join(f"{v[t]['test']:.3f} ± {v[t]['std']:.3f}" for t in tasks)
+                         + f" | {v['average']:.4f} |")
+        first = next(iter(r.values()))
+        lines += ["| majority class | | " + " | ".join(f"{first[t]['majority_test']:.3f}" for t in tasks) + " | |",
+                  "", f"Goals: {goals.get(arch)}", ""]
+    write("downstream", {**results, "goals": goals, "setup": {**vars(args), "wall_s": wall}}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
