@@ -84,7 +84,10 @@ def main() -> None:
                 **{name: {"test": t["test"], "std": t["std"], "valid": t["valid"], "majority_test": t["majority_test"],
                           "metric": t["metric"], "seeds": t["seeds"]} for name, t in s["tasks"].items()},
                 "average": s["average"], "prompts": s["prompts"]}
-    wall = time.time() - t0
+            report(results, args, time.time() - t0)  # after every method: an interrupted run keeps its part
+
+
+def report(results: dict, args, wall: float) -> None:
     goals = {}
     for arch, r in results.items():
         if "elle" in r:

@@ -34,7 +34,8 @@ from ray_lifelong.data.tokenizer import (
     train_tokenizer,
 )
 from ray_lifelong.data.memory import memory_dataset, memory_uri, write_memory
-from ray_lifelong.data.stream import BadRecordLog, StreamOptions, files_dataset, quiet_ray_data, validation_dataset
+from ray_lifelong.data.stream import (StreamOptions, bad_record_log, files_dataset, quiet_ray_data,
+                                      validation_dataset)
 from ray_lifelong.eval.metrics import average_increased_perplexity, average_perplexity
 from ray_lifelong.stage.run import run_stage
 from ray_lifelong.stage.spec import StageResult, StageSpec, read_tokenizer_files
@@ -94,7 +95,7 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
     storage = cfg.ray.storage_path or str(rdir / "checkpoints")
     names = [d.name for d in cfg.data.domains]
     quiet_ray_data()
-    bad_log = BadRecordLog.remote()
+    bad_log = bad_record_log()
     opts = StreamOptions(tok_dir, cfg.model.arch, cfg.data)
     valid_ds = validation_dataset(cfg.data.domains, opts, bad_log, prompts=cfg.continual.prompts)
     results: list[StageResult] = []

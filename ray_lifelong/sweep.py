@@ -174,7 +174,7 @@ def _pbt_trial(params: dict, *, cfg: LifelongConfig, tokenizer_dir: str, teacher
     import ray.train
     from ray import tune
 
-    from ray_lifelong.data.stream import BadRecordLog, StreamOptions, validation_dataset
+    from ray_lifelong.data.stream import StreamOptions, bad_record_log, validation_dataset
     from ray_lifelong.pipeline import run_dir, summarize
     from ray_lifelong.stage.run import run_stage
     from ray_lifelong.stage.spec import StageSpec, read_tokenizer_files
@@ -194,7 +194,7 @@ def _pbt_trial(params: dict, *, cfg: LifelongConfig, tokenizer_dir: str, teacher
             last = json.loads((Path(d) / "segment.json").read_text())
         start, resume_from = last["segment"] + 1, ray.train.Checkpoint(last["checkpoint"])
         print(f"[pbt] {trial_id}: segment {start} continues {last['checkpoint']} ({last['trial_id']})")
-    log = BadRecordLog.remote()
+    log = bad_record_log()
     valid = validation_dataset(c.data.domains, StreamOptions(tokenizer_dir, c.model.arch, c.data), log)
     storage = c.ray.storage_path or str(rdir / "checkpoints")
     for k in range(start, len(ends)):
@@ -307,7 +307,7 @@ def write_sweep_results(cfg: LifelongConfig, grid, base: Path, *, tokenizer_dir:
     rows, curves = [], {}
     for result in grid:
         m = result.metrics or {}
-        trial_id = m.get("trial_id") or Path(result.path).name
+        trial_id = _trial_id(result.path) or m.get("trial_id")
         history = result.metrics_dataframe
         values = history[tu.metric].dropna().tolist() if history is not None and tu.metric in history else []
         curves[trial_id] = values
@@ -355,6 +355,15 @@ def write_sweep_results(cfg: LifelongConfig, grid, base: Path, *, tokenizer_dir:
     print(f"[tune] best trial {best['trial_id']}: {best_params} -> {tu.metric} {best[tu.metric]:.4f}")
     print(f"[tune] results: {base / 'sweep_results.md'}, best config: {base / 'best_config.yaml'}")
     return summary
+
+
+def _trial_id(path: str) -> str | None:
+    """The trial id (``<experiment>_<index>``) in a Tune trial directory's name. A PBT clone's last result
+    can carry the id of the trial it was cloned from, so the directory is the reliable source."""
+    import re
+
+    found = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(path).name)
+    return found.group(1) if found else None
 
 
 def _root(error: BaseException) -> str:

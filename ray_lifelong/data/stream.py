@@ -37,6 +37,14 @@ class BadRecordLog:
         return {"count": len(self._seen), "by_file": by_file, "examples": examples}
 
 
+def bad_record_log():
+    """A :class:`BadRecordLog` on the driver's node, so that it outlives any worker node the run loses."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return BadRecordLog.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
+
+
 def _read_files(batch: dict, *, fmt: str, text_field: str, on_bad_record: str, chunk: int, log=None):
     """Generator UDF: one input row per file, streaming blocks of ``chunk`` documents out."""
     for path, domain_id in zip(batch["path"], batch["domain_id"]):

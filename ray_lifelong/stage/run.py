@@ -98,10 +98,19 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
         ppl=out.get("ppl", {}), steps=state.get("step", 0), tokens=state.get("tokens", 0),
         train_flops=per_seq * sequences, wall_time_s=wall, history=state.get("history", []),
         evals=state.get("evals", []), data_wait_s=state.get("data_wait_s", 0.0),
-        bad_records=ray.get(bad_log.summary.remote()) if bad_log is not None else {},
+        bad_records=_bad_records(bad_log),
         restarts=state.get("restarts", 0), model_sizes=sizes, growth=state.get("growth"),
         teacher_flops=teacher_flops, teacher_s=state.get("teacher_s", 0.0), phase=spec.phase,
         replayed_sequences=state.get("replayed", 0), nodes=out.get("nodes", []))
+
+
+def _bad_records(bad_log) -> dict:
+    if bad_log is None:
+        return {}
+    try:
+        return ray.get(bad_log.summary.remote())
+    except ray.exceptions.RayActorError as e:  # the stage itself finished: do not lose it over a summary
+        return {"count": None, "error": f"the bad-record log was lost ({type(e).__name__})"}
 
 
 def ray_scaling(sc) -> ray.train.ScalingConfig:

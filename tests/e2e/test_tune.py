@@ -107,8 +107,14 @@ def test_pbt_clones_the_better_trial_between_segments(demo_corpus, tmp_path):
     for r in rows:  # two segments, each its own Ray Train run continuing the last one's checkpoint
         ckpts = base / "trials" / r["trial_id"] / "checkpoints"
         assert {p.name.rsplit("-", 1)[-1] for p in ckpts.iterdir() if p.is_dir()} == {"seg0", "seg1"}
+    assert len({r["trial_id"] for r in rows}) == 2
     policy = list((base / "tune").glob("pbt_policy_*.txt"))
-    assert policy, "PBT exploited no trial"  # one line per clone: (target, source, iteration, old, new config)
-    clone = json.loads(policy[0].read_text().splitlines()[0])
-    assert clone[0] != clone[1] and clone[2] == 1  # the cloned-over trial continued from the other at segment 1
-    assert "segment 1 continues" in done.stdout
+    assert policy, "PBT exploited no trial"  # one line per clone: (target tag, source tag, ..., old, new config)
+    target, source = json.loads(policy[0].read_text().splitlines()[0])[:2]
+    assert target != source
+    ids = sorted(r["trial_id"] for r in rows)  # tags start with the trial's index
+    t_id, s_id = ids[int(target.split("_")[0])], ids[int(source.split("_")[0])]
+    hist = {i: json.loads((base / "trials" / i / "results.json").read_text())["stages"][0]["history"]
+            for i in (t_id, s_id)}
+    # the cloned-over trial's segment 1 continued the other's segment 0: their first 4 steps are the same
+    assert [h for h in hist[t_id] if h["step"] <= 4] == [h for h in hist[s_id] if h["step"] <= 4]

@@ -125,3 +125,12 @@ def test_pbt_refuses_what_a_running_stage_cannot_change(overrides, words):
 def test_pbt_needs_a_one_domain_config():
     with pytest.raises(ConfigError, match="pbt clones trials between segments of one stage"):
         load_config(REPO / "configs/demo.yaml", ["tune.scheduler=pbt"])
+
+
+def test_trial_ids_come_from_the_trial_directory():
+    from ray_lifelong.sweep import _trial_id
+
+    assert _trial_id("/x/tune/_pbt_trial_11cb3_00001_1_ki_inherit_alpha0=0.7056,train_lr=0.0000_2026-11-26") \
+        == "11cb3_00001"
+    assert _trial_id("/x/tune/_trial_a0b1c_00012_12_train_lr=0.001_2026") == "a0b1c_00012"
+    assert _trial_id("/x/tune/other") is None
