@@ -75,9 +75,9 @@ def main() -> None:
             cfg = load_config(None, overrides)
             for task in cfg.finetune.tasks:
                 task.max_train_examples = args.train
-                task.train = [str((REPO / p).resolve()) if not Path(p).is_absolute() else p for p in task.train]
-                task.valid = [str((REPO / p).resolve()) if not Path(p).is_absolute() else p for p in task.valid]
-                task.test = [str((REPO / p).resolve()) if not Path(p).is_absolute() else p for p in task.test]
+                for split in ("train", "valid", "test"):  # the overlay's paths are relative to the repo
+                    setattr(task, split, [p if Path(p).is_absolute() else str((REPO / p).resolve())
+                                          for p in getattr(task, split)])
             print(f"[bench] {arch} {method}: fine-tuning {model}", flush=True)
             s = run_finetune(cfg, model=str(model))
             results[arch][method] = {
