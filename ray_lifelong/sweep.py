@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ray_lifelong.config import ConfigError, LifelongConfig, to_yaml, validate, with_values
 from ray_lifelong.config.schema import SearchDim
+from ray_lifelong.data.sources import join_uri
 
 TRIALS = "trials"
 
@@ -263,7 +264,7 @@ def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<confi
                              trials_dir=str(base / TRIALS)),
         {"cpu": tu.trial_cpus})
     storage = tu.storage_path or str(base)
-    exp_path = f"{storage.rstrip('/')}/tune"
+    exp_path = join_uri(storage, "tune")
     if resume and tune.Tuner.can_restore(exp_path):
         print(f"[tune] restoring the sweep in {exp_path}")
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -287,8 +288,10 @@ def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<confi
 
 
 def _searcher(tu):
-    if tu.search == "random":
-        return None  # Tune's BasicVariantGenerator: random samples, grid dimensions expanded
+    if tu.search == "random":  # random samples (reproducible with tune.seed), grid dimensions expanded
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=tu.seed)
     try:
         from ray.tune.search.optuna import OptunaSearch
         import optuna  # noqa: F401
@@ -326,8 +329,8 @@ def write_sweep_results(cfg: LifelongConfig, grid, base: Path, *, tokenizer_dir:
                            + (f"; first error: {errors[0]}" if errors else ""))
     # the best among the trials that ran to the end (a stopped trial ends on an earlier, higher loss)
     best = (min if tu.mode == "min" else max)(done, key=lambda r: r[tu.metric])
-    rows.sort(key=lambda r: (not r["finished"], r[tu.metric] is None,
-                             r[tu.metric] if tu.mode == "min" else -(r[tu.metric] or 0)))
+    rows.sort(key=lambda r: (not r["finished"], r[tu.metric] is None,  # ties (equal values) by trial id
+                             r[tu.metric] if tu.mode == "min" else -(r[tu.metric] or 0), r["trial_id"]))
 
     best_params = {p: best[p] for p in paths}
     best_cfg = trial_config(cfg, best_params, run_name=f"{cfg.run_name}-best", output_dir=str(base),

@@ -345,6 +345,7 @@ class SweepConfig:
     storage_path: Optional[str] = None
     """Where Tune keeps the sweep's state (local, NFS or ``s3://``); default ``<output_dir>/<run_name>/tune``."""
     seed: int = 0
+    """Seeds the search (random sampling or Optuna): the same config samples the same trials."""
 
 
 @dataclass

@@ -21,11 +21,13 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
+from ray_lifelong.data.sources import join_uri
+
 MARKER = "_memory.json"
 
 
 def memory_uri(root: str, index: int, domain: str) -> str:
-    return f"{root.rstrip('/')}/{index:02d}-{domain}"
+    return join_uri(root, f"{index:02d}-{domain}")
 
 
 def _fs(uri: str):

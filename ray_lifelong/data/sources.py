@@ -58,6 +58,13 @@ def _name(path: str) -> str:
     return path.split("?", 1)[0] if _is_uri(path) else path
 
 
+def join_uri(root: str, *parts: str) -> str:
+    """``root/part/...`` for a local path or a URI; a URI's ``?query`` (endpoint_override, region) stays at
+    the end, where pyarrow reads it, instead of being split by the joined parts."""
+    base, sep, query = root.partition("?") if _is_uri(root) else (root, "", "")
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)]) + sep + query
+
+
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if _is_uri(path):
         try:

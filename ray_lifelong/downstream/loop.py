@@ -3,6 +3,7 @@ split sharded by rank, model selection on valid after every epoch, test scored a
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import ray.train
@@ -50,16 +51,19 @@ def finetune_loop(config: dict) -> dict:
                 rows = batch[k * micro:(k + 1) * micro]
                 ids, mask = _pad([task.train.ids[i] for i in rows], pad_id, device)
                 y = torch.tensor([task.train.labels[i] for i in rows], device=device)
-                with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                    loss = model(input_ids=ids, attention_mask=mask, labels=y).loss / accum
-                loss.backward()
-                losses.append(float(loss) * accum)
+                # gradients are all-reduced once per step, on the last micro-batch
+                sync = k == accum - 1 or not hasattr(model, "no_sync")
+                with (contextlib.nullcontext() if sync else model.no_sync()):
+                    with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                        loss = model(input_ids=ids, attention_mask=mask, labels=y).loss / accum
+                    loss.backward()
+                losses.append(loss.detach() * accum)  # no host sync per micro-batch
             torch.nn.utils.clip_grad_norm_(inner.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         valid = score(task.metric, _predict(inner, task.valid, pad_id, device, fc), task.valid.labels)
-        point = {"epoch": epoch + 1, "train_loss": sum(losses) / max(1, len(losses)), "valid": valid}
+        point = {"epoch": epoch + 1, "train_loss": float(torch.stack(losses).mean()) if losses else 0.0, "valid": valid}
         if valid > best["valid"]:  # selection on valid; test is scored only at the selected epoch
             test = score(task.metric, _predict(inner, task.test, pad_id, device, fc), task.test.labels)
             best = {"valid": valid, "test": test, "epoch": epoch + 1}

@@ -5,17 +5,12 @@ the growth history of the first run, and writes the same results layout."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from ray_lifelong.config import load_config, save_config
-from tests.conftest import REPO, elle_overrides, moto_server
-from tests.e2e.test_pipeline import cli
+from tests.conftest import elle_overrides, moto_server
+from tests.e2e.test_pipeline import cli, kill_cli_when
 
 pytestmark = [pytest.mark.e2e]
 
@@ -50,18 +45,8 @@ def test_a_killed_driver_resumes_an_elle_run_from_its_checkpoints_on_s3(demo_cor
         config = tmp_path / "elle.yaml"
         save_config(cfg, config)
         rdir = tmp_path / "elle"
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        proc = subprocess.Popen([sys.executable, "-m", "ray_lifelong", "run", str(config)], cwd=REPO, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         # kill the driver and the Ray processes it started once the grown stage has a checkpoint on S3
-        deadline = time.time() + 900
-        while time.time() < deadline and proc.poll() is None:
-            if _checkpoints(fs, "ckpts/lifelong/elle-stage1-astronomy"):
-                break
-            time.sleep(0.5)
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_cli_when(lambda: _checkpoints(fs, "ckpts/lifelong/elle-stage1-astronomy"), "run", str(config))
         assert not (rdir / "results.json").exists()
         memories = sorted((rdir / "memory").rglob("*.parquet"))
         assert memories, "the first domain's memory was not written before the kill"

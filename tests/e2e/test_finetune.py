@@ -1,6 +1,7 @@
-"""``ray-lifelong finetune`` through the command line: a tiny GPT-2 fine-tuned on a small labelled task
-(which demo domain a document comes from), two seeds on Ray Train, as Tune trials; learning beats the
-majority class, prompts come from the pre-training config, a rerun keeps the finished jobs."""
+"""Downstream fine-tuning through the command line: a tiny GPT-2 pre-trained by ``ray-lifelong run``, whose
+``finetune:`` section fine-tunes the final model on a small labelled task (which demo domain a document comes
+from), two seeds on Ray Train, as Tune trials; learning beats the majority class, prompts come from the
+pre-training config, and ``ray-lifelong finetune`` on the same config keeps the finished jobs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_lifelong.config import ModelConfig, load_config, save_config
+from ray_lifelong.config import load_config, save_config
 from tests.conftest import tiny_overrides
 from tests.e2e.test_pipeline import cli
 
@@ -32,32 +33,24 @@ def _slice(demo_corpus: Path, out: Path, per_domain: int = 24) -> str:
     return str(path)
 
 
-@pytest.mark.timeout(900)
-def test_finetune_learns_beyond_the_majority_class_and_a_rerun_keeps_finished_jobs(demo_corpus, tmp_path):
-    from ray_lifelong.data.tokenizer import prompt_tokens, train_tokenizer
-    from ray_lifelong.models.build import build_model
-
-    # a "pre-trained" model directory as a run exports it, with the run's config beside it (prompts on)
-    texts = [json.loads(line)["text"] for f in sorted(demo_corpus.glob("*/train-*.jsonl.gz"))
-             for line in gzip.open(f, "rt")][:400]
-    model_dir = tmp_path / "pre" / "final_model"
-    tok = train_tokenizer(texts, model_dir, kind="bpe", vocab_size=600, prompts=prompt_tokens(["sports", "astronomy"]))
-    build_model(ModelConfig(arch="gpt2", num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64,
-                            max_position_embeddings=64), len(tok), eos_id=tok.eos_token_id).save_pretrained(model_dir)
-    (tmp_path / "pre" / "config.yaml").write_text("continual:\n  prompts: true\n")
-
+@pytest.mark.timeout(1200)
+def test_a_run_finetunes_its_final_model_beyond_the_majority_class_and_a_rerun_keeps_finished_jobs(
+        demo_corpus, tmp_path):
+    # a tiny GPT-2 pre-trained with domain prompts, whose config lists a fine-tuning task: `ray-lifelong run`
+    # fine-tunes the run's final model after its last stage
     data = _slice(demo_corpus, tmp_path)
-    cfg = load_config(None, tiny_overrides(demo_corpus, tmp_path) + [
-        "run_name=ft", "ray.num_cpus=4", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+    cfg = load_config(None, tiny_overrides(demo_corpus, tmp_path, arch="gpt2", steps=8) + [
+        "run_name=ft", "ray.num_cpus=4", "continual.prompts=true",
         # valid = test = the training slice: the metric then measures learning on the data it saw
         f"finetune.tasks=[{{name: which, domain: sports, train: ['{data}'], valid: ['{data}'], test: ['{data}']}}]",
         "finetune.seeds=[0, 1]", "finetune.epochs=4", "finetune.batch_size=8", "finetune.micro_batch_size=4",
         "finetune.lr=3.0e-3", "finetune.max_length=48", "finetune.max_concurrent=2"])
     config = tmp_path / "ft.yaml"
     save_config(cfg, config)
-    done = cli("finetune", str(config), "--model", str(tmp_path / "pre"), timeout=800)
+    done = cli("run", str(config), timeout=1000)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "prompts on" in done.stdout  # read from the pre-training config beside the model
+    # the model is the run's export, and prompts come from the run's own config
+    assert f"[finetune] {tmp_path / 'ft' / 'final_model'} (gpt2), prompts on" in done.stdout, done.stdout[-3000:]
 
     out = tmp_path / "ft" / "downstream"
     summary = json.loads((out / "downstream.json").read_text())
@@ -71,7 +64,8 @@ def test_finetune_learns_beyond_the_majority_class_and_a_rerun_keeps_finished_jo
     records = {p: p.stat().st_mtime_ns for p in (out / "which").glob("seed*.json")}
     assert len(records) == 2
 
-    again = cli("finetune", str(config), "--model", str(tmp_path / "pre"), timeout=300)
+    # `ray-lifelong finetune` on the same config (default model: the run's final_model) keeps both jobs
+    again = cli("finetune", str(config), timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in records} == records  # finished jobs are not trained again
     assert json.loads((out / "downstream.json").read_text()) == summary

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -27,6 +28,22 @@ def cli(*args, timeout=600):
         proc.communicate()
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def kill_cli_when(ready, *args, timeout=900, poll_s=0.5) -> None:
+    """Start the CLI with ``args`` and SIGKILL it, with every Ray process it started, as soon as ``ready()``
+    holds: a driver dying mid-run. Fails if the command ends first or ``ready`` never holds."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "ray_lifelong", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(poll_s)
+    alive = proc.poll() is None
+    if alive:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert alive, "the command ended before it could be interrupted"
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from ray_lifelong.config import load_config
-from tests.conftest import REPO, tiny_overrides
-from tests.e2e.test_pipeline import cli
+from tests.conftest import REPO, moto_server, tiny_overrides
+from tests.e2e.test_pipeline import cli, kill_cli_when
 
 pytestmark = [pytest.mark.e2e]
 
@@ -39,19 +34,9 @@ def test_sweep_survives_a_killed_driver_and_its_best_config_runs(demo_corpus, tm
     out = tmp_path / "sweeps"
     overrides = sweep_overrides(demo_corpus, out)
     base = out / "sw"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "ray_lifelong", "tune", str(REPO / "configs/tune_ki.yaml"),
-                             *overrides], cwd=REPO, env=env, text=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
     # kill the driver (and the Ray processes it started) once a trial has written a checkpoint
-    deadline = time.time() + 900
-    while time.time() < deadline and proc.poll() is None:
-        if list((base / "trials").glob("*/checkpoints/*/checkpoint_*")):
-            break
-        time.sleep(1)
-    assert proc.poll() is None, "the sweep ended before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_cli_when(lambda: list((base / "trials").glob("*/checkpoints/*/checkpoint_*")),
+                  "tune", str(REPO / "configs/tune_ki.yaml"), *overrides, poll_s=1)
     assert not (base / "sweep_results.csv").exists()
     teacher_marker = next((base / "sw-teacher" / "stages").glob("*/stage.json"))
     teacher_mtime = teacher_marker.stat().st_mtime
@@ -118,3 +103,38 @@ def test_pbt_clones_the_better_trial_between_segments(demo_corpus, tmp_path):
             for i in (t_id, s_id)}
     # the cloned-over trial's segment 1 continued the other's segment 0: their first 4 steps are the same
     assert [h for h in hist[t_id] if h["step"] <= 4] == [h for h in hist[s_id] if h["step"] <= 4]
+
+
+@pytest.mark.timeout(900)
+def test_sweep_state_lives_on_s3_and_restores_from_there(demo_corpus, tmp_path):
+    """``tune.storage_path=s3://...?endpoint_override=...``: the experiment (state, trial results and
+    checkpoints) is written to the bucket, a second run without --resume is refused because of what is there,
+    and --resume restores the finished sweep from S3 and writes the same table."""
+    import pyarrow.fs as pafs
+
+    out = tmp_path / "sweeps"
+    with moto_server() as endpoint:
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1", access_key="test",
+                               secret_key="test", allow_bucket_creation=True)
+        fs.create_dir("sweeps")
+        query = f"endpoint_override={endpoint}&scheme=http&region=us-east-1"
+        overrides = [o for o in sweep_overrides(demo_corpus, out) if not o.startswith("tune.space=")] + [
+            "run_name=s3", "tune.base=run", f"tune.storage_path=s3://sweeps/ki?{query}",
+            "tune.space={train.lr: {choice: [1.0e-3, 3.0e-3]}}"]
+        done = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        stored = [i.path for i in fs.get_file_info(pafs.FileSelector("sweeps/ki", recursive=True))]
+        assert any(p.startswith("sweeps/ki/tune/experiment_state") for p in stored), stored
+        # each trial's reported results went to the bucket, not to a local folder
+        assert sum(p.endswith("/result.json") for p in stored) == 2, stored
+        assert not (out / "s3" / "tune").exists()
+        first = (out / "s3" / "sweep_results.csv").read_text()
+
+        again = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, timeout=600)
+        assert again.returncode == 2 and "s3://sweeps/ki/tune?" in again.stderr, again.stderr[-2000:]
+        (out / "s3" / "sweep_results.csv").unlink()
+        resumed = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, "--resume", timeout=600)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert "restoring the sweep in s3://sweeps/ki/tune" in resumed.stdout, resumed.stdout[-3000:]
+        restored = (out / "s3" / "sweep_results.csv").read_text()
+        assert restored == first, f"before:\n{first}\nafter the restore:\n{restored}"

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ray_lifelong.data.sources import DataError, iter_documents, resolve_sources
+from ray_lifelong.data.sources import DataError, iter_documents, join_uri, resolve_sources
 
 
 def write_gz(path, lines: list[bytes]):
@@ -110,3 +110,10 @@ def test_unknown_extension_needs_format(tmp_path):
     with pytest.raises(DataError, match=r"data\.csv: cannot tell the format"):
         list(iter_documents(str(tmp_path / "data.csv")))
     assert list(iter_documents(str(tmp_path / "data.csv"), fmt="text")) == ["a"]
+
+
+def test_join_uri_keeps_the_query_at_the_end():
+    q = "endpoint_override=127.0.0.1:9000&scheme=http"
+    assert join_uri(f"s3://bucket/runs/?{q}", "tune", "x") == f"s3://bucket/runs/tune/x?{q}"
+    assert join_uri("s3://bucket/runs", "tune") == "s3://bucket/runs/tune"
+    assert join_uri("/tmp/a?b/", "tune") == "/tmp/a?b/tune"  # a local name may contain '?'
