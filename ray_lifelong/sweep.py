@@ -296,7 +296,7 @@ def _searcher(tu):
         from ray.tune.search.optuna import OptunaSearch
         import optuna  # noqa: F401
     except ImportError:
-        raise ConfigError("tune.search=optuna needs the optuna package (pip install optuna)") from None
+        raise ConfigError("tune.search=optuna needs the optuna package (pip install optuna, or the [tune] extra)") from None
     from ray.tune.search import ConcurrencyLimiter
 
     return ConcurrencyLimiter(OptunaSearch(seed=tu.seed), max_concurrent=tu.max_concurrent_trials)

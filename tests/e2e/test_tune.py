@@ -107,9 +107,9 @@ def test_pbt_clones_the_better_trial_between_segments(demo_corpus, tmp_path):
 
 @pytest.mark.timeout(900)
 def test_sweep_state_lives_on_s3_and_restores_from_there(demo_corpus, tmp_path):
-    """``tune.storage_path=s3://...?endpoint_override=...``: the experiment (state, trial results and
-    checkpoints) is written to the bucket, a second run without --resume is refused because of what is there,
-    and --resume restores the finished sweep from S3 and writes the same table."""
+    """``tune.storage_path=s3://...?endpoint_override=...`` with Optuna's search: the experiment (state, searcher
+    state, trial results) is written to the bucket, a second run without --resume is refused because of what
+    is there, and --resume restores the finished sweep from S3 and writes the same table."""
     import pyarrow.fs as pafs
 
     out = tmp_path / "sweeps"
@@ -120,11 +120,13 @@ def test_sweep_state_lives_on_s3_and_restores_from_there(demo_corpus, tmp_path):
         query = f"endpoint_override={endpoint}&scheme=http&region=us-east-1"
         overrides = [o for o in sweep_overrides(demo_corpus, out) if not o.startswith("tune.space=")] + [
             "run_name=s3", "tune.base=run", f"tune.storage_path=s3://sweeps/ki?{query}",
-            "tune.space={train.lr: {choice: [1.0e-3, 3.0e-3]}}"]
+            # Optuna (the [tune] extra) here, random search in the other tests: its state is restored too
+            "tune.search=optuna", "tune.space={train.lr: {loguniform: [1.0e-3, 3.0e-3]}}"]
         done = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         stored = [i.path for i in fs.get_file_info(pafs.FileSelector("sweeps/ki", recursive=True))]
         assert any(p.startswith("sweeps/ki/tune/experiment_state") for p in stored), stored
+        assert any(p.startswith("sweeps/ki/tune/searcher-state") for p in stored), stored
         # each trial's reported results went to the bucket, not to a local folder
         assert sum(p.endswith("/result.json") for p in stored) == 2, stored
         assert not (out / "s3" / "tune").exists()
