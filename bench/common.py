@@ -162,9 +162,15 @@ def data_supply(cfg, tok_dir: str, min_rows: int) -> dict:
             "tokens_per_s_after_first_quarter": (rows - r_q) * cfg.data.seq_len / max(t_end - t_q, 1e-9)}
 
 
-def write(name: str, payload: dict, table: str) -> None:
+def write(name: str, payload: dict, table: str, meta: dict | None = None) -> None:
+    """``<name>.json`` and ``<name>.md``. With ``meta`` (goals, setup) the JSON holds ``payload`` exactly, in
+    the layout its issue prescribes (``{arch: {method: ...}}``), and the rest goes to ``<name>.meta.json``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {**payload, "machine": {"cpus": os.cpu_count(), "torch": torch.__version__}}
+    machine = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__}}
+    if meta is None:
+        payload = {**payload, **machine}
+    else:
+        (RESULTS / f"{name}.meta.json").write_text(json.dumps({**meta, **machine}, indent=1))
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1))
     (RESULTS / f"{name}.md").write_text(table + "\n")
     print(table)

@@ -98,7 +98,8 @@ def report(results: dict, args, wall: float) -> None:
     lines = ["# Downstream fine-tuning of the ELLE benchmark's final models", "",
              f"Tasks of configs/finetune/downstream.yaml (../shared/downstream), first {args.train} training examples, "
              f"{args.epochs} epochs, lr {args.lr}, max length {args.max_length}, seeds {args.seeds}; epoch selected on "
-             f"valid, test mean ± std over seeds. Wall {wall / 60:.0f} min on 2 cores.", ""]
+             f"valid, test mean ± std over seeds. Wall of this invocation {wall / 60:.0f} min on 2 cores "
+             f"((task, seed) jobs finished by an earlier invocation are kept, not rerun).", ""]
     for arch, r in results.items():
         if not r:
             continue
@@ -112,7 +113,7 @@ def report(results: dict, args, wall: float) -> None:
         first = next(iter(r.values()))
         lines += ["| majority class | | " + " | ".join(f"{first[t]['majority_test']:.3f}" for t in tasks) + " | |",
                   "", f"Goals: {goals.get(arch)}", ""]
-    write("downstream", {**results, "goals": goals, "setup": {**vars(args), "wall_s": wall}}, "\n".join(lines))
+    write("downstream", results, "\n".join(lines), {"goals": goals, "setup": {**vars(args), "wall_s": wall}})
 
 
 if __name__ == "__main__":

@@ -228,20 +228,18 @@ def main() -> None:
     if args.report_only:  # e.g. after a run that ended before its report, or with fewer methods than planned
         results = {a: json.loads((out / f"partial-{a}.json").read_text()) for a in args.arch
                    if (out / f"partial-{a}.json").exists()}
-        payload = {**results, "goals": {a: goals(r) for a, r in results.items()},
-                   "setup": {**vars(args), "report_only": True}}
+        meta = {"goals": {a: goals(r) for a, r in results.items()}, "setup": {**vars(args), "report_only": True}}
         plot(results, REPO / f"bench/results/{args.name}_ap.png")
-        write(args.name, payload, table(results, args).replace("elle_stream_ap.png", f"{args.name}_ap.png"))
+        write(args.name, results, table(results, args).replace("elle_stream_ap.png", f"{args.name}_ap.png"), meta)
         return
     ray.init(num_cpus=4, configure_logging=False, runtime_env={"env_vars": {
         k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_DATA_LOG_LEVEL")}})
     quiet_ray_data()
     t0 = time.time()
     results = {arch: run_arch(arch, args, out) for arch in args.arch}
-    payload = {**results, "goals": {a: goals(r) for a, r in results.items()},
-               "setup": {**vars(args), "wall_s": time.time() - t0}}
+    meta = {"goals": {a: goals(r) for a, r in results.items()}, "setup": {**vars(args), "wall_s": time.time() - t0}}
     plot(results, REPO / f"bench/results/{args.name}_ap.png")
-    write(args.name, payload, table(results, args).replace("elle_stream_ap.png", f"{args.name}_ap.png"))
+    write(args.name, results, table(results, args).replace("elle_stream_ap.png", f"{args.name}_ap.png"), meta)
 
 
 if __name__ == "__main__":
