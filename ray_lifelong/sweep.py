@@ -327,10 +327,11 @@ def write_sweep_results(cfg: LifelongConfig, grid, base: Path, *, tokenizer_dir:
         errors = [r["error"] for r in rows if r["error"]]
         raise RuntimeError(f"no trial of the sweep ran to the end (see {base / 'tune'})"
                            + (f"; first error: {errors[0]}" if errors else ""))
-    # the best among the trials that ran to the end (a stopped trial ends on an earlier, higher loss)
-    best = (min if tu.mode == "min" else max)(done, key=lambda r: r[tu.metric])
-    rows.sort(key=lambda r: (not r["finished"], r[tu.metric] is None,  # ties (equal values) by trial id
+    # finished trials first, best first (ties by trial id); the best is the first one: among the trials that
+    # ran to the end, since a stopped trial ends on an earlier, higher loss
+    rows.sort(key=lambda r: (not r["finished"], r[tu.metric] is None,
                              r[tu.metric] if tu.mode == "min" else -(r[tu.metric] or 0), r["trial_id"]))
+    best = rows[0]
 
     best_params = {p: best[p] for p in paths}
     best_cfg = trial_config(cfg, best_params, run_name=f"{cfg.run_name}-best", output_dir=str(base),

@@ -3,7 +3,6 @@ split sharded by rank, model selection on valid after every epoch, test scored a
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import ray.train
@@ -14,7 +13,7 @@ from ray_lifelong.config.schema import FinetuneConfig, TrainConfig
 from ray_lifelong.downstream.tasks import EncodedTask, Split
 from ray_lifelong.eval.classification import score
 from ray_lifelong.stage.schedule import lr_multiplier
-from ray_lifelong.stage.step import build_optimizer
+from ray_lifelong.stage.step import build_optimizer, maybe_no_sync
 
 
 def finetune_loop(config: dict) -> dict:
@@ -51,9 +50,7 @@ def finetune_loop(config: dict) -> dict:
                 rows = batch[k * micro:(k + 1) * micro]
                 ids, mask = _pad([task.train.ids[i] for i in rows], pad_id, device)
                 y = torch.tensor([task.train.labels[i] for i in rows], device=device)
-                # gradients are all-reduced once per step, on the last micro-batch
-                sync = k == accum - 1 or not hasattr(model, "no_sync")
-                with (contextlib.nullcontext() if sync else model.no_sync()):
+                with maybe_no_sync(model, k == accum - 1):
                     with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                         loss = model(input_ids=ids, attention_mask=mask, labels=y).loss / accum
                     loss.backward()

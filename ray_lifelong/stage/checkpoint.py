@@ -73,9 +73,10 @@ def checkpoint_uri(path: str, filesystem, storage_path: str) -> str:
 
     if isinstance(filesystem, pafs.LocalFileSystem) or "://" not in storage_path:
         return path
-    base, _, query = storage_path.partition("?")
+    from ray_lifelong.data.sources import join_uri
+
     _, root = pafs.FileSystem.from_uri(storage_path)
     root = root.rstrip("/")
     if not path.startswith(root + "/"):
         raise ValueError(f"checkpoint {path!r} is not under the storage path {storage_path!r}")
-    return base.rstrip("/") + path[len(root):] + (f"?{query}" if query else "")
+    return join_uri(storage_path, path[len(root):])

@@ -36,7 +36,7 @@ from ray_lifelong.growth import model_sizes
 from ray_lifelong.stage.grow import grow_model
 from ray_lifelong.stage.schedule import lr_multiplier
 from ray_lifelong.stage.spec import StageSpec, materialize_tokenizer
-from ray_lifelong.stage.step import Masker, build_optimizer
+from ray_lifelong.stage.step import Masker, build_optimizer, maybe_no_sync
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -173,7 +173,7 @@ def train_loop_per_worker(config: dict) -> dict:
             sync = micro == accum - 1
             alpha = inheritance_rate(state.step, schedule=ki.schedule, steps=ki_steps, alpha0=ki.alpha0) \
                 if teachers else 0.0
-            with _maybe_no_sync(ddp, sync), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
+            with maybe_no_sync(ddp, sync), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
                 logits, targets = objective(inputs, labels)
                 if alpha > 0:  # the teacher sees exactly the student's batch (same masking)
                     t0 = time.perf_counter()
@@ -367,19 +367,6 @@ def _evaluate(inner: LMObjective, spec: StageSpec, masker: Masker, device, rank:
         dist.all_reduce(totals)
     inner.train()
     return {name: perplexity(float(totals[i]), int(totals[n + i])) for i, name in enumerate(spec.eval_domains)}
-
-
-class _maybe_no_sync:
-    """DDP ``no_sync`` on accumulation micro-steps (gradients are all-reduced once per optimizer step)."""
-
-    def __init__(self, module, sync: bool) -> None:
-        self.ctx = module.no_sync() if (not sync and hasattr(module, "no_sync")) else None
-
-    def __enter__(self):
-        return self.ctx.__enter__() if self.ctx else None
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc) if self.ctx else False
 
 
 def _maybe_crash(spec: StageSpec, step: int, rank: int) -> None:

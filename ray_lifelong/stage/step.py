@@ -42,3 +42,16 @@ class Masker:
         if fixed:
             return mlm_mask_fixed(ids, seed=EVAL_MASK_SEED, **self.kw)
         return mlm_mask(ids, generator=gen, **self.kw)
+
+
+class maybe_no_sync:
+    """DDP ``no_sync`` on accumulation micro-steps (gradients are all-reduced once per optimizer step)."""
+
+    def __init__(self, module, sync: bool) -> None:
+        self.ctx = module.no_sync() if (not sync and hasattr(module, "no_sync")) else None
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx else False
