@@ -17,7 +17,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-CORPUS = REPO.parent / "shared" / "corpus"
+# BENCH_CORPUS points elsewhere where ../shared is not beside the checkout (e.g. a copy carried to a GPU machine)
+CORPUS = Path(os.environ.get("BENCH_CORPUS") or REPO.parent / "shared" / "corpus")
 
 
 @dataclass

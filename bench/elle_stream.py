@@ -34,12 +34,17 @@ ELLE_FIRST = ["elle", "elle_no_prompts", "elle_no_frw", "elle_carry"]  # their s
 FLOP_MATCHED = ["naive", "er", "logit_kd", "joint", "elle_no_growth"]  # steps from ELLE's FLOPs
 METHODS = ELLE_FIRST + ["scratch_large"] + FLOP_MATCHED
 EXTRA: list[str] = []  # --set key=value overrides for every run (smoke tests, other budgets)
+BASE = ["configs/elle_stream_{arch}.yaml"]  # --base: the base config of each architecture (e.g. the GPU schedule)
+
+
+def base_config(arch: str) -> Path:
+    return REPO / BASE[0].format(arch=arch)
 
 
 def overrides(arch: str, out: Path, tok_dir: str | None, steps: list[int], domains: list[str]) -> list[str]:
     from ray_lifelong.config import load_config
 
-    base = load_config(REPO / f"configs/elle_stream_{arch}.yaml")
+    base = load_config(base_config(arch))
     grows = {d.name: d.grow for d in base.data.domains}
     doms = []
     for name, n in zip(domains, steps):
@@ -60,7 +65,7 @@ def run_method(arch: str, method: str, out: Path, tok_dir: str | None, steps: li
     from ray_lifelong.config import load_config
     from ray_lifelong.pipeline import run_lifelong
 
-    cfg = load_config(REPO / f"configs/elle_stream_{arch}.yaml",
+    cfg = load_config(base_config(arch),
                       overrides(arch, out, tok_dir, steps, domains) + [str(REPO / f"configs/methods/{method}.yaml"),
                                                                        f"run_name={arch}-{method}"])
     # a memory depends only on the data, tokenizer, seed and prompts, not on the method: share it
@@ -80,8 +85,7 @@ def flops_per_step(arch: str, domains: list[str], out: Path, tok_dir: str) -> fl
     from ray_lifelong.data.tokenizer import load_tokenizer
     from ray_lifelong.flops import logit_positions, train_flops_per_sequence
 
-    cfg = load_config(REPO / f"configs/elle_stream_{arch}.yaml", overrides(arch, out, tok_dir, [1] * len(domains),
-                                                                            domains))
+    cfg = load_config(base_config(arch), overrides(arch, out, tok_dir, [1] * len(domains), domains))
     m = cfg.model
     return cfg.train.batch_size * train_flops_per_sequence(
         num_layers=m.num_layers, hidden=m.hidden_size, ffn=m.intermediate_size, vocab=len(load_tokenizer(tok_dir)),
@@ -93,7 +97,7 @@ def run_arch(arch: str, args, out: Path) -> dict:
     from ray_lifelong.pipeline import prepare_tokenizer
 
     domains = args.domains
-    tok_dir = prepare_tokenizer(load_config(REPO / f"configs/elle_stream_{arch}.yaml",
+    tok_dir = prepare_tokenizer(load_config(base_config(arch),
                                             overrides(arch, out, None, [1] * len(domains), domains)),
                                 out / f"tokenizer-{arch}")
     steps = [args.steps] * len(domains)
@@ -121,8 +125,23 @@ def run_arch(arch: str, args, out: Path) -> dict:
             m_steps = steps
         print(f"[bench] {arch} {method}: steps per stage {m_steps}", flush=True)
         results[method] = run_method(arch, method, out, tok_dir, m_steps, domains, args.resume)
-        partial.write_text(json.dumps(results, indent=1))
+        results = save_partial(partial, method, results[method])
     return results
+
+
+def save_partial(partial: Path, method: str, result: dict) -> dict:
+    """Add one finished method to partial-<arch>.json, merged under a lock so that several invocations on
+    one --out (one per method, on a machine with room for them side by side) keep each other's results."""
+    import fcntl
+
+    with open(partial.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = json.loads(partial.read_text()) if partial.exists() else {}
+        merged[method] = result
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text(json.dumps(merged, indent=1))
+        tmp.replace(partial)
+    return merged
 
 
 def goals(r: dict) -> dict:
@@ -172,7 +191,7 @@ def table(results: dict, args) -> str:
     lines = ["# ELLE on the five-domain stream", "",
              f"Domains {' -> '.join(args.domains)} (../shared/corpus), {args.steps} steps per stage for ELLE; "
              f"fixed-size baselines FLOP-matched to ELLE stage by stage; scratch_large token-matched. "
-             f"Configs: configs/elle_stream_<arch>.yaml + configs/methods/<method>.yaml.", ""]
+             f"Configs: {args.base.replace('{arch}', '<arch>')} + configs/methods/<method>.yaml.", ""]
     for arch, r in results.items():
         lines += [f"## {arch}", "", "| method | AP per stage | AP+ per stage | final TFLOPs | steps | wall s |",
                   "|---|---|---|---|---|---|"]
@@ -204,11 +223,18 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="key=value overrides applied to every run")
     ap.add_argument("--methods-of", nargs="*", default=[], metavar="ARCH=M1,M2",
                     help="the methods of one architecture (e.g. bert=elle,naive,er): fewer runs where time is short")
+    ap.add_argument("--base", default=BASE[0],
+                    help="base config of each architecture, {arch} filled in (e.g. configs/elle_stream_{arch}_gpu.yaml)")
+    ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
+    ap.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto) instead of starting one")
+    ap.add_argument("--no-report", action="store_true",
+                    help="train and keep partial-<arch>.json only (parallel invocations; --report-only at the end)")
     ap.add_argument("--report-only", action="store_true",
                     help="write the report from the finished runs in --out (partial-<arch>.json), train nothing")
     args = ap.parse_args()
     args.methods_of = {k: v.split(",") for k, v in (item.split("=", 1) for item in args.methods_of)}
     EXTRA.extend(args.set)
+    BASE[0] = args.base
     if args.rerun and not args.resume:
         sys.exit("--rerun goes with --resume (without it every method trains from scratch anyway)")
     if ("elle" not in args.methods and not args.resume
@@ -228,15 +254,24 @@ def main() -> None:
     if args.report_only:  # e.g. after a run that ended before its report, or with fewer methods than planned
         results = {a: json.loads((out / f"partial-{a}.json").read_text()) for a in args.arch
                    if (out / f"partial-{a}.json").exists()}
+        if not results:
+            sys.exit(f"no finished runs in {out} (partial-<arch>.json) to report")
         meta = {"goals": {a: goals(r) for a, r in results.items()}, "setup": {**vars(args), "report_only": True}}
         plot(results, REPO / f"bench/results/{args.name}_ap.png")
         write(args.name, results, table(results, args).replace("elle_stream_ap.png", f"{args.name}_ap.png"), meta)
         return
-    ray.init(num_cpus=4, configure_logging=False, runtime_env={"env_vars": {
-        k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_DATA_LOG_LEVEL")}})
+    env = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_DATA_LOG_LEVEL")}}
+    if args.address:  # a running cluster shared by several invocations (bench/gpu_elle_stream.sh)
+        if args.address != "auto":  # Ray Train's helper actors look the cluster up again: not "auto" where
+            env["env_vars"]["RAY_ADDRESS"] = args.address  # other clusters run on the same machine
+        ray.init(address=args.address, configure_logging=False, runtime_env=env)
+    else:
+        ray.init(num_cpus=args.num_cpus, configure_logging=False, runtime_env=env)
     quiet_ray_data()
     t0 = time.time()
     results = {arch: run_arch(arch, args, out) for arch in args.arch}
+    if args.no_report:
+        return
     meta = {"goals": {a: goals(r) for a, r in results.items()}, "setup": {**vars(args), "wall_s": time.time() - t0}}
     plot(results, REPO / f"bench/results/{args.name}_ap.png")
     write(args.name, results, table(results, args).replace("elle_stream_ap.png", f"{args.name}_ap.png"), meta)

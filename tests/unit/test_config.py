@@ -174,3 +174,16 @@ def test_the_downstream_overlay_lists_five_tasks_and_finetune_settings_are_check
         load_config(REPO / "configs/demo.yaml", ["finetune.tasks=[{name: a, train: [x], valid: [y]}]"])
     with pytest.raises(ConfigError, match=r"finetune\.batch_size"):
         load_config(REPO / "configs/demo.yaml", ["finetune.batch_size=30", "finetune.micro_batch_size=8"])
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_the_gpu_stream_configs_follow_the_papers_base_schedule(arch):
+    """shared/specs/elle.md: L6_D384 -> 8/512 -> 10/640 -> 11/704 -> 12/768, head size 64, FFN 4x."""
+    cfg = load_config(REPO / f"configs/elle_stream_{arch}_gpu.yaml")
+    m = cfg.model
+    sizes = [(m.num_layers, m.hidden_size, m.intermediate_size)]
+    sizes += [(d.grow.num_layers, d.grow.hidden_size, d.grow.intermediate_size) for d in cfg.data.domains[1:]]
+    assert sizes == [(6, 384, 1536), (8, 512, 2048), (10, 640, 2560), (11, 704, 2816), (12, 768, 3072)]
+    assert m.hidden_size // m.num_heads == 64 and m.arch == arch
+    assert [d.name for d in cfg.data.domains] == ["wb", "news", "reviews", "bio", "cs"]
+    assert cfg.scaling.use_gpu and cfg.continual.prompts and cfg.continual.replay.ratio == 0.1
