@@ -266,7 +266,8 @@ def main() -> None:
             env["env_vars"]["RAY_ADDRESS"] = args.address  # other clusters run on the same machine
         ray.init(address=args.address, configure_logging=False, runtime_env=env)
     else:
-        ray.init(num_cpus=args.num_cpus, configure_logging=False, runtime_env=env)
+        # "local": a cluster of its own, even where `ray start` left a cluster (or its address file) behind
+        ray.init(address="local", num_cpus=args.num_cpus, configure_logging=False, runtime_env=env)
     quiet_ray_data()
     t0 = time.time()
     results = {arch: run_arch(arch, args, out) for arch in args.arch}

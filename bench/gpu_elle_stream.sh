@@ -30,7 +30,11 @@ export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=${RAY_AUTH_TOKEN:-$($PY -c "import sec
 $PY -m ray.scripts.scripts start --head --block --port 0 --disable-usage-stats ${RAY_START_ARGS:-} \
     > "$WORK/ray-start.log" 2>&1 &
 HEAD=$!
-trap 'kill -TERM $HEAD 2> /dev/null; wait $HEAD' EXIT  # SIGINT is ignored by background jobs
+ADDR=
+# SIGINT is ignored by background jobs; a head stopped this way leaves its address file, which would send a
+# later plain `ray.init()` on this machine to a dead cluster
+trap 'kill -TERM $HEAD 2> /dev/null; wait $HEAD
+      [ -n "$ADDR" ] && grep -qs "$ADDR" /tmp/ray/ray_current_cluster && rm -f /tmp/ray/ray_current_cluster' EXIT
 for _ in $(seq 120); do
     ADDR=$(grep -o "address='[^']*'" "$WORK/ray-start.log" | head -1 | cut -d"'" -f2)
     [ -n "$ADDR" ] && break
