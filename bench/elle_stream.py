@@ -34,6 +34,7 @@ ELLE_FIRST = ["elle", "elle_no_prompts", "elle_no_frw", "elle_carry"]  # their s
 FLOP_MATCHED = ["naive", "er", "logit_kd", "joint", "elle_no_growth"]  # steps from ELLE's FLOPs
 METHODS = ELLE_FIRST + ["scratch_large"] + FLOP_MATCHED
 EXTRA: list[str] = []  # --set key=value overrides for every run (smoke tests, other budgets)
+OWN_MEMORY = False  # --own-memory: each method writes its own replay memory (methods side by side)
 BASE = ["configs/elle_stream_{arch}.yaml"]  # --base: the base config of each architecture (e.g. the GPU schedule)
 
 
@@ -68,8 +69,10 @@ def run_method(arch: str, method: str, out: Path, tok_dir: str | None, steps: li
     cfg = load_config(base_config(arch),
                       overrides(arch, out, tok_dir, steps, domains) + [str(REPO / f"configs/methods/{method}.yaml"),
                                                                        f"run_name={arch}-{method}"])
-    # a memory depends only on the data, tokenizer, seed and prompts, not on the method: share it
-    cfg.continual.replay.memory_path = str(out / f"memory-{arch}-{'prompts' if cfg.continual.prompts else 'plain'}")
+    # a memory depends only on the data, tokenizer, seed and prompts, not on the method: share it, unless
+    # methods run side by side (two runs writing one memory at once would race)
+    kind = method if OWN_MEMORY else ("prompts" if cfg.continual.prompts else "plain")
+    cfg.continual.replay.memory_path = str(out / f"memory-{arch}-{kind}")
     t0 = time.perf_counter()
     res = run_lifelong(cfg, resume=resume)
     return {"ppl_matrix": res["ppl_matrix"], "AP": res["AP"], "AP_plus": res["AP_plus"],
@@ -79,27 +82,35 @@ def run_method(arch: str, method: str, out: Path, tok_dir: str | None, steps: li
             "final_sizes": res["stages"][-1]["model_sizes"], "run_dir": str(out / cfg.run_name)}
 
 
-def flops_per_step(arch: str, domains: list[str], out: Path, tok_dir: str) -> float:
-    """Training FLOPs of one step at the initial size (flops.md), for the FLOP-matched baselines."""
+def plan(arch: str, method: str, out: Path, tok_dir: str, steps: list[int], domains: list[str]) -> list[dict]:
+    """The steps and training FLOPs per stage that ``method`` will spend with these steps (flops.planned_stages)."""
     from ray_lifelong.config import load_config
     from ray_lifelong.data.tokenizer import load_tokenizer
-    from ray_lifelong.flops import logit_positions, train_flops_per_sequence
+    from ray_lifelong.flops import planned_stages
+    from ray_lifelong.models.build import padded_vocab
 
-    cfg = load_config(base_config(arch), overrides(arch, out, tok_dir, [1] * len(domains), domains))
-    m = cfg.model
-    return cfg.train.batch_size * train_flops_per_sequence(
-        num_layers=m.num_layers, hidden=m.hidden_size, ffn=m.intermediate_size, vocab=len(load_tokenizer(tok_dir)),
-        seq_len=cfg.data.seq_len, logit_positions=logit_positions(arch, cfg.data.seq_len, cfg.data.mlm_probability))
+    cfg = load_config(base_config(arch), overrides(arch, out, tok_dir, steps, domains)
+                      + [str(REPO / f"configs/methods/{method}.yaml")])
+    return planned_stages(cfg, padded_vocab(len(load_tokenizer(tok_dir)), cfg.model.vocab_multiple))
 
 
-def run_arch(arch: str, args, out: Path) -> dict:
+def flops_per_step(arch: str, domains: list[str], out: Path, tok_dir: str) -> float:
+    """Training FLOPs of one step at the initial size (flops.md), for the FLOP-matched baselines."""
+    return plan(arch, "naive", out, tok_dir, [1] * len(domains), domains)[0]["flops"]
+
+
+def prepare_arch_tokenizer(arch: str, out: Path, domains: list[str]) -> str:
+    """One tokenizer per architecture, trained once into ``out`` and shared by every method."""
     from ray_lifelong.config import load_config
     from ray_lifelong.pipeline import prepare_tokenizer
 
+    return prepare_tokenizer(load_config(base_config(arch), overrides(arch, out, None, [1] * len(domains), domains)),
+                             out / f"tokenizer-{arch}")
+
+
+def run_arch(arch: str, args, out: Path) -> dict:
     domains = args.domains
-    tok_dir = prepare_tokenizer(load_config(base_config(arch),
-                                            overrides(arch, out, None, [1] * len(domains), domains)),
-                                out / f"tokenizer-{arch}")
+    tok_dir = prepare_arch_tokenizer(arch, out, domains)
     steps = [args.steps] * len(domains)
     partial = out / f"partial-{arch}.json"
     # --resume keeps the methods that finished (a later invocation adds methods without rerunning them);
@@ -113,14 +124,20 @@ def run_arch(arch: str, args, out: Path) -> dict:
         if method in results:
             print(f"[bench] {arch} {method}: finished earlier, kept", flush=True)
             continue
-        if (method in FLOP_MATCHED or method == "scratch_large") and "elle" not in results:
-            sys.exit(f"{arch} {method} is matched to the elle run: add elle to the methods (or finish it first)")
+        if method in FLOP_MATCHED or method == "scratch_large":
+            if args.match == "planned":  # ELLE's budget from its config: no need to wait for its run
+                ref = plan(arch, "elle", out, tok_dir, steps, domains)
+                ref_flops, ref_steps = [p["flops"] for p in ref], [p["steps"] for p in ref]
+            elif "elle" in results:
+                ref_flops, ref_steps = results["elle"]["stage_flops"], results["elle"]["steps"]
+            else:
+                sys.exit(f"{arch} {method} is matched to the elle run: add elle to the methods (or finish it "
+                         f"first), or match its planned budget (--match planned)")
         if method in FLOP_MATCHED:
-            ref = results["elle"]["stage_flops"]
             per_step = flops_per_step(arch, domains, out, tok_dir)
-            m_steps = [max(1, round(f / per_step)) for f in ref]
+            m_steps = [max(1, round(f / per_step)) for f in ref_flops]
         elif method == "scratch_large":
-            m_steps = results["elle"]["steps"]
+            m_steps = ref_steps
         else:
             m_steps = steps
         print(f"[bench] {arch} {method}: steps per stage {m_steps}", flush=True)
@@ -227,6 +244,13 @@ def main() -> None:
                     help="base config of each architecture, {arch} filled in (e.g. configs/elle_stream_{arch}_gpu.yaml)")
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
     ap.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto) instead of starting one")
+    ap.add_argument("--match", choices=["run", "planned"], default="run",
+                    help="match the baselines to ELLE's finished run (run) or to the budget its config plans "
+                         "(planned: the same numbers, flops.planned_stages, without waiting for ELLE)")
+    ap.add_argument("--own-memory", action="store_true",
+                    help="each method writes its own replay memory (for invocations running side by side)")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="train the tokenizers into --out and stop (before invocations that run side by side)")
     ap.add_argument("--no-report", action="store_true",
                     help="train and keep partial-<arch>.json only (parallel invocations; --report-only at the end)")
     ap.add_argument("--report-only", action="store_true",
@@ -235,9 +259,11 @@ def main() -> None:
     args.methods_of = {k: v.split(",") for k, v in (item.split("=", 1) for item in args.methods_of)}
     EXTRA.extend(args.set)
     BASE[0] = args.base
+    global OWN_MEMORY
+    OWN_MEMORY = args.own_memory
     if args.rerun and not args.resume:
         sys.exit("--rerun goes with --resume (without it every method trains from scratch anyway)")
-    if ("elle" not in args.methods and not args.resume
+    if ("elle" not in args.methods and not args.resume and args.match == "run"
             and set(args.methods) & set(FLOP_MATCHED + ["scratch_large"])):
         sys.exit("the FLOP- and token-matched baselines need the elle run: add elle to --methods")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -251,6 +277,10 @@ def main() -> None:
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-elle-"))
     out.mkdir(parents=True, exist_ok=True)
+    if args.prepare_only:
+        for arch in args.arch:
+            print(f"[bench] {arch} tokenizer: {prepare_arch_tokenizer(arch, out, args.domains)}")
+        return
     if args.report_only:  # e.g. after a run that ended before its report, or with fewer methods than planned
         results = {a: json.loads((out / f"partial-{a}.json").read_text()) for a in args.arch
                    if (out / f"partial-{a}.json").exists()}

@@ -26,3 +26,30 @@ def train_flops_per_sequence(**kwargs) -> float:
 def logit_positions(arch: str, seq_len: int, mlm_probability: float) -> float:
     """MLM computes logits only at the masked positions (our LMObjective); causal LM at S-1 positions."""
     return mlm_probability * seq_len if arch == "bert" else float(seq_len - 1)
+
+
+def planned_stages(cfg, vocab_rows: int) -> list[dict]:
+    """Steps and training FLOPs of every stage of a run config, known before it runs.
+
+    Follows the pipeline: each domain's steps at the size it has after its ``grow`` (``None`` sizes keep
+    the current one), plus ``continual.frw.steps`` after a growth once a replay memory exists. This is the
+    ``stage_flops`` a run reports, teacher FLOPs (KI, logit KD) excepted, so other runs can be matched to a
+    run's budget ahead of it (bench/elle_stream.py ``--match planned``). ``vocab_rows``: the model's output
+    rows (the tokenizer's size padded to ``model.vocab_multiple``).
+    """
+    m, seq = cfg.model, cfg.data.seq_len
+    layers, hidden, ffn = m.num_layers, m.hidden_size, m.intermediate_size
+    positions = logit_positions(m.arch, seq, cfg.data.mlm_probability)
+    stages = []
+    for i, dom in enumerate(cfg.data.domains):
+        steps = dom.steps or cfg.train.steps
+        if dom.grow is not None:
+            g = dom.grow
+            layers, hidden, ffn = g.num_layers or layers, g.hidden_size or hidden, g.intermediate_size or ffn
+            if cfg.continual.frw.steps and cfg.continual.replay.enabled and i > 0:
+                steps += cfg.continual.frw.steps
+        per_seq = train_flops_per_sequence(num_layers=layers, hidden=hidden, ffn=ffn, vocab=vocab_rows,
+                                           seq_len=seq, logit_positions=positions)
+        batch = dom.batch_size or cfg.train.batch_size
+        stages.append({"steps": steps, "flops": steps * batch * per_seq, "sizes": (layers, hidden, ffn)})
+    return stages

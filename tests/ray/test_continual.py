@@ -11,6 +11,8 @@ import pytest
 
 from ray_lifelong.config import load_config
 from ray_lifelong.data.tokenizer import load_tokenizer, prompt_token
+from ray_lifelong.flops import planned_stages
+from ray_lifelong.models.build import padded_vocab
 from ray_lifelong.pipeline import run_lifelong
 from tests.conftest import elle_overrides, tiny_overrides
 
@@ -48,6 +50,18 @@ def test_growth_then_frw_then_replay_are_recorded(elle_run):
     assert 4 <= s1["replayed_sequences"] <= 32
     assert res["stages"][0]["replayed_sequences"] == 0 and "frw" not in res["stages"][0]
     assert len(res["AP"]) == 2 and len(res["cumulative_flops"]) == 2
+
+
+def test_the_planned_budget_is_what_the_run_spent(elle_run):
+    """flops.planned_stages, computed from the config alone, gives each stage's steps (FRW included) and FLOPs."""
+    cfg, res, rdir = elle_run
+    rows = padded_vocab(len(load_tokenizer(str(rdir / "tokenizer"))), cfg.model.vocab_multiple)
+    plan = planned_stages(cfg, rows)
+    assert [p["steps"] for p in plan] == [s["steps"] + s.get("frw", {}).get("steps", 0) for s in res["stages"]]
+    assert [p["flops"] for p in plan] == pytest.approx([s["stage_flops"] for s in res["stages"]], rel=1e-9)
+    assert plan[1]["sizes"] == (res["stages"][1]["model_sizes"]["num_hidden_layers"],
+                                res["stages"][1]["model_sizes"]["hidden_size"],
+                                res["stages"][1]["model_sizes"]["intermediate_size"])
 
 
 def test_final_export_keeps_the_prompt_tokens(elle_run):
