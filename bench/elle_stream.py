@@ -35,17 +35,17 @@ FLOP_MATCHED = ["naive", "er", "logit_kd", "joint", "elle_no_growth"]  # steps f
 METHODS = ELLE_FIRST + ["scratch_large"] + FLOP_MATCHED
 EXTRA: list[str] = []  # --set key=value overrides for every run (smoke tests, other budgets)
 OWN_MEMORY = False  # --own-memory: each method writes its own replay memory (methods side by side)
-BASE = ["configs/elle_stream_{arch}.yaml"]  # --base: the base config of each architecture (e.g. the GPU schedule)
+BASE = "configs/elle_stream_{arch}.yaml"  # --base: the base config ({arch} filled in), e.g. the GPU schedule's
 
 
 def base_config(arch: str) -> Path:
-    return REPO / BASE[0].format(arch=arch)
+    return REPO / BASE.format(arch=arch)
 
 
 def overrides(arch: str, out: Path, tok_dir: str | None, steps: list[int], domains: list[str]) -> list[str]:
     from ray_lifelong.config import load_config
 
-    base = load_config(base_config(arch))
+    base = load_config(base_config(arch), [f"model.arch={arch}"])
     grows = {d.name: d.grow for d in base.data.domains}
     doms = []
     for name, n in zip(domains, steps):
@@ -55,7 +55,8 @@ def overrides(arch: str, out: Path, tok_dir: str | None, steps: list[int], domai
                                      f"noise_std: {g.noise_std}, optimizer: {g.optimizer}}}")
         doms.append(f"{{name: {name}, steps: {n}, train: ['{CORPUS}/{name}/train.jsonl.gz'], "
                     f"valid: ['{CORPUS}/{name}/valid.jsonl.gz']{grow}}}")
-    ov = [f"output_dir={out}", f"data.domains=[{', '.join(doms)}]", *EXTRA]
+    # model.arch: one base config may serve both architectures (configs/elle_stream_gpu.yaml)
+    ov = [f"output_dir={out}", f"model.arch={arch}", f"data.domains=[{', '.join(doms)}]", *EXTRA]
     if tok_dir:
         ov.append(f"tokenizer.path={tok_dir}")
     return ov
@@ -227,6 +228,7 @@ def table(results: dict, args) -> str:
 
 
 def main() -> None:
+    global BASE, OWN_MEMORY
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", nargs="+", default=["bert", "gpt2"])
     ap.add_argument("--steps", type=int, default=150, help="ELLE's steps per stage")
@@ -240,8 +242,8 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="key=value overrides applied to every run")
     ap.add_argument("--methods-of", nargs="*", default=[], metavar="ARCH=M1,M2",
                     help="the methods of one architecture (e.g. bert=elle,naive,er): fewer runs where time is short")
-    ap.add_argument("--base", default=BASE[0],
-                    help="base config of each architecture, {arch} filled in (e.g. configs/elle_stream_{arch}_gpu.yaml)")
+    ap.add_argument("--base", default=BASE,
+                    help="base config, {arch} filled in where it has one (e.g. configs/elle_stream_gpu.yaml)")
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
     ap.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto) instead of starting one")
     ap.add_argument("--match", choices=["run", "planned"], default="run",
@@ -258,9 +260,7 @@ def main() -> None:
     args = ap.parse_args()
     args.methods_of = {k: v.split(",") for k, v in (item.split("=", 1) for item in args.methods_of)}
     EXTRA.extend(args.set)
-    BASE[0] = args.base
-    global OWN_MEMORY
-    OWN_MEMORY = args.own_memory
+    BASE, OWN_MEMORY = args.base, args.own_memory
     if args.rerun and not args.resume:
         sys.exit("--rerun goes with --resume (without it every method trains from scratch anyway)")
     if ("elle" not in args.methods and not args.resume and args.match == "run"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ELLE stream at the paper's base growth schedule (6/384 -> 12/768, configs/elle_stream_<arch>_gpu.yaml)
+# The ELLE stream at the paper's base growth schedule (6/384 -> 12/768, configs/elle_stream_gpu.yaml)
 # on one GPU machine, both architectures, within one short lease (issue 5's GPU result):
 #
 #   BENCH_CORPUS=/path/to/corpus OUT=/results/dir bash bench/gpu_elle_stream.sh
@@ -48,13 +48,13 @@ bench() {  # bench LOG ARGS...
     local log=$1; shift
     timeout -k 10 "$LIMIT" $PY bench/elle_stream.py --address "$ADDR" --out "$WORK" --no-report --resume \
         --match planned --own-memory \
-        --base "configs/elle_stream_{arch}_gpu.yaml" --name elle_stream_gpu --steps "$STEPS" \
+        --base "configs/elle_stream_gpu.yaml" --name elle_stream_gpu --steps "$STEPS" \
         --domains $DOMAINS --set "scaling.gpus_per_worker=$GPU_FRACTION" ${SET:-} "$@" > "$WORK/$log.log" 2>&1
     echo "[gpu-bench] $log: exit $? at $(date +%T)"
 }
 t0=$(date +%s)
 # the tokenizers first: the drivers below share them (and would race to train them)
-$PY bench/elle_stream.py --out "$WORK" --base "configs/elle_stream_{arch}_gpu.yaml" --domains $DOMAINS \
+$PY bench/elle_stream.py --out "$WORK" --base "configs/elle_stream_gpu.yaml" --domains $DOMAINS \
     --arch $ARCHS --prepare-only ${SET:+--set $SET} || exit 1
 PIDS=()  # a bare `wait` would also wait for the head, which runs until the end
 for a in $ARCHS; do
@@ -62,7 +62,7 @@ for a in $ARCHS; do
 done
 wait "${PIDS[@]}"
 echo "[gpu-bench] training done in $(( $(date +%s) - t0 )) s"
-$PY bench/elle_stream.py --out "$WORK" --base "configs/elle_stream_{arch}_gpu.yaml" --name elle_stream_gpu \
+$PY bench/elle_stream.py --out "$WORK" --base "configs/elle_stream_gpu.yaml" --name elle_stream_gpu \
     --steps "$STEPS" --domains $DOMAINS --arch $ARCHS --report-only
 cp bench/results/elle_stream_gpu* "$WORK"/partial-*.json "$OUT"/ 2>/dev/null
 for f in "$WORK"/*.log; do echo "== $f"; grep -E "\[run\]|\[bench\]|Error|step .*/" "$f" | tail -15; done \

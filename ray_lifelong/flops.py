@@ -6,6 +6,8 @@ output projection d V at the positions where logits are computed. Training = 3 x
 
 from __future__ import annotations
 
+from ray_lifelong.config.load import frw_steps_before, stage_model_sizes
+
 
 def non_embedding_params(num_layers: int, hidden: int, ffn: int) -> int:
     return num_layers * (4 * hidden * hidden + 2 * hidden * ffn)
@@ -31,25 +33,21 @@ def logit_positions(arch: str, seq_len: int, mlm_probability: float) -> float:
 def planned_stages(cfg, vocab_rows: int) -> list[dict]:
     """Steps and training FLOPs of every stage of a run config, known before it runs.
 
-    Follows the pipeline: each domain's steps at the size it has after its ``grow`` (``None`` sizes keep
-    the current one), plus ``continual.frw.steps`` after a growth once a replay memory exists. This is the
-    ``stage_flops`` a run reports, teacher FLOPs (KI, logit KD) excepted, so other runs can be matched to a
-    run's budget ahead of it (bench/elle_stream.py ``--match planned``). ``vocab_rows``: the model's output
-    rows (the tokenizer's size padded to ``model.vocab_multiple``).
+    Each domain's steps at the size it trains at (``config.stage_model_sizes``), plus the function-recovering
+    warmup before it (``config.frw_steps_before``, the pipeline's own rule). This is the ``stage_flops`` a run
+    reports, teacher FLOPs (KI, logit KD) excepted, so other runs can be matched to a run's budget ahead of it
+    (bench/elle_stream.py ``--match planned``). ``vocab_rows``: the model's output rows (the tokenizer's size
+    padded to ``model.vocab_multiple``).
     """
-    m, seq = cfg.model, cfg.data.seq_len
-    layers, hidden, ffn = m.num_layers, m.hidden_size, m.intermediate_size
-    positions = logit_positions(m.arch, seq, cfg.data.mlm_probability)
+    seq = cfg.data.seq_len
+    positions = logit_positions(cfg.model.arch, seq, cfg.data.mlm_probability)
     stages = []
-    for i, dom in enumerate(cfg.data.domains):
-        steps = dom.steps or cfg.train.steps
-        if dom.grow is not None:
-            g = dom.grow
-            layers, hidden, ffn = g.num_layers or layers, g.hidden_size or hidden, g.intermediate_size or ffn
-            if cfg.continual.frw.steps and cfg.continual.replay.enabled and i > 0:
-                steps += cfg.continual.frw.steps
-        per_seq = train_flops_per_sequence(num_layers=layers, hidden=hidden, ffn=ffn, vocab=vocab_rows,
-                                           seq_len=seq, logit_positions=positions)
+    for i, (dom, size) in enumerate(zip(cfg.data.domains, stage_model_sizes(cfg))):
+        steps = (dom.steps or cfg.train.steps) + frw_steps_before(cfg, i)
+        per_seq = train_flops_per_sequence(num_layers=size["num_layers"], hidden=size["hidden_size"],
+                                           ffn=size["intermediate_size"], vocab=vocab_rows, seq_len=seq,
+                                           logit_positions=positions)
         batch = dom.batch_size or cfg.train.batch_size
-        stages.append({"steps": steps, "flops": steps * batch * per_seq, "sizes": (layers, hidden, ffn)})
+        stages.append({"steps": steps, "flops": steps * batch * per_seq,
+                       "sizes": (size["num_layers"], size["hidden_size"], size["intermediate_size"])})
     return stages

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import ray.train
 
-from ray_lifelong.config.load import save_config, to_yaml
+from ray_lifelong.config.load import frw_steps_before, save_config, to_yaml
 from ray_lifelong.config.schema import LifelongConfig
 from ray_lifelong.data.demo import write_demo_corpus
 from ray_lifelong.data.tokenizer import (
@@ -127,9 +127,10 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
         lr = dom.lr or cfg.train.lr
         earlier = [m["uri"] for m in memories]
         grown = False
-        if cfg.continual.frw.steps and dom.grow is not None and earlier:
+        frw_steps = frw_steps_before(cfg, i)
+        if frw_steps:
             # ELLE: grow, then recover the old function on the earlier domains' memory before the new domain
-            frw = StageSpec(**base, steps=cfg.continual.frw.steps, lr=cfg.continual.frw.lr or lr,
+            frw = StageSpec(**base, steps=frw_steps, lr=cfg.continual.frw.lr or lr,
                             init_checkpoint=prev_ckpt, phase="frw")
             frw_results[i] = run_or_skip(frw, _memory_stream(earlier, cfg.train.seed + i))
             prev_ckpt, grown = ray.train.Checkpoint(frw_results[i].checkpoint_path), True

@@ -62,22 +62,38 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     return apply_growth_mode(cfg)
 
 
-def final_model_sizes(cfg: LifelongConfig) -> dict[str, int]:
-    """The model sizes after every growth of the schedule (head size fixed, as growth keeps it)."""
+def stage_model_sizes(cfg: LifelongConfig) -> list[dict[str, int]]:
+    """The model sizes each stage trains at, after its domain's growth (head size fixed, as growth keeps it)."""
     m = cfg.model
     layers, hidden, heads, ffn = m.num_layers, m.hidden_size, m.num_heads, m.intermediate_size
+    sizes = []
     for dom in cfg.data.domains:
         g = dom.grow
-        if g is None:
-            continue
-        head = hidden // heads
-        layers = g.num_layers or layers
-        if g.hidden_size:
-            hidden, heads = g.hidden_size, g.num_heads or g.hidden_size // head
-        elif g.num_heads:
-            heads, hidden = g.num_heads, g.num_heads * head
-        ffn = g.intermediate_size or ffn
-    return {"num_layers": layers, "hidden_size": hidden, "num_heads": heads, "intermediate_size": ffn}
+        if g is not None:
+            head = hidden // heads
+            layers = g.num_layers or layers
+            if g.hidden_size:
+                hidden, heads = g.hidden_size, g.num_heads or g.hidden_size // head
+            elif g.num_heads:
+                heads, hidden = g.num_heads, g.num_heads * head
+            ffn = g.intermediate_size or ffn
+        sizes.append({"num_layers": layers, "hidden_size": hidden, "num_heads": heads, "intermediate_size": ffn})
+    return sizes
+
+
+def final_model_sizes(cfg: LifelongConfig) -> dict[str, int]:
+    """The model sizes after every growth of the schedule."""
+    m = cfg.model
+    initial = {"num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_heads": m.num_heads,
+               "intermediate_size": m.intermediate_size}
+    return (stage_model_sizes(cfg) or [initial])[-1]
+
+
+def frw_steps_before(cfg: LifelongConfig, index: int) -> int:
+    """Function-recovering warmup steps before stage ``index``: after a growth, on the earlier domains' memory
+    (``validate`` allows FRW only with replay on, and a memory is written after every stage)."""
+    grows = cfg.data.domains[index].grow is not None
+    return cfg.continual.frw.steps if grows and index > 0 else 0
 
 
 def apply_growth_mode(cfg: LifelongConfig) -> LifelongConfig:

@@ -3,6 +3,8 @@ from pathlib import Path
 import pytest
 
 from ray_lifelong.config import ConfigError, LifelongConfig, load_config, save_config
+from ray_lifelong.config.load import final_model_sizes, frw_steps_before, stage_model_sizes
+from ray_lifelong.flops import planned_stages
 from tests.conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -179,7 +181,7 @@ def test_the_downstream_overlay_lists_five_tasks_and_finetune_settings_are_check
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_the_gpu_stream_configs_follow_the_papers_base_schedule(arch):
     """shared/specs/elle.md: L6_D384 -> 8/512 -> 10/640 -> 11/704 -> 12/768, head size 64, FFN 4x."""
-    cfg = load_config(REPO / f"configs/elle_stream_{arch}_gpu.yaml")
+    cfg = load_config(REPO / "configs/elle_stream_gpu.yaml", [f"model.arch={arch}"])
     m = cfg.model
     sizes = [(m.num_layers, m.hidden_size, m.intermediate_size)]
     sizes += [(d.grow.num_layers, d.grow.hidden_size, d.grow.intermediate_size) for d in cfg.data.domains[1:]]
@@ -187,3 +189,22 @@ def test_the_gpu_stream_configs_follow_the_papers_base_schedule(arch):
     assert m.hidden_size // m.num_heads == 64 and m.arch == arch
     assert [d.name for d in cfg.data.domains] == ["wb", "news", "reviews", "bio", "cs"]
     assert cfg.scaling.use_gpu and cfg.continual.prompts and cfg.continual.replay.ratio == 0.1
+
+
+def test_stage_sizes_follow_each_growth_and_frw_follows_the_pipelines_rule():
+    """A heads-only growth widens hidden (head size fixed); FRW comes after a growth once a memory exists."""
+    cfg = load_config(REPO / "configs/elle_demo.yaml", [
+        "model.num_layers=1", "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64",
+        "continual.frw.steps=3",
+        "data.domains.1.grow={num_layers: null, hidden_size: null, intermediate_size: null, num_heads: 4}"])
+    sizes = stage_model_sizes(cfg)
+    assert sizes[0] == {"num_layers": 1, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64}
+    assert sizes[1]["hidden_size"] == 64 and sizes[1]["num_heads"] == 4
+    assert sizes[-1] == final_model_sizes(cfg)
+    assert [frw_steps_before(cfg, i) for i in range(len(cfg.data.domains))] == \
+        [3 if i > 0 and d.grow is not None else 0 for i, d in enumerate(cfg.data.domains)]
+    no_frw = load_config(REPO / "configs/elle_demo.yaml", ["continual.frw.steps=0"])
+    assert all(frw_steps_before(no_frw, i) == 0 for i in range(len(no_frw.data.domains)))
+    plan = planned_stages(cfg, 100)
+    assert plan[1]["sizes"] == (sizes[1]["num_layers"], 64, sizes[1]["intermediate_size"])
+    assert plan[1]["steps"] == (cfg.data.domains[1].steps or cfg.train.steps) + 3
