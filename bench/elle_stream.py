@@ -109,6 +109,23 @@ def prepare_arch_tokenizer(arch: str, out: Path, domains: list[str]) -> str:
                              out / f"tokenizer-{arch}")
 
 
+def prepare_packed(arch: str, out: Path, tok_dir: str, domains: list[str]) -> None:
+    """Under ``data.pretokenize``, pack every domain into the shared ``data.packed_path`` once, with and
+    without prompts, so that drivers started side by side find them instead of each packing its own."""
+    from ray_lifelong.config import load_config
+    from ray_lifelong.data.packed import pack_domain
+    from ray_lifelong.data.stream import StreamOptions
+
+    cfg = load_config(base_config(arch), overrides(arch, out, tok_dir, [1] * len(domains), domains))
+    if not cfg.data.pretokenize:
+        return
+    if not cfg.data.packed_path:
+        sys.exit("--prepare-only packs for runs side by side: give them one data.packed_path (--set)")
+    for prompts in (True, False):
+        for i, dom in enumerate(cfg.data.domains):
+            pack_domain(i, dom, StreamOptions(tok_dir, arch, cfg.data), cfg.data.packed_path, prompts=prompts)
+
+
 def run_arch(arch: str, args, out: Path) -> dict:
     domains = args.domains
     tok_dir = prepare_arch_tokenizer(arch, out, domains)
@@ -252,7 +269,8 @@ def main() -> None:
     ap.add_argument("--own-memory", action="store_true",
                     help="each method writes its own replay memory (for invocations running side by side)")
     ap.add_argument("--prepare-only", action="store_true",
-                    help="train the tokenizers into --out and stop (before invocations that run side by side)")
+                    help="train the tokenizers into --out (and under data.pretokenize pack the domains into "
+                         "data.packed_path) and stop, before invocations that run side by side")
     ap.add_argument("--no-report", action="store_true",
                     help="train and keep partial-<arch>.json only (parallel invocations; --report-only at the end)")
     ap.add_argument("--report-only", action="store_true",
@@ -280,7 +298,6 @@ def main() -> None:
     if args.prepare_only:
         for arch in args.arch:
             print(f"[bench] {arch} tokenizer: {prepare_arch_tokenizer(arch, out, args.domains)}")
-        return
     if args.report_only:  # e.g. after a run that ended before its report, or with fewer methods than planned
         results = {a: json.loads((out / f"partial-{a}.json").read_text()) for a in args.arch
                    if (out / f"partial-{a}.json").exists()}
@@ -299,6 +316,10 @@ def main() -> None:
         # "local": a cluster of its own, even where `ray start` left a cluster (or its address file) behind
         ray.init(address="local", num_cpus=args.num_cpus, configure_logging=False, runtime_env=env)
     quiet_ray_data()
+    if args.prepare_only:
+        for arch in args.arch:
+            prepare_packed(arch, out, str(out / f"tokenizer-{arch}"), args.domains)
+        return
     t0 = time.time()
     results = {arch: run_arch(arch, args, out) for arch in args.arch}
     if args.no_report:

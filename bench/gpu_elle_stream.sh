@@ -49,13 +49,15 @@ bench() {  # bench LOG ARGS...
     timeout -k 10 "$LIMIT" $PY bench/elle_stream.py --address "$ADDR" --out "$WORK" --no-report --resume \
         --match planned --own-memory \
         --base "configs/elle_stream_gpu.yaml" --name elle_stream_gpu --steps "$STEPS" \
-        --domains $DOMAINS --set "scaling.gpus_per_worker=$GPU_FRACTION" ${SET:-} "$@" > "$WORK/$log.log" 2>&1
+        --domains $DOMAINS --set "scaling.gpus_per_worker=$GPU_FRACTION" "data.packed_path=$WORK/packed" ${SET:-} \
+        "$@" > "$WORK/$log.log" 2>&1
     echo "[gpu-bench] $log: exit $? at $(date +%T)"
 }
 t0=$(date +%s)
-# the tokenizers first: the drivers below share them (and would race to train them)
+# the tokenizers and the packed domains (data.pretokenize) first: the drivers below share them
 $PY bench/elle_stream.py --out "$WORK" --base "configs/elle_stream_gpu.yaml" --domains $DOMAINS \
-    --arch $ARCHS --prepare-only ${SET:+--set $SET} || exit 1
+    --arch $ARCHS --prepare-only --address "$ADDR" --set "data.packed_path=$WORK/packed" ${SET:-} || exit 1
+echo "[gpu-bench] tokenizers and packed domains ready at $(date +%T)"
 PIDS=()  # a bare `wait` would also wait for the head, which runs until the end
 for a in $ARCHS; do
     for m in elle $METHODS; do bench "$a-$m" --arch "$a" --methods "$m" & PIDS+=($!); done

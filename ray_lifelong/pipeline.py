@@ -7,6 +7,8 @@ Run directory ``<output_dir>/<run_name>/``::
 
     config.yaml         resolved config
     tokenizer/          the HF tokenizer (trained here unless ``tokenizer.path`` is given)
+    packed/             with ``data.pretokenize``: each domain's packed rows (``data.packed_path`` moves it)
+    memory/             with replay: each finished domain's memory (``continual.replay.memory_path``)
     checkpoints/        Ray Train storage: one run per stage, ``<run>-stage<i>-<domain>/checkpoint_*``
     stages/<i>-<domain>/stage.json   completion marker + the stage's record
     results.json  report.md  ppl_matrix.png  loss_curves.png
@@ -33,9 +35,9 @@ from ray_lifelong.data.tokenizer import (
     tokenizer_kind,
     train_tokenizer,
 )
-from ray_lifelong.data.memory import memory_dataset, memory_uri, write_memory
-from ray_lifelong.data.stream import (StreamOptions, bad_record_log, files_dataset, quiet_ray_data,
-                                      validation_dataset)
+from ray_lifelong.data.memory import memory_dataset, memory_uri, read_marker, write_memory
+from ray_lifelong.data.packed import training_rows
+from ray_lifelong.data.stream import StreamOptions, bad_record_log, quiet_ray_data, validation_dataset
 from ray_lifelong.eval.metrics import average_increased_perplexity, average_perplexity
 from ray_lifelong.stage.run import run_stage
 from ray_lifelong.stage.spec import StageResult, StageSpec, read_tokenizer_files
@@ -104,17 +106,21 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
     schedules = stage_schedules(cfg)
     replay = cfg.continual.replay
     memory_root = replay.memory_path or str(rdir / "memory")
+    packed = packed_root(cfg)
     prev_ckpt = None
 
-    def run_or_skip(spec: StageSpec, train_ds=None) -> StageResult:
+    def run_or_skip(spec: StageSpec, train_ds) -> StageResult:
+        """``train_ds``: a function building the stage's stream, called only if the stage still has to run
+        (with ``data.pretokenize`` building it may pack the domain)."""
         marker = marker_dir / spec.label / "stage.json"
         if marker.exists():
             print(f"[run] stage {spec.label} already finished: skipped")
             return StageResult(**json.loads(marker.read_text()))
+        stream = train_ds()
         print(f"[run] stage {spec.label}: {spec.steps} steps" + (" (function-recovering warmup on the memory)"
                                                                  if spec.phase == "frw" else ""))
         res = run_stage(spec, tokenizer_dir=tok_dir, storage_path=storage, valid_ds=valid_ds, bad_log=bad_log,
-                        train_ds=train_ds, callbacks=callbacks)
+                        train_ds=stream, callbacks=callbacks)
         marker.parent.mkdir(parents=True, exist_ok=True)
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(res), indent=1))
@@ -132,19 +138,20 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
             # ELLE: grow, then recover the old function on the earlier domains' memory before the new domain
             frw = StageSpec(**base, steps=frw_steps, lr=cfg.continual.frw.lr or lr,
                             init_checkpoint=prev_ckpt, phase="frw")
-            frw_results[i] = run_or_skip(frw, _memory_stream(earlier, cfg.train.seed + i))
+            frw_results[i] = run_or_skip(frw, lambda: _memory_stream(earlier, cfg.train.seed + i))
             prev_ckpt, grown = ray.train.Checkpoint(frw_results[i].checkpoint_path), True
         spec = StageSpec(**base, steps=dom.steps or cfg.train.steps, lr=lr, init_checkpoint=prev_ckpt,
                          schedule=schedules[i], regrow=not grown,
                          replay_uris=earlier if replay.enabled else [])
-        res = run_or_skip(spec, stage_stream(cfg, i, opts, bad_log))
+        res = run_or_skip(spec, lambda: stage_stream(cfg, i, opts, bad_log, packed))
         results.append(res)
         prev_ckpt = ray.train.Checkpoint(res.checkpoint_path)
         if replay.enabled and i < len(cfg.data.domains) - 1:
-            stream = files_dataset([(i, dom)], "train", opts, log=bad_log, prompts=cfg.continual.prompts)
-            memories.append(write_memory(stream, memory_uri(memory_root, i, dom.name),
-                                         fraction=replay.memory_fraction, max_sequences=replay.memory_max_sequences,
-                                         seed=cfg.train.seed + i))
+            uri = memory_uri(memory_root, i, dom.name)
+            memories.append(read_marker(uri) or write_memory(
+                training_rows([(i, dom)], opts, prompts=cfg.continual.prompts, packed_root=packed, log=bad_log),
+                uri, fraction=replay.memory_fraction, max_sequences=replay.memory_max_sequences,
+                seed=cfg.train.seed + i))
             print(f"[run] memory of {dom.name!r}: {memories[-1]['sequences']} sequences -> {memories[-1]['uri']}")
     summary = summarize(names, results, frw_results, memories)
     (rdir / "results.json").write_text(json.dumps(summary, indent=1))
@@ -168,12 +175,17 @@ def stage_schedules(cfg: LifelongConfig) -> list[tuple[int, int] | None]:
     return [(sum(steps[:i]), sum(steps)) for i in range(len(steps))]
 
 
-def stage_stream(cfg: LifelongConfig, index: int, opts: StreamOptions, log=None):
+def packed_root(cfg: LifelongConfig) -> str:
+    """Where ``data.pretokenize`` packs the domains: ``data.packed_path`` or ``<run dir>/packed``."""
+    return cfg.data.packed_path or str(run_dir(cfg).resolve() / "packed")
+
+
+def stage_stream(cfg: LifelongConfig, index: int, opts: StreamOptions, log=None, packed: str | None = None):
     """The training stream of stage ``index``: its domain (prompted when ``continual.prompts``), or for
-    ``continual.joint`` every domain so far, shuffled together."""
+    ``continual.joint`` every domain so far, shuffled together; packed rows under ``data.pretokenize``."""
     doms = list(enumerate(cfg.data.domains))
     chosen = doms[: index + 1] if cfg.continual.joint else [doms[index]]
-    ds = files_dataset(chosen, "train", opts, log=log, prompts=cfg.continual.prompts)
+    ds = training_rows(chosen, opts, prompts=cfg.continual.prompts, packed_root=packed or packed_root(cfg), log=log)
     # a full shuffle, not randomize_block_order: a domain's file packs into few large blocks, so a block
     # shuffle still trains on one domain at a time and a stage that ends early never sees the later ones
     return ds.random_shuffle(seed=cfg.train.seed + index) if len(chosen) > 1 else ds

@@ -81,7 +81,7 @@ def absolute_paths(cfg: LifelongConfig) -> LifelongConfig:
     c = copy.deepcopy(cfg)
     c.output_dir, c.demo.dir, c.tokenizer.path = fix(c.output_dir), fix(c.demo.dir), fix(c.tokenizer.path)
     c.ray.storage_path, c.tune.storage_path = fix(c.ray.storage_path), fix(c.tune.storage_path)
-    c.continual.replay.memory_path = fix(c.continual.replay.memory_path)
+    c.continual.replay.memory_path, c.data.packed_path = fix(c.continual.replay.memory_path), fix(c.data.packed_path)
     for dom in c.data.domains:
         dom.train, dom.valid = [fix(p) for p in dom.train], [fix(p) for p in dom.valid]
         if dom.teacher is not None:
@@ -244,6 +244,8 @@ def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<confi
     tu = cfg.tune
     base = run_dir(cfg).resolve()
     base.mkdir(parents=True, exist_ok=True)
+    if cfg.data.pretokenize and not cfg.data.packed_path:  # every trial (and the teacher) reads one packing
+        cfg.data.packed_path = str(base / "packed")
     prepare_demo(cfg)
     tok_dir = prepare_tokenizer(cfg, base / "tokenizer")
     teacher_dir = None

@@ -163,6 +163,13 @@ class DataConfig:
     """Per-worker local shuffle buffer in sequences (0 = stream order)."""
     eval_max_sequences: int = 128
     """Cap on validation sequences per domain (keeps the PPL matrix cheap)."""
+    pretokenize: bool = False
+    """Tokenize and pack each domain's training split once into Parquet (before its stage) and stream the
+    packed rows in every epoch, stage, memory sample and sweep trial, instead of re-tokenizing the text."""
+    packed_path: Optional[str] = None
+    """Where packed domains go (a path or ``s3://`` URI); default ``<run dir>/packed``. Each domain's
+    directory is named by a hash of its sources, tokenizer, ``seq_len``, layout and prompt, so runs that
+    agree on those can share one ``packed_path`` (pack it before starting them side by side)."""
 
 
 @dataclass

@@ -15,12 +15,10 @@ what it would have.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import pyarrow.fs as pafs
 import torch
 
+from ray_lifelong.data import markers
 from ray_lifelong.data.sources import join_uri
 
 MARKER = "_memory.json"
@@ -30,18 +28,9 @@ def memory_uri(root: str, index: int, domain: str) -> str:
     return join_uri(root, f"{index:02d}-{domain}")
 
 
-def _fs(uri: str):
-    return pafs.FileSystem.from_uri(uri)
-
-
 def read_marker(uri: str) -> dict | None:
     """The memory's record if it was written completely, else ``None``."""
-    fs, path = _fs(uri)
-    info = fs.get_file_info(f"{path}/{MARKER}")
-    if info.type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(f"{path}/{MARKER}") as f:
-        return json.loads(f.read().decode())
+    return markers.read_marker(uri, MARKER)
 
 
 def write_memory(ds, uri: str, *, fraction: float, max_sequences: int | None, seed: int) -> dict:
@@ -53,9 +42,7 @@ def write_memory(ds, uri: str, *, fraction: float, max_sequences: int | None, se
     done = read_marker(uri)
     if done is not None:
         return done
-    fs, path = _fs(uri)
-    fs.create_dir(path, recursive=True)
-    fs.delete_dir_contents(path)
+    markers.reset_dir(uri)
     sample = ds.random_sample(fraction, seed=seed).materialize()
     n = sample.count()
     if max_sequences is not None and n > max_sequences:
@@ -71,8 +58,7 @@ def write_memory(ds, uri: str, *, fraction: float, max_sequences: int | None, se
             counts[str(int(d))] = counts.get(str(int(d)), 0) + int(c)
     sample.write_parquet(uri)
     record = {"uri": uri, "sequences": n, "by_domain": counts, "fraction": fraction, "seed": seed}
-    with fs.open_output_stream(f"{path}/{MARKER}") as f:  # last: the memory counts only once complete
-        f.write(json.dumps(record).encode())
+    markers.write_marker(uri, MARKER, record)  # last: the memory counts only once complete
     return record
 
 

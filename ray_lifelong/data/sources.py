@@ -29,6 +29,35 @@ class DataError(ValueError):
     """Bad or missing input data; the message names the file (and line where there is one)."""
 
 
+def root_cause(e: BaseException) -> str:
+    """The innermost message of a chain of Ray/Train exceptions: our DataError's text if there is one
+    (a bad record found inside a Ray Data task reaches the driver wrapped several levels deep), else the
+    first line of the innermost exception that is not Ray's own wrapper (an ``OSError`` from storage)."""
+    seen, stack, best, inner = set(), [e], None, None
+    while stack:
+        cur = stack.pop()
+        if id(cur) in seen or cur is None:
+            continue
+        seen.add(id(cur))
+        text = str(cur)
+        if "DataError" in type(cur).__name__ or "DataError:" in text:
+            best = text
+        if not type(cur).__module__.startswith("ray.") and text.strip():
+            inner = text
+        stack.extend([cur.__cause__, cur.__context__, getattr(cur, "cause", None)])
+        for sub in (getattr(cur, "worker_failures", None) or {}).values():
+            stack.append(sub)
+    if best:
+        marker = "DataError:"
+        if marker in best:
+            best = best[best.rindex(marker):].splitlines()[0]
+        return best
+    if inner:
+        return inner.strip().splitlines()[0]
+    text = str(e).strip().splitlines()
+    return text[-1] if text else type(e).__name__
+
+
 @dataclass(frozen=True)
 class BadRecord:
     """A record dropped under ``on_bad_record="skip"``."""
@@ -65,7 +94,7 @@ def join_uri(root: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)]) + sep + query
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if _is_uri(path):
         try:
             return pafs.FileSystem.from_uri(path)
@@ -165,7 +194,7 @@ def iter_documents(
 
 
 def _open_binary(path: str):
-    fs, fs_path = _filesystem(path)
+    fs, fs_path = filesystem(path)
     try:
         raw = fs.open_input_stream(fs_path, compression=None)
     except (FileNotFoundError, OSError) as e:
@@ -243,7 +272,7 @@ def iter_records(path: str, fields: tuple[str, ...], *, fmt: str = "auto") -> It
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        fs, fs_path = _filesystem(path)
+        fs, fs_path = filesystem(path)
         try:
             table = pq.read_table(fs.open_input_file(fs_path))
         except (OSError, ValueError) as e:
@@ -285,7 +314,7 @@ def _binary_lines(stream) -> Iterator[bytes]:
 def _iter_parquet(path: str, text_field: str, bad: Callable[[int, str], None]) -> Iterator[str]:
     import pyarrow.parquet as pq
 
-    fs, fs_path = _filesystem(path)
+    fs, fs_path = filesystem(path)
     try:
         pfile = pq.ParquetFile(fs.open_input_file(fs_path))
     except (OSError, ValueError) as e:

@@ -174,6 +174,6 @@ def table(summary: dict) -> str:
 
 
 def _root(error) -> str:
-    from ray_lifelong.stage.run import root_cause
+    from ray_lifelong.data.sources import root_cause
 
     return root_cause(error) if error else ""

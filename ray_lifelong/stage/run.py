@@ -10,7 +10,8 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from ray_lifelong.config.schema import LifelongConfig
-from ray_lifelong.data.stream import StreamOptions, files_dataset, quiet_ray_data
+from ray_lifelong.data.sources import join_uri, root_cause
+from ray_lifelong.data.stream import StreamOptions, quiet_ray_data
 from ray_lifelong.distill.teacher import check_teacher_compatible, resolve_teacher_dir
 from ray_lifelong.flops import forward_flops_per_sequence, logit_positions, train_flops_per_sequence
 from ray_lifelong.stage.checkpoint import checkpoint_uri
@@ -44,9 +45,12 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
     opts = StreamOptions(tokenizer_dir=tokenizer_dir, arch=cfg.model.arch, data=cfg.data)
     index = {d.name: i for i, d in enumerate(cfg.data.domains)}
     teacher_cfgs = _prepare_teachers(spec, tokenizer_dir)
-    if train_ds is None:
-        train_ds = files_dataset([(index[spec.domain], cfg.data.domains[index[spec.domain]])], "train", opts,
-                                 log=bad_log, prompts=cfg.continual.prompts)
+    if train_ds is None:  # the domain's own training rows (packed once under data.pretokenize)
+        from ray_lifelong.data.packed import training_rows
+
+        i = index[spec.domain]
+        train_ds = training_rows([(i, cfg.data.domains[i])], opts, prompts=cfg.continual.prompts, log=bad_log,
+                                 packed_root=cfg.data.packed_path or join_uri(storage_path, "packed"))
     replay = {}
     if spec.replay_uris:
         from ray_lifelong.data.memory import memory_dataset
@@ -151,26 +155,3 @@ def len_vocab(tokenizer_dir: str) -> int:
     from ray_lifelong.data.tokenizer import load_tokenizer
 
     return len(load_tokenizer(tokenizer_dir))
-
-
-def root_cause(e: BaseException) -> str:
-    """The innermost message of a chain of Ray/Train exceptions, preferring our DataError text."""
-    seen, stack, best = set(), [e], None
-    while stack:
-        cur = stack.pop()
-        if id(cur) in seen or cur is None:
-            continue
-        seen.add(id(cur))
-        text = str(cur)
-        if "DataError" in type(cur).__name__ or "DataError:" in text:
-            best = text
-        stack.extend([cur.__cause__, cur.__context__, getattr(cur, "cause", None)])
-        for sub in (getattr(cur, "worker_failures", None) or {}).values():
-            stack.append(sub)
-    if best:
-        marker = "DataError:"
-        if marker in best:
-            best = best[best.rindex(marker):].splitlines()[0]
-        return best
-    text = str(e).strip().splitlines()
-    return text[-1] if text else type(e).__name__

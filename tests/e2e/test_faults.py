@@ -1,4 +1,4 @@
-"""A driver killed in the middle of an ELLE run whose checkpoints live on S3 (moto on 127.0.0.1):
+"""A driver killed in the middle of an ELLE run whose checkpoints and packed domains live on S3 (moto on 127.0.0.1):
 ``ray-lifelong run --resume`` continues from the last checkpoint in that store, with the replay memory and
 the growth history of the first run, and writes the same results layout."""
 
@@ -34,6 +34,8 @@ def _checkpoints(fs, prefix: str) -> list[str]:
 
 @pytest.mark.timeout(1500)
 def test_a_killed_driver_resumes_an_elle_run_from_its_checkpoints_on_s3(demo_corpus, tmp_path):
+    import pyarrow.fs as pafs
+
     with moto_server() as endpoint:
         fs = _s3(endpoint)
         fs.create_dir("ckpts")
@@ -41,7 +43,7 @@ def test_a_killed_driver_resumes_an_elle_run_from_its_checkpoints_on_s3(demo_cor
         cfg = load_config(None, elle_overrides(demo_corpus, tmp_path) + [
             f"ray.storage_path=s3://ckpts/lifelong?{query}", "ray.num_cpus=4", "scaling.num_workers=1",
             "train.micro_batch_size=8", "train.checkpoint_every=2", "data.domains.1.steps=16",
-            "debug.slow_step_s=0.4"])
+            "debug.slow_step_s=0.4", "data.pretokenize=true", f"data.packed_path=s3://ckpts/packed?{query}"])
         config = tmp_path / "elle.yaml"
         save_config(cfg, config)
         rdir = tmp_path / "elle"
@@ -56,6 +58,9 @@ def test_a_killed_driver_resumes_an_elle_run_from_its_checkpoints_on_s3(demo_cor
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
         assert "stage 00-sports already finished: skipped" in resumed.stdout
         assert "01-astronomy-frw already finished: skipped" in resumed.stdout
+        # both domains were packed on S3 before the kill, and the resumed run reads them as they are
+        assert len(fs.get_file_info(pafs.FileSelector("ckpts/packed"))) == 2
+        assert "[data] packing" not in resumed.stdout
 
     res = json.loads((rdir / "results.json").read_text())
     assert len(res["stages"]) == 2 and len(res["ppl_matrix"]) == 2

@@ -81,6 +81,7 @@ def test_pbt_clones_the_better_trial_between_segments(demo_corpus, tmp_path):
     out = tmp_path / "pbt"
     overrides = [o for o in sweep_overrides(demo_corpus, out) if not o.startswith("tune.space=")] + [
         "run_name=pbt", "tune.scheduler=pbt", "tune.quantile_fraction=0.5", "tune.perturbation_interval=4",
+        "data.pretokenize=true",
         # two very different learning rates: the slow trial is the one cloned over at the boundary
         "tune.space={train.lr: {choice: [1.0e-5, 3.0e-3]}, ki.inherit.alpha0: {uniform: [0.2, 0.8]}}"]
     done = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, timeout=1100)
@@ -103,6 +104,10 @@ def test_pbt_clones_the_better_trial_between_segments(demo_corpus, tmp_path):
             for i in (t_id, s_id)}
     # the cloned-over trial's segment 1 continued the other's segment 0: their first 4 steps are the same
     assert [h for h in hist[t_id] if h["step"] <= 4] == [h for h in hist[s_id] if h["step"] <= 4]
+    # data.pretokenize: the teacher's run packed the domain once into the sweep's packed_path, and every
+    # trial segment streamed those rows (same key: no second packing, no leftover)
+    assert "[data] packing domain 'sports'" in done.stdout
+    assert [p.name[:10] for p in (base / "packed").iterdir()] == ["00-sports-"]
 
 
 @pytest.mark.timeout(900)

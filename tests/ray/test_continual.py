@@ -22,7 +22,9 @@ pytestmark = [pytest.mark.ray]
 @pytest.fixture(scope="module")
 def elle_run(ray_4cpus, demo_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("elle")
-    cfg = load_config(None, elle_overrides(demo_corpus, out))
+    # pretokenized: each domain packed once; the stream and the memory read the packed rows (which
+    # tests/ray/test_packed.py shows equal the text stream's)
+    cfg = load_config(None, elle_overrides(demo_corpus, out, "data.pretokenize=true"))
     return cfg, run_lifelong(cfg), out / "elle"
 
 
@@ -36,6 +38,9 @@ def test_memory_is_a_prompted_sample_of_the_domain_written_once(elle_run):
     tok = load_tokenizer(str(rdir / "tokenizer"))
     assert (ids[:, 0] == tok.cls_token_id).all() and (ids[:, 1] == tok.convert_tokens_to_ids(prompt_token("sports"))).all()
     assert set(table.column("domain_id").to_pylist()) == {0}
+    (packed,) = (rdir / "packed").glob("00-sports-*")  # the memory samples the packed rows
+    packed_rows = {r.tobytes() for r in np.stack(pq.read_table(packed).column("input_ids").to_numpy(zero_copy_only=False))}
+    assert {r.tobytes() for r in ids} <= packed_rows
 
 
 def test_growth_then_frw_then_replay_are_recorded(elle_run):
@@ -74,9 +79,11 @@ def test_final_export_keeps_the_prompt_tokens(elle_run):
 def test_resume_reuses_stages_and_memory(elle_run):
     cfg, res, rdir = elle_run
     marker = rdir / "memory" / "00-sports" / "_memory.json"
-    before = marker.stat().st_mtime_ns
+    packed = sorted((rdir / "packed").glob("*/_packed.json"))
+    assert [p.parent.name[:5] for p in packed] == ["00-sp", "01-as"]
+    before = [p.stat().st_mtime_ns for p in [marker, *packed]]
     again = run_lifelong(cfg, resume=True)
-    assert marker.stat().st_mtime_ns == before
+    assert [p.stat().st_mtime_ns for p in [marker, *packed]] == before
     assert again["ppl_matrix"] == res["ppl_matrix"]
 
 

@@ -1,0 +1,118 @@
+"""data.pretokenize: a domain packed once into Parquet holds exactly the rows the text stream yields, is
+reused while its inputs stay the same, packs anew when they change, and fails with the file and line of a
+bad record, leaving nothing half-written (local disk and S3)."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+
+from ray_lifelong.config import load_config
+from ray_lifelong.data import markers
+from ray_lifelong.data.packed import MARKER, pack_domain, packed_dataset, training_rows
+from ray_lifelong.data.sources import DataError
+from ray_lifelong.data.stream import StreamOptions, files_dataset
+from ray_lifelong.pipeline import prepare_tokenizer
+from tests.conftest import moto_server, tiny_overrides
+
+pytestmark = [pytest.mark.ray]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """Started before the module's Ray cluster, whose workers then hold its test credentials."""
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def setup(s3, ray_4cpus, demo_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed")
+    cfg = load_config(None, tiny_overrides(demo_corpus, out) + ["data.pretokenize=true"])
+    tok = prepare_tokenizer(cfg, out / "tok")
+    return cfg, StreamOptions(tok, cfg.model.arch, cfg.data), out
+
+
+def rows(ds) -> tuple[np.ndarray, np.ndarray]:
+    batches = list(ds.iter_batches(batch_size=512, batch_format="numpy"))
+    return (np.concatenate([b["input_ids"] for b in batches]), np.concatenate([b["domain_id"] for b in batches]))
+
+
+def test_packed_rows_are_the_streamed_rows_in_order(setup):
+    cfg, opts, out = setup
+    dom = cfg.data.domains[1]
+    rec = pack_domain(1, dom, opts, str(out / "p"), prompts=True)
+    ids, dom_ids = rows(packed_dataset([rec]))
+    want_ids, want_dom = rows(files_dataset([(1, dom)], "train", opts, prompts=True))
+    assert rec["rows"] == len(ids) == len(want_ids) > 20 and rec["tokens"] == rec["rows"] * cfg.data.seq_len
+    np.testing.assert_array_equal(ids, want_ids)
+    assert (dom_ids == 1).all() and (want_dom == 1).all()
+
+
+def test_packing_is_reused_until_an_input_changes(setup, demo_corpus, tmp_path):
+    cfg, opts, _ = setup
+    src = tmp_path / "src"
+    shutil.copytree(demo_corpus / "sports", src)
+    dom = replace(cfg.data.domains[0], train=[str(src / "train-*.jsonl.gz")])
+    root = str(tmp_path / "p")
+    first = pack_domain(0, dom, opts, root, prompts=False)
+    files = sorted((tmp_path / "p").rglob("*.parquet"))
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    assert pack_domain(0, dom, opts, root, prompts=False) == first
+    assert [f.stat().st_mtime_ns for f in sorted((tmp_path / "p").rglob("*.parquet"))] == mtimes  # not rewritten
+    # the stream of a pretokenized config reads the packed rows
+    np.testing.assert_array_equal(rows(training_rows([(0, dom)], opts, prompts=False, packed_root=root))[0],
+                                  rows(packed_dataset([first]))[0])
+    prompted = pack_domain(0, dom, opts, root, prompts=True)
+    assert prompted["uri"] != first["uri"]
+    shutil.copy(src / "train-00.jsonl.gz", src / "train-09.jsonl.gz")  # a new shard arrived
+    grown = pack_domain(0, dom, opts, root, prompts=False)
+    assert grown["uri"] != first["uri"] and grown["rows"] > first["rows"]
+    assert not list((tmp_path / "p").glob("*.tmp-*"))
+
+
+def test_a_bad_record_names_file_and_line_and_leaves_nothing(setup, demo_corpus, tmp_path):
+    cfg, opts, _ = setup
+    src = tmp_path / "src"
+    shutil.copytree(demo_corpus / "sports", src)
+    with gzip.open(src / "train-01.jsonl.gz", "ab") as f:
+        f.write(b'{"text": broken\n')
+    dom = replace(cfg.data.domains[0], train=[str(src / "train-*.jsonl.gz")])
+    with pytest.raises(DataError, match=r"packing domain 'sports': .*train-01\.jsonl\.gz, line \d+: invalid JSON"):
+        pack_domain(0, dom, opts, str(tmp_path / "p"), prompts=False)
+    assert not list((tmp_path / "p").glob("*"))
+
+
+def test_of_two_racing_packers_the_first_move_wins(tmp_path):
+    for name, rows_ in (("a", 1), ("b", 2)):
+        (tmp_path / name).mkdir()
+        markers.write_marker(str(tmp_path / name), MARKER, {"rows": rows_})
+    assert markers.move_dir(str(tmp_path / "a"), str(tmp_path / "final"), MARKER)
+    assert not markers.move_dir(str(tmp_path / "b"), str(tmp_path / "final"), MARKER)
+    assert markers.read_marker(str(tmp_path / "final"), MARKER) == {"rows": 1}
+    (tmp_path / "stale").mkdir()  # a directory without its marker: cut short, replaced
+    (tmp_path / "stale" / "x.parquet").write_bytes(b"partial")
+    assert markers.move_dir(str(tmp_path / "b"), str(tmp_path / "stale"), MARKER)
+    assert not (tmp_path / "stale" / "x.parquet").exists()
+
+
+def test_packed_domains_on_s3(setup, s3):
+    cfg, opts, _ = setup
+    dom = cfg.data.domains[0]
+    endpoint = s3
+    fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1",
+                           access_key="test", secret_key="test", allow_bucket_creation=True)
+    fs.create_dir("packs")
+    root = f"s3://packs/run?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+    rec = pack_domain(0, dom, opts, root, prompts=True)
+    assert rec["uri"].startswith("s3://packs/run/00-sports-") and rec["uri"].endswith(f"?endpoint_override={endpoint}&scheme=http&region=us-east-1")
+    np.testing.assert_array_equal(rows(packed_dataset([rec]))[0],
+                                  rows(files_dataset([(0, dom)], "train", opts, prompts=True))[0])
+    assert pack_domain(0, dom, opts, root, prompts=True) == rec
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector("packs/run"))]
+    assert len(names) == 1 and ".tmp-" not in names[0]
