@@ -109,21 +109,19 @@ def prepare_arch_tokenizer(arch: str, out: Path, domains: list[str]) -> str:
                              out / f"tokenizer-{arch}")
 
 
-def prepare_packed(arch: str, out: Path, tok_dir: str, domains: list[str]) -> None:
+def prepare_packed(arch: str, out: Path, domains: list[str]) -> None:
     """Under ``data.pretokenize``, pack every domain into the shared ``data.packed_path`` once, with and
     without prompts, so that drivers started side by side find them instead of each packing its own."""
     from ray_lifelong.config import load_config
-    from ray_lifelong.data.packed import pack_domain
-    from ray_lifelong.data.stream import StreamOptions
+    from ray_lifelong.pipeline import pack_domains
 
-    cfg = load_config(base_config(arch), overrides(arch, out, tok_dir, [1] * len(domains), domains))
+    cfg = load_config(base_config(arch), overrides(arch, out, str(out / f"tokenizer-{arch}"), [1] * len(domains),
+                                                   domains))
     if not cfg.data.pretokenize:
         return
     if not cfg.data.packed_path:
         sys.exit("--prepare-only packs for runs side by side: give them one data.packed_path (--set)")
-    for prompts in (True, False):
-        for i, dom in enumerate(cfg.data.domains):
-            pack_domain(i, dom, StreamOptions(tok_dir, arch, cfg.data), cfg.data.packed_path, prompts=prompts)
+    pack_domains(cfg, prompts=(True, False))
 
 
 def run_arch(arch: str, args, out: Path) -> dict:
@@ -318,7 +316,7 @@ def main() -> None:
     quiet_ray_data()
     if args.prepare_only:
         for arch in args.arch:
-            prepare_packed(arch, out, str(out / f"tokenizer-{arch}"), args.domains)
+            prepare_packed(arch, out, args.domains)
         return
     t0 = time.time()
     results = {arch: run_arch(arch, args, out) for arch in args.arch}

@@ -30,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("overrides", nargs="*")
     ft.add_argument("--model", default=None, help="model to fine-tune (default: finetune.model, else the run's "
                                                    "final_model); a run dir, checkpoint or HF model dir")
+    pack = sub.add_parser("pack", help="tokenize and pack the config's domains once (data.pretokenize) before the "
+                                       "runs that read them: later runs, or several side by side")
+    pack.add_argument("config")
+    pack.add_argument("overrides", nargs="*")
+    pack.add_argument("--both-prompts", action="store_true",
+                      help="pack each domain with and without its prompt token (runs that differ in continual.prompts)")
     tok = sub.add_parser("tokenizer", help="train a tokenizer on a sample of the config's domains")
     tok.add_argument("config")
     tok.add_argument("overrides", nargs="*")
@@ -61,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             return _tune(cfg, args.resume, args.config)
         if args.command == "finetune":
             return _finetune(cfg, args.model)
+        if args.command == "pack":
+            return _pack(cfg, args.both_prompts)
         return _run(cfg, args.resume, ki=args.command == "ki")
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -73,6 +81,21 @@ def _tokenizer(cfg, out: str) -> int:
     prepare_demo(cfg)
     tok = train_run_tokenizer(cfg, Path(out))
     print(f"tokenizer with {len(tok)} tokens written to {out}")
+    return 0
+
+
+def _pack(cfg, both_prompts: bool) -> int:
+    import ray
+
+    from ray_lifelong.pipeline import check_pretokenize, pack_domains
+
+    check_pretokenize(cfg)  # before starting Ray
+    init_ray(cfg)
+    try:
+        for rec in pack_domains(cfg, (True, False) if both_prompts else None):
+            print(f"{rec['domain']}: {rec['rows']} sequences ({rec['tokens']:,} tokens) in {rec['uri']}")
+    finally:
+        ray.shutdown()
     return 0
 
 

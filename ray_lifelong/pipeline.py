@@ -167,6 +167,33 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
     return summary
 
 
+def check_pretokenize(cfg: LifelongConfig) -> None:
+    from ray_lifelong.config.load import ConfigError
+
+    if not cfg.data.pretokenize:
+        raise ConfigError("data.pretokenize is false: its runs stream the text files and would not read packed "
+                          "domains (set data.pretokenize=true)")
+
+
+def pack_domains(cfg: LifelongConfig, prompts: tuple[bool, ...] | None = None) -> list[dict]:
+    """``ray-lifelong pack``: tokenize and pack every domain now, as the config's runs will read them
+    (``data.pretokenize``), so that runs started later or side by side (a benchmark's methods, a sweep)
+    find them packed. The tokenizer is prepared as a run prepares it (``tokenizer.path`` or trained into
+    the run directory). ``prompts``: the variants to pack (default: the config's ``continual.prompts``;
+    ``(True, False)`` for runs that differ in prompts). Returns the packed domains' records."""
+    from ray_lifelong.data.packed import pack_domain
+
+    check_pretokenize(cfg)
+    rdir = run_dir(cfg).resolve()
+    rdir.mkdir(parents=True, exist_ok=True)
+    prepare_demo(cfg)
+    tok_dir = prepare_tokenizer(cfg, rdir / "tokenizer")
+    quiet_ray_data()
+    opts = StreamOptions(tok_dir, cfg.model.arch, cfg.data)
+    return [pack_domain(i, dom, opts, packed_root(cfg), prompts=p)
+            for p in (prompts or (cfg.continual.prompts,)) for i, dom in enumerate(cfg.data.domains)]
+
+
 def stage_schedules(cfg: LifelongConfig) -> list[tuple[int, int] | None]:
     """Per stage ``(offset, total)`` of the run-wide LR schedule (``train.lr_scope: run``), else ``None``."""
     steps = [d.steps or cfg.train.steps for d in cfg.data.domains]

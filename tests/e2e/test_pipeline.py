@@ -49,9 +49,15 @@ def kill_cli_when(ready, *args, timeout=900, poll_s=0.5) -> None:
 @pytest.fixture(scope="module")
 def finished_run(demo_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    overrides = tiny_overrides(demo_corpus, out, arch="gpt2", steps=8) + ["run_name=e2e", "ray.num_cpus=4"]
+    overrides = tiny_overrides(demo_corpus, out, arch="gpt2", steps=8) + ["run_name=e2e", "ray.num_cpus=4",
+                                                                          "data.pretokenize=true"]
+    # the domains packed once ahead of the run (ray-lifelong pack), which then reads them as they are
+    packed = cli("pack", str(REPO / "configs/demo.yaml"), *overrides)
+    assert packed.returncode == 0, packed.stdout[-3000:] + packed.stderr[-3000:]
+    assert "sports: " in packed.stdout and "astronomy: " in packed.stdout
     proc = cli("run", str(REPO / "configs/demo.yaml"), *overrides)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[data] packing" not in proc.stdout
     return out / "e2e", overrides, proc
 
 
@@ -76,6 +82,7 @@ def test_run_directory_layout(finished_run):
     for name in ("config.yaml", "report.md", "ppl_matrix_and_loss.png", "tokenizer/tokenizer.json",
                  "stages/00-sports/stage.json", "stages/01-astronomy/stage.json"):
         assert (run / name).exists(), name
+    assert sorted(p.name[:5] for p in (run / "packed").iterdir()) == ["00-sp", "01-as"]
     assert "Perplexity matrix" in (run / "report.md").read_text()
     from ray_lifelong.config import load_config
 
@@ -112,6 +119,8 @@ def test_cli_reports_config_and_data_errors(tmp_path):
     proc = cli("tokenizer", str(REPO / "configs/demo.yaml"), "demo.enabled=false",
                f"data.domains=[{{name: x, train: ['{tmp_path}/none/*.jsonl']}}]", "--out", str(tmp_path / "t"))
     assert proc.returncode == 2 and "domain 'x' train: no file matches" in proc.stderr
+    proc = cli("pack", str(REPO / "configs/demo.yaml"))  # a config whose runs would not read packed domains
+    assert proc.returncode == 2 and "data.pretokenize" in proc.stderr
 
 
 @pytest.mark.timeout(1500)
