@@ -117,3 +117,26 @@ def test_join_uri_keeps_the_query_at_the_end():
     assert join_uri(f"s3://bucket/runs/?{q}", "tune", "x") == f"s3://bucket/runs/tune/x?{q}"
     assert join_uri("s3://bucket/runs", "tune") == "s3://bucket/runs/tune"
     assert join_uri("/tmp/a?b/", "tune") == "/tmp/a?b/tune"  # a local name may contain '?'
+
+
+def test_root_cause_finds_the_data_error_or_the_innermost_non_ray_error():
+    from ray_lifelong.data.sources import root_cause
+
+    class Wrapper(Exception):  # stands for Ray's own wrappers (RayTaskError, TrainingFailedError)
+        pass
+
+    Wrapper.__module__ = "ray.exceptions"
+
+    def chain(inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException as e:
+                raise Wrapper("Failed to apply UDF\nTo change retry attempts, configure the DataContext") from e
+        except Wrapper as outer:
+            return outer
+
+    assert root_cause(chain(DataError("a.jsonl, line 3: invalid JSON"))) == "a.jsonl, line 3: invalid JSON"
+    denied = chain(OSError("When creating key 'run/' in bucket 'packs': AWS Error ACCESS_DENIED\nmore"))
+    assert root_cause(denied) == "When creating key 'run/' in bucket 'packs': AWS Error ACCESS_DENIED"
+    assert root_cause(Wrapper("only\nlast line")) == "last line"
