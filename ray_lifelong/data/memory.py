@@ -2,7 +2,9 @@
 
 - :func:`write_memory` samples the domain's packed rows (the same rows its stage trained on, prompts
   included) with Ray Data and writes them as Parquet with a completion marker, so a resumed run finds
-  the memory and never samples twice.
+  the memory and never samples twice. Whether a row is kept depends only on its tokens and the seed
+  (:func:`select_rows`), not on how Ray Data cut the stream into blocks, so the same config and seed
+  give the same memory from the text stream or the packed domain, on any cluster size.
 - :func:`memory_dataset` reads the memories of earlier domains back as one Ray dataset.
 - :func:`replay_count` and :func:`replay_draw` are the pure per-micro-batch mixing rules the training
   loop uses: how many rows of a micro-batch to replace, and from which memory rows.
@@ -14,6 +16,8 @@ what it would have.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import torch
@@ -33,6 +37,23 @@ def read_marker(uri: str) -> dict | None:
     return markers.read_marker(uri, MARKER)
 
 
+def row_keys(ids: np.ndarray, seed: int) -> np.ndarray:
+    """A pseudo-random number in [0, 1) per row of ``ids`` (rows x tokens), from the row's tokens and
+    ``seed`` alone (a keyed BLAKE2b hash)."""
+    key = str(seed).encode()
+    return np.fromiter((int.from_bytes(hashlib.blake2b(np.ascontiguousarray(r).tobytes(), digest_size=8,
+                                                       key=key).digest(), "little") / 2.0**64 for r in ids),
+                       dtype=np.float64, count=len(ids))
+
+
+def select_rows(batch: dict, *, fraction: float, seed: int) -> dict:
+    """The rows of ``batch`` whose key is below ``fraction`` (a uniform sample of that share), with their
+    key in ``_key`` (a cap keeps the smallest keys: still uniform, and as independent of the blocks)."""
+    keys = row_keys(batch["input_ids"], seed)
+    keep = keys < fraction
+    return {**{k: v[keep] for k, v in batch.items()}, "_key": keys[keep]}
+
+
 def write_memory(ds, uri: str, *, fraction: float, max_sequences: int | None, seed: int) -> dict:
     """Sample ``fraction`` of ``ds``'s rows uniformly (capped at ``max_sequences``) into Parquet at ``uri``.
 
@@ -43,12 +64,14 @@ def write_memory(ds, uri: str, *, fraction: float, max_sequences: int | None, se
     if done is not None:
         return done
     markers.reset_dir(uri)
-    sample = ds.random_sample(fraction, seed=seed).materialize()
+    sample = ds.map_batches(select_rows, batch_format="numpy", fn_kwargs={"fraction": fraction, "seed": seed})
+    sample = sample.materialize()
     n = sample.count()
     if max_sequences is not None and n > max_sequences:
-        # a shuffle before the cut, so the cap keeps a uniform sample, not the stream's first rows
-        sample = sample.random_shuffle(seed=seed).limit(max_sequences).materialize()
+        # the smallest keys, not the stream's first rows: the capped memory stays a uniform sample
+        sample = sample.sort("_key").limit(max_sequences).materialize()
         n = max_sequences
+    sample = sample.drop_columns(["_key"])
     if n == 0:
         raise ValueError(f"memory {uri}: sampling {fraction:.1%} of the domain kept no sequence; raise "
                          f"continual.replay.memory_fraction")

@@ -54,6 +54,26 @@ def test_packed_rows_are_the_streamed_rows_in_order(setup):
     assert (dom_ids == 1).all() and (want_dom == 1).all()
 
 
+def test_the_memory_of_the_packed_domain_is_the_memory_of_its_text(setup, tmp_path):
+    """Ray Data cuts the two into different blocks; the replay memory must not depend on that."""
+    import pyarrow.parquet as pq
+
+    from ray_lifelong.data.memory import write_memory
+
+    cfg, opts, out = setup
+    dom = cfg.data.domains[1]
+    rec = pack_domain(1, dom, opts, str(out / "p"), prompts=True)
+    kw = dict(fraction=0.2, max_sequences=None, seed=5)
+    text = write_memory(files_dataset([(1, dom)], "train", opts, prompts=True), str(tmp_path / "text"), **kw)
+    packed = write_memory(packed_dataset([rec]), str(tmp_path / "packed"), **kw)
+    assert text["sequences"] == packed["sequences"] > 0
+    assert pq.read_table(str(tmp_path / "text")).equals(pq.read_table(str(tmp_path / "packed")))
+    capped = [write_memory(ds, str(tmp_path / name), **{**kw, "max_sequences": 7}) for name, ds in
+              (("ct", files_dataset([(1, dom)], "train", opts, prompts=True)), ("cp", packed_dataset([rec])))]
+    assert capped[0]["sequences"] == capped[1]["sequences"] == 7
+    assert pq.read_table(str(tmp_path / "ct")).equals(pq.read_table(str(tmp_path / "cp")))
+
+
 def test_packing_is_reused_until_an_input_changes(setup, demo_corpus, tmp_path):
     cfg, opts, _ = setup
     src = tmp_path / "src"

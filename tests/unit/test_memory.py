@@ -1,5 +1,6 @@
 """The replay mixing rules (pure): how many rows are replaced and which memory rows replace them."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -52,3 +53,36 @@ def test_replay_draw_covers_rows_uniformly_and_is_seeded():
 def test_replay_draw_refuses_an_empty_memory():
     with pytest.raises(ValueError, match="empty replay memory"):
         replay_draw([3, 0], 4, torch.Generator().manual_seed(0))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31), st.lists(st.integers(1, 50), min_size=1, max_size=8), st.floats(0.05, 0.95))
+def test_the_memory_sample_does_not_depend_on_how_the_stream_is_cut(seed, cuts, fraction):
+    """Ray Data cuts the text stream and a packed domain into different blocks: the sample must not care."""
+    from ray_lifelong.data.memory import select_rows
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 500, size=(sum(cuts), 16)).astype(np.int32)
+    dom = np.full(len(ids), 2, dtype=np.int32)
+    whole = select_rows({"input_ids": ids, "domain_id": dom}, fraction=fraction, seed=seed)
+    parts, start = [], 0
+    for n in cuts:
+        parts.append(select_rows({"input_ids": ids[start:start + n], "domain_id": dom[start:start + n]},
+                                 fraction=fraction, seed=seed))
+        start += n
+    np.testing.assert_array_equal(np.concatenate([p["input_ids"] for p in parts]), whole["input_ids"])
+    np.testing.assert_array_equal(np.concatenate([p["_key"] for p in parts]), whole["_key"])
+    assert (whole["_key"] < fraction).all() and (whole["domain_id"] == 2).all()
+
+
+def test_the_memory_sample_is_uniform_and_seeded():
+    from ray_lifelong.data.memory import row_keys, select_rows
+
+    ids = np.arange(40_000 * 4, dtype=np.int32).reshape(40_000, 4)
+    keys = row_keys(ids, seed=7)
+    assert ((0 <= keys) & (keys < 1)).all()
+    assert np.histogram(keys, bins=10, range=(0, 1))[0] == pytest.approx([4000] * 10, rel=0.08)
+    kept = select_rows({"input_ids": ids}, fraction=0.06, seed=7)["input_ids"]
+    assert len(kept) == pytest.approx(0.06 * len(ids), rel=0.1)
+    assert not np.array_equal(kept, select_rows({"input_ids": ids}, fraction=0.06, seed=8)["input_ids"])
+    np.testing.assert_array_equal(row_keys(ids[:5], 7), keys[:5])  # a row's key is its own
