@@ -35,7 +35,7 @@ from ray_lifelong.data.tokenizer import (
     tokenizer_kind,
     train_tokenizer,
 )
-from ray_lifelong.data.memory import memory_dataset, memory_uri, read_marker, write_memory
+from ray_lifelong.data.memory import keyed_shuffle, memory_dataset, memory_uri, read_marker, write_memory
 from ray_lifelong.data.packed import training_rows
 from ray_lifelong.data.stream import StreamOptions, bad_record_log, quiet_ray_data, validation_dataset
 from ray_lifelong.eval.metrics import average_increased_perplexity, average_perplexity
@@ -214,13 +214,15 @@ def stage_stream(cfg: LifelongConfig, index: int, opts: StreamOptions, log=None,
     chosen = doms[: index + 1] if cfg.continual.joint else [doms[index]]
     ds = training_rows(chosen, opts, prompts=cfg.continual.prompts, packed_root=packed or packed_root(cfg), log=log)
     # a full shuffle, not randomize_block_order: a domain's file packs into few large blocks, so a block
-    # shuffle still trains on one domain at a time and a stage that ends early never sees the later ones
-    return ds.random_shuffle(seed=cfg.train.seed + index) if len(chosen) > 1 else ds
+    # shuffle still trains on one domain at a time and a stage that ends early never sees the later ones;
+    # keyed by row, so the order is the same from the text stream and from packed domains
+    return keyed_shuffle(ds, seed=cfg.train.seed + index) if len(chosen) > 1 else ds
 
 
 def _memory_stream(uris: list[str], seed: int):
-    """The function-recovering warmup's data: the earlier domains' memories, shuffled together."""
-    return memory_dataset(uris).random_shuffle(seed=seed)
+    """The function-recovering warmup's data: the earlier domains' memories, shuffled together (keyed by
+    row: the same order whichever stream and files the memories were written from)."""
+    return keyed_shuffle(memory_dataset(uris), seed=seed)
 
 
 def _record(r: StageResult) -> dict:

@@ -54,6 +54,17 @@ def select_rows(batch: dict, *, fraction: float, seed: int) -> dict:
     return {**{k: v[keep] for k, v in batch.items()}, "_key": keys[keep]}
 
 
+def _with_key(batch: dict, *, seed: int) -> dict:
+    return {**batch, "_key": row_keys(batch["input_ids"], seed)}
+
+
+def keyed_shuffle(ds, seed: int):
+    """``ds``'s rows in the order of their keyed hash: a pseudo-random permutation that depends on the rows
+    and ``seed`` alone. ``random_shuffle(seed)`` permutes by block, so its order changes with the block
+    layout (text stream vs packed domain, the files a memory was written in); this one does not."""
+    return ds.map_batches(_with_key, batch_format="numpy", fn_kwargs={"seed": seed}).sort("_key").drop_columns(["_key"])
+
+
 def write_memory(ds, uri: str, *, fraction: float, max_sequences: int | None, seed: int) -> dict:
     """Sample ``fraction`` of ``ds``'s rows uniformly (capped at ``max_sequences``) into Parquet at ``uri``.
 

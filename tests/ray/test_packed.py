@@ -72,6 +72,14 @@ def test_the_memory_of_the_packed_domain_is_the_memory_of_its_text(setup, tmp_pa
               (("ct", files_dataset([(1, dom)], "train", opts, prompts=True)), ("cp", packed_dataset([rec])))]
     assert capped[0]["sequences"] == capped[1]["sequences"] == 7
     assert pq.read_table(str(tmp_path / "ct")).equals(pq.read_table(str(tmp_path / "cp")))
+    # the shuffle of a joint stage and of the FRW's memory stream: one order for both block layouts
+    from ray_lifelong.data.memory import keyed_shuffle
+
+    a = rows(keyed_shuffle(files_dataset([(1, dom)], "train", opts, prompts=True), seed=3))[0]
+    b = rows(keyed_shuffle(packed_dataset([rec]), seed=3))[0]
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, rows(packed_dataset([rec]))[0])  # shuffled
+    assert not np.array_equal(a, rows(keyed_shuffle(packed_dataset([rec]), seed=4))[0])
 
 
 def test_packing_is_reused_until_an_input_changes(setup, demo_corpus, tmp_path):
