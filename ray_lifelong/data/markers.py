@@ -11,9 +11,7 @@ import json
 
 import pyarrow.fs as pafs
 
-
-def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+from ray_lifelong.data.sources import filesystem as _fs
 
 
 def read_marker(uri: str, name: str) -> dict | None:
@@ -36,6 +34,14 @@ def reset_dir(uri: str) -> None:
     fs, path = _fs(uri)
     fs.create_dir(path, recursive=True)
     fs.delete_dir_contents(path)
+
+
+def count_rows(uri: str) -> int:
+    """Rows of the Parquet files under ``uri``, from their footers (no data read, no Ray Data run)."""
+    import pyarrow.dataset as pads
+
+    fs, path = _fs(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet", ignore_prefixes=["_", "."]).count_rows()
 
 
 def remove_dir(uri: str) -> None:

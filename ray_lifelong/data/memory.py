@@ -49,9 +49,9 @@ def row_keys(ids: np.ndarray, seed: int) -> np.ndarray:
 def select_rows(batch: dict, *, fraction: float, seed: int) -> dict:
     """The rows of ``batch`` whose key is below ``fraction`` (a uniform sample of that share), with their
     key in ``_key`` (a cap keeps the smallest keys: still uniform, and as independent of the blocks)."""
-    keys = row_keys(batch["input_ids"], seed)
-    keep = keys < fraction
-    return {**{k: v[keep] for k, v in batch.items()}, "_key": keys[keep]}
+    keyed = _with_key(batch, seed=seed)
+    keep = keyed["_key"] < fraction
+    return {k: v[keep] for k, v in keyed.items()}
 
 
 def _with_key(batch: dict, *, seed: int) -> dict:

@@ -79,9 +79,7 @@ def pack_domain(index: int, dom: DomainConfig, opts: StreamOptions, root: str, *
     except Exception as e:  # a bad record surfaces wrapped in Ray Data's task errors
         markers.remove_dir(tmp)
         raise DataError(f"packing domain {dom.name!r}: {root_cause(e)}") from e
-    import ray.data
-
-    rows = ray.data.read_parquet(tmp, file_extensions=["parquet"]).count()
+    rows = markers.count_rows(tmp)
     if rows == 0:
         markers.remove_dir(tmp)
         raise DataError(f"domain {dom.name!r}: its training sources {dom.train} hold no sequence of "
