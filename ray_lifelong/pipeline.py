@@ -10,7 +10,7 @@ Run directory ``<output_dir>/<run_name>/``::
     packed/             with ``data.pretokenize``: each domain's packed rows (``data.packed_path`` moves it)
     memory/             with replay: each finished domain's memory (``continual.replay.memory_path``)
     checkpoints/        Ray Train storage: one run per stage, ``<run>-stage<i>-<domain>/checkpoint_*``
-    stages/<i>-<domain>/stage.json   completion marker + the stage's record
+    stages/<i>-<domain>/stage.json   completion marker + the stage's record (and its warmup's, under ``frw``)
     results.json  report.md  ppl_matrix.png  loss_curves.png
     final_model/        HF model + tokenizer of the last stage (AutoModelFor...from_pretrained)
 """
@@ -35,7 +35,7 @@ from ray_lifelong.data.tokenizer import (
     tokenizer_kind,
     train_tokenizer,
 )
-from ray_lifelong.data.memory import keyed_shuffle, memory_dataset, memory_uri, read_marker, write_memory
+from ray_lifelong.data.memory import keyed_shuffle, memory_uri, read_marker, write_memory
 from ray_lifelong.data.packed import training_rows
 from ray_lifelong.data.stream import StreamOptions, bad_record_log, quiet_ray_data, validation_dataset
 from ray_lifelong.eval.metrics import average_increased_perplexity, average_perplexity
@@ -109,41 +109,42 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
     packed = packed_root(cfg)
     prev_ckpt = None
 
-    def run_or_skip(spec: StageSpec, train_ds) -> StageResult:
-        """``train_ds``: a function building the stage's stream, called only if the stage still has to run
-        (with ``data.pretokenize`` building it may pack the domain)."""
-        marker = marker_dir / spec.label / "stage.json"
-        if marker.exists():
-            print(f"[run] stage {spec.label} already finished: skipped")
-            return StageResult(**json.loads(marker.read_text()))
-        stream = train_ds()
-        print(f"[run] stage {spec.label}: {spec.steps} steps" + (" (function-recovering warmup on the memory)"
-                                                                 if spec.phase == "frw" else ""))
-        res = run_stage(spec, tokenizer_dir=tok_dir, storage_path=storage, valid_ds=valid_ds, bad_log=bad_log,
-                        train_ds=stream, callbacks=callbacks)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(res), indent=1))
-        os.replace(tmp, marker)  # the marker appears only once the record is complete
-        return res
+    def finished(label: str) -> StageResult | None:
+        marker = marker_dir / label / "stage.json"
+        if not marker.exists():
+            return None
+        rec = json.loads(marker.read_text())
+        frw = rec.pop("frw", None)
+        return StageResult(**rec, frw=StageResult(**frw) if frw else None)
 
     for i, dom in enumerate(cfg.data.domains):
-        base = dict(cfg=cfg, index=i, domain=dom.name, eval_domains=names, tokenizer_files=tok_files,
-                    batch_size=dom.batch_size or cfg.train.batch_size)
         lr = dom.lr or cfg.train.lr
         earlier = [m["uri"] for m in memories]
-        grown = False
-        frw_steps = frw_steps_before(cfg, i)
-        if frw_steps:
-            # ELLE: grow, then recover the old function on the earlier domains' memory before the new domain
-            frw = StageSpec(**base, steps=frw_steps, lr=cfg.continual.frw.lr or lr,
-                            init_checkpoint=prev_ckpt, phase="frw")
-            frw_results[i] = run_or_skip(frw, lambda: _memory_stream(earlier, cfg.train.seed + i))
-            prev_ckpt, grown = ray.train.Checkpoint(frw_results[i].checkpoint_path), True
-        spec = StageSpec(**base, steps=dom.steps or cfg.train.steps, lr=lr, init_checkpoint=prev_ckpt,
-                         schedule=schedules[i], regrow=not grown,
-                         replay_uris=earlier if replay.enabled else [])
-        res = run_or_skip(spec, lambda: stage_stream(cfg, i, opts, bad_log, packed))
+        spec = StageSpec(cfg=cfg, index=i, domain=dom.name, eval_domains=names, tokenizer_files=tok_files,
+                         batch_size=dom.batch_size or cfg.train.batch_size, steps=dom.steps or cfg.train.steps,
+                         lr=lr, init_checkpoint=prev_ckpt, schedule=schedules[i],
+                         replay_uris=earlier if replay.enabled else [],
+                         # ELLE: after the growth, recover the old function on the earlier domains' memory first
+                         frw_steps=frw_steps_before(cfg, i), frw_lr=cfg.continual.frw.lr or lr)
+        res = finished(spec.label)
+        if res is not None:
+            print(f"[run] stage {spec.label} already finished: skipped")
+        else:
+            stream = stage_stream(cfg, i, opts, bad_log, packed)  # with data.pretokenize this may pack the domain
+            print(f"[run] stage {spec.label}: " + (f"function-recovering warmup on the memory ({spec.frw_steps} "
+                                                   f"steps), then " if spec.frw_steps else "") + f"{spec.steps} steps")
+            res = run_stage(spec, tokenizer_dir=tok_dir, storage_path=storage, valid_ds=valid_ds, bad_log=bad_log,
+                            train_ds=stream, callbacks=callbacks)
+            marker = marker_dir / spec.label / "stage.json"
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            tmp = marker.with_suffix(".tmp")
+            tmp.write_text(json.dumps(asdict(res), indent=1))  # the warmup's record inside the stage's
+            os.replace(tmp, marker)  # the marker appears only once the record is complete
+        # (run dirs of earlier versions hold the warmup's record as a stage of its own)
+        frw = res.frw or (finished(spec.frw_label) if spec.frw_steps else None)
+        if frw is not None:
+            frw_results[i] = frw
+        res.frw = None
         results.append(res)
         prev_ckpt = ray.train.Checkpoint(res.checkpoint_path)
         if replay.enabled and i < len(cfg.data.domains) - 1:
@@ -217,12 +218,6 @@ def stage_stream(cfg: LifelongConfig, index: int, opts: StreamOptions, log=None,
     # shuffle still trains on one domain at a time and a stage that ends early never sees the later ones;
     # keyed by row, so the order is the same from the text stream and from packed domains
     return keyed_shuffle(ds, seed=cfg.train.seed + index) if len(chosen) > 1 else ds
-
-
-def _memory_stream(uris: list[str], seed: int):
-    """The function-recovering warmup's data: the earlier domains' memories, shuffled together (keyed by
-    row: the same order whichever stream and files the memories were written from)."""
-    return keyed_shuffle(memory_dataset(uris), seed=seed)
 
 
 def _record(r: StageResult) -> dict:

@@ -7,7 +7,8 @@
   give the same memory from the text stream or the packed domain, on any cluster size.
 - :func:`memory_dataset` reads the memories of earlier domains back as one Ray dataset.
 - :func:`replay_count` and :func:`replay_draw` are the pure per-micro-batch mixing rules the training
-  loop uses: how many rows of a micro-batch to replace, and from which memory rows.
+  loop uses: how many rows of a micro-batch to replace, and from which memory rows; :func:`memory_epoch`
+  deals the memories to the workers as the function-recovering warmup's data.
 
 ELLE replaces whole micro-batches of an accumulation group (shared/specs/elle.md section 8.2); replacing
 rows of every micro-batch is the same mix in expectation and works for any accumulation, including none.
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from ray_lifelong.data import markers
-from ray_lifelong.data.sources import join_uri
+from ray_lifelong.data.sources import DataError, join_uri
 
 MARKER = "_memory.json"
 
@@ -129,3 +130,22 @@ def replay_draw(pool_sizes: list[int], k: int, gen: torch.Generator,
     pools = torch.multinomial(weights, k, replacement=True, generator=gen)
     rows = (torch.rand(k, generator=gen, dtype=torch.float64) * sizes[pools]).long()
     return pools, rows
+
+
+def memory_epoch(memory, *, seed: int, rank: int, world: int, batch_size: int):
+    """One epoch of the function-recovering warmup's data on worker ``rank`` of ``world``: every memory row
+    once, in an order drawn from ``seed``, dealt to the ranks in equal shares (a remainder left out), in
+    micro-batches (a last partial one dropped). ``memory``: ``(rows per domain, domain ids)`` as the loop
+    holds it for replay, so the warmup needs no dataset or shuffle of its own."""
+    pools, pool_domains = memory
+    rows = torch.cat(pools)
+    domains = torch.cat([torch.full((len(p),), d, dtype=torch.long) for p, d in zip(pools, pool_domains)])
+    share = len(rows) // world
+    if share < batch_size:
+        raise DataError(f"the replay memories hold {len(rows)} sequences: fewer than one micro-batch "
+                        f"({batch_size}) per worker ({world}) for the function-recovering warmup")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[: share * world]
+    mine = order[rank::world]
+    for s in range(0, len(mine) - batch_size + 1, batch_size):
+        idx = mine[s: s + batch_size]
+        yield {"input_ids": rows[idx], "domain_id": domains[idx]}

@@ -40,6 +40,11 @@ class TrainState:
     """Sequences drawn from the replay memory (they replaced rows of the new domain)."""
     kd_flops: float = 0.0
     """Forward FLOPs of the previous model distilling on replayed rows (logit-KD baseline)."""
+    phase: str = "main"
+    """``frw``: the stage is in its function-recovering warmup (counters above are the warmup's);
+    ``main``: training on the domain."""
+    frw: dict | None = None
+    """The finished warmup of this stage: its counters (this class's fields), ``ppl`` and ``wall_s``."""
 
 
 def save_checkpoint(directory: str | Path, *, model, tokenizer, optimizer, scheduler, state: TrainState,

@@ -1,8 +1,10 @@
 """The per-worker training loop of one stage (runs inside Ray Train workers).
 
-Read top to bottom: [1] model and state (resume > previous stage > fresh), [2] DDP + optimizer,
-[3] data shard, [4] the step loop (accumulate, clip, step, log, evaluate, checkpoint), [5] final
-evaluation and report. Ray touch-points are marked with ``# [ray]``.
+Read top to bottom: [1] model and state (resume > previous stage > fresh, grown where the stage grows),
+[2] DDP, [3] data shard and replay memory, [4a] ELLE's function-recovering warmup on the memory where the
+stage has one, [4b] the domain; each phase is the step loop ``_train`` (accumulate, clip, step, log,
+evaluate, checkpoint) with its own optimizer; [5] final evaluation and report. Ray touch-points are marked
+with ``# [ray]``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import warnings
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray.train
@@ -20,6 +23,7 @@ import ray.train.torch
 import torch
 from torch import distributed as dist
 
+from ray_lifelong.data.memory import memory_epoch
 from ray_lifelong.data.sources import DataError
 from ray_lifelong.data.tokenizer import load_tokenizer
 from ray_lifelong.eval.metrics import perplexity
@@ -42,6 +46,7 @@ from ray_lifelong.stage.step import Masker, build_optimizer, maybe_no_sync
 def train_loop_per_worker(config: dict) -> dict:
     spec: StageSpec = config["spec"]
     cfg, t = spec.cfg, spec.cfg.train
+    started = time.perf_counter()
     ctx = ray.train.get_context()  # [ray]
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()  # [ray]
@@ -57,8 +62,8 @@ def train_loop_per_worker(config: dict) -> dict:
     own = resume is not None
     if resume is None:
         resume = spec.resume_from  # a PBT segment continues its (or a cloned trial's) last segment
-    state = TrainState()
-    carried = None
+    state = TrainState(phase="frw" if spec.frw_steps else "main")
+    carried, previous = None, None
     if resume is not None:
         with resume.as_directory() as d:
             model = load_model(str(Path(d) / "model"), cfg.model.arch)
@@ -78,103 +83,190 @@ def train_loop_per_worker(config: dict) -> dict:
                     prev_opt = torch.load(Path(d) / "train_state.pt", map_location="cpu",
                                           weights_only=False)["optimizer"]
                 model, carried, state.growth = grow_model(model, grow, seed=t.seed + spec.index, train=t,
-                                                          lr=spec.lr, optimizer_state=prev_opt,
-                                                          build_optimizer=build_optimizer)
+                                                          lr=(spec.frw_lr or spec.lr) if spec.frw_steps else spec.lr,
+                                                          optimizer_state=prev_opt, build_optimizer=build_optimizer)
     else:
         model = build_model(cfg.model, len(tokenizer), pad_id=tokenizer.pad_token_id,
                             eos_id=tokenizer.eos_token_id, seed=t.seed)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
                          f"{model.get_input_embeddings().weight.shape[0]}")
-
-    # [1b] KI teachers: frozen, never DDP-wrapped, freed once the inheritance rate reaches 0
-    ki = spec.teacher
-    ki_steps = (ki.steps or max(1, int(0.3 * spec.steps))) if ki else 0
-    teachers = {}
-    if ki and teacher_needed(state.step, schedule=ki.schedule, steps=ki_steps, alpha0=ki.alpha0):
-        loaded = {}
-        for domain_id, path in spec.teacher_dirs.items():
-            teachers[domain_id] = loaded.setdefault(path, load_teacher(path, device, t.bf16))
-
     if spec.kd_previous and resume is not None:  # a retried stage reloads the previous model itself
         with spec.init_checkpoint.as_directory() as d:
             previous = LMObjective(load_teacher(str(Path(d) / "model"), device, t.bf16))
-    kd = cfg.continual.logit_kd
-    previous_fwd = _forward_flops(previous.model, cfg) if spec.kd_previous else 0.0
 
-    # [2] DDP and optimizer
+    # [2] DDP
     objective = ray.train.torch.prepare_model(LMObjective(model))  # [ray] moves to device, wraps DDP if world > 1
     inner: LMObjective = objective.module if hasattr(objective, "module") else objective
     ddp = objective
     if t.compile:  # compiled around DDP: TorchDynamo splits the graph at DDP's gradient buckets
         objective = torch.compile(objective)
-    optimizer = build_optimizer(inner.model, spec.lr, t)
-    if carried is not None:  # AdamW moments mapped onto the grown parameters (grow.optimizer=carry)
-        optimizer.load_state_dict(carried)
-    offset, total = spec.schedule or (0, spec.steps)
-    warmup, decay = int(t.warmup_ratio * total), t.lr_decay
-    if spec.phase == "frw":  # its own short warmup, then the peak LR until the new domain starts
-        warmup, decay = cfg.continual.frw.warmup_steps, "constant"
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(offset + s, total, warmup=warmup, decay=decay,
-                                           min_ratio=t.min_lr_ratio))
-    if resume is not None:
-        load_optimizer_state(opt_dir, optimizer, scheduler)
-        if not own:  # a segment's LR is its own (PBT may have perturbed it): rescale the restored schedule
-            scheduler.base_lrs = [spec.lr] * len(optimizer.param_groups)
-            for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
-                group["initial_lr"], group["lr"] = spec.lr, spec.lr * fn(scheduler.last_epoch)
 
-    # [3] data: this worker's share of the domain stream, and the (unsplit) validation sets
+    # [3] data: this worker's share of the domain stream, the (unsplit) replay memories and validation sets
     train_shard = ray.train.get_dataset_shard("train")  # [ray]
     memory = _load_memory() if spec.replay_uris else None
-    rp = cfg.continual.replay
-    accum = spec.grad_accum(world)
-    masker = Masker(tokenizer, cfg.data.mlm_probability, cfg.model.arch)
-    use_bf16 = t.bf16 and device.type == "cuda"
-    seq_tokens = spec.batch_size * cfg.data.seq_len
-    name = f"[stage {spec.label}]"
-    if rank == 0:
-        print(f"{name} start at step {state.step}/{spec.end} "
-              f"(workers={world}, accumulation={accum}, restarts={state.restarts})", flush=True)
-        if memory is not None:
-            print(f"{name} replaying {rp.ratio:.0%} of each batch from {len(memory[0])} memories "
-                  f"({sum(len(m) for m in memory[0])} sequences)" + (f", logit KD weight {kd.weight}"
-                                                                      if spec.kd_previous else ""), flush=True)
-        if state.growth and state.step == 0:
-            g = state.growth
-            print(f"{name} grew {g['before']} -> {g['after']} "
-                  f"({g['params_before']:,} -> {g['params_after']:,} params, max logit error "
-                  f"{g['max_logit_error']:.2e}, optimizer {g['optimizer']}, {g['expand_seconds']:.2f}s)", flush=True)
+    if state.phase == "frw" and memory is None:
+        raise ValueError(f"stage {spec.label}: a function-recovering warmup needs the earlier domains' "
+                         f"memory (replay_uris)")
+    w = _Worker(spec=spec, rank=rank, world=world, device=device, objective=objective, ddp=ddp, inner=inner,
+                masker=Masker(tokenizer, cfg.data.mlm_probability, cfg.model.arch), tokenizer=tokenizer,
+                use_bf16=t.bf16 and device.type == "cuda", accum=spec.grad_accum(world), memory=memory,
+                previous=previous, previous_fwd=_forward_flops(previous.model, cfg) if previous else 0.0)
+    if rank == 0 and state.growth and state.step == 0:
+        g = state.growth
+        print(f"[stage {spec.label}] grew {g['before']} -> {g['after']} "
+              f"({g['params_before']:,} -> {g['params_after']:,} params, max logit error "
+              f"{g['max_logit_error']:.2e}, optimizer {g['optimizer']}, {g['expand_seconds']:.2f}s)", flush=True)
 
-    # [4] step loop
+    # [4a] ELLE's function-recovering warmup, after the growth: only the memory, its own short LR warmup
+    if state.phase == "frw":
+        optimizer, scheduler = _phase_optimizer(w, "frw")
+        if carried is not None:  # AdamW moments mapped onto the grown parameters (grow.optimizer=carry)
+            optimizer.load_state_dict(carried)
+        if resume is not None:
+            load_optimizer_state(opt_dir, optimizer, scheduler)
+        w.say(spec.frw_label, f"start at step {state.step}/{spec.frw_steps} on the memory of "
+                              f"{len(memory[0])} domains ({sum(len(m) for m in memory[0])} sequences), "
+                              f"restarts={state.restarts}")
+        _train(w, state, optimizer, scheduler, end=spec.frw_steps, label=spec.frw_label, teachers={},
+               batches=lambda epoch: memory_epoch(memory, seed=hash((t.seed, spec.index, epoch)) % (2**62),
+                                                  rank=rank, world=world, batch_size=t.micro_batch_size))
+        ppl = _evaluate(inner, spec, w.masker, device, rank, world)
+        state.evals.append({"step": state.step, "tokens": state.tokens, "ppl": ppl})
+        done = {k: v for k, v in state.__dict__.items() if k != "frw"}
+        state = TrainState(phase="main", frw=dict(done, ppl=ppl, wall_s=time.perf_counter() - started),
+                           restarts=state.restarts)
+        torch.manual_seed(t.seed + 1000 * spec.index + rank)  # the domain's phase as if it were its own run
+        optimizer, scheduler = _phase_optimizer(w, "main")  # a fresh optimizer and LR schedule, as in ELLE
+        # the grown, recovered model and the domain phase's start: a restart from here begins the domain
+        _report(spec, state, None, rank, inner, tokenizer, optimizer, scheduler)
+    else:
+        optimizer, scheduler = _phase_optimizer(w, "main")
+        if carried is not None:
+            optimizer.load_state_dict(carried)
+        if resume is not None:
+            load_optimizer_state(opt_dir, optimizer, scheduler)
+            if not own:  # a segment's LR is its own (PBT may have perturbed it): rescale the restored schedule
+                scheduler.base_lrs = [spec.lr] * len(optimizer.param_groups)
+                for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
+                    group["initial_lr"], group["lr"] = spec.lr, spec.lr * fn(scheduler.last_epoch)
+
+    # [4b] the domain (with replay, KI teachers or logit KD where configured)
+    rp, kd = cfg.continual.replay, cfg.continual.logit_kd
+    w.say(spec.label, f"start at step {state.step}/{spec.end} (workers={world}, accumulation={w.accum}, "
+                      f"restarts={state.restarts})")
+    if memory is not None:
+        w.say(spec.label, f"replaying {rp.ratio:.0%} of each batch from {len(memory[0])} memories "
+                          f"({sum(len(m) for m in memory[0])} sequences)"
+              + (f", logit KD weight {kd.weight}" if spec.kd_previous else ""))
+    _train(w, state, optimizer, scheduler, end=spec.end, label=spec.label, teachers=_load_teachers(spec, state, w),
+           mix=memory is not None, batches=lambda epoch: train_shard.iter_torch_batches(  # [ray] streams while we train
+               batch_size=t.micro_batch_size, drop_last=True, dtypes=torch.long,
+               local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+               local_shuffle_seed=(t.seed + epoch) if cfg.data.shuffle_buffer else None))
+
+    # [5] final evaluation on every domain, final checkpoint
+    ppl = _evaluate(inner, spec, w.masker, device, rank, world)
+    state.evals.append({"step": state.step, "tokens": state.tokens, "ppl": ppl})
+    _report(spec, state, ppl, rank, inner, tokenizer, optimizer, scheduler, final=True)
+    return {"state": state.__dict__, "ppl": ppl, "sizes": model_sizes(inner.model),
+            "vocab": inner.model.config.vocab_size, "nodes": _worker_nodes(world)}
+
+
+@dataclass
+class _Worker:
+    """What every phase of a stage's step loop shares on one worker."""
+
+    spec: StageSpec
+    rank: int
+    world: int
+    device: torch.device
+    objective: torch.nn.Module
+    """What the step calls: DDP-wrapped and/or compiled."""
+    ddp: torch.nn.Module
+    """The DDP wrapper (or the objective itself on one worker), for ``no_sync``."""
+    inner: LMObjective
+    masker: Masker
+    tokenizer: object
+    use_bf16: bool
+    accum: int
+    memory: tuple | None
+    """The replay memories (:func:`_load_memory`), or ``None``."""
+    previous: LMObjective | None
+    """Logit-KD baseline: the previous stage's frozen model."""
+    previous_fwd: float
+
+    def say(self, label: str, text: str) -> None:
+        if self.rank == 0:
+            print(f"[stage {label}] {text}", flush=True)
+
+
+def _phase_optimizer(w: _Worker, phase: str):
+    """A fresh AdamW and LR schedule for a phase: the warmup's own short linear warmup to its peak LR, held
+    until the phase ends; the domain's warmup and decay over its steps (or its share of the run's schedule)."""
+    spec, t = w.spec, w.spec.cfg.train
+    if phase == "frw":
+        lr, offset, total = spec.frw_lr or spec.lr, 0, spec.frw_steps
+        warmup, decay = spec.cfg.continual.frw.warmup_steps, "constant"
+    else:
+        lr, (offset, total) = spec.lr, spec.schedule or (0, spec.steps)
+        warmup, decay = int(t.warmup_ratio * total), t.lr_decay
+    optimizer = build_optimizer(w.inner.model, lr, t)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(offset + s, total, warmup=warmup, decay=decay, min_ratio=t.min_lr_ratio))
+    return optimizer, scheduler
+
+
+def _ki_steps(spec: StageSpec) -> int:
+    ki = spec.teacher
+    return (ki.steps or max(1, int(0.3 * spec.steps))) if ki else 0
+
+
+def _load_teachers(spec: StageSpec, state: TrainState, w: _Worker) -> dict:
+    """The stage's KI teachers by domain id: frozen, never DDP-wrapped, not loaded once inheritance is over."""
+    ki = spec.teacher
+    if not ki or not teacher_needed(state.step, schedule=ki.schedule, steps=_ki_steps(spec), alpha0=ki.alpha0):
+        return {}
+    loaded: dict = {}
+    return {domain_id: loaded.setdefault(path, load_teacher(path, w.device, spec.cfg.train.bf16))
+            for domain_id, path in spec.teacher_dirs.items()}
+
+
+def _train(w: _Worker, state: TrainState, optimizer, scheduler, *, end: int, label: str, teachers: dict,
+           batches, mix: bool = False) -> None:
+    """The step loop of one phase, up to step ``end``: accumulate, clip, step, log, evaluate, checkpoint.
+
+    ``batches(epoch)``: one epoch of this worker's micro-batches; ``mix``: replace a share of every micro-batch
+    with replayed memory rows; ``teachers``: KI teachers (emptied, and freed, once inheritance is over).
+    """
+    spec, cfg, t, device = w.spec, w.spec.cfg, w.spec.cfg.train, w.device
+    ki = spec.teacher if teachers else None
+    ki_steps = _ki_steps(spec)
+    rp, kd = cfg.continual.replay, cfg.continual.logit_kd
+    seq_tokens = spec.batch_size * cfg.data.seq_len
     micro, loss_acc, ce_acc, kl_acc, alpha = 0, 0.0, 0.0, 0.0, 0.0
     log_t0, log_tok0 = time.perf_counter(), state.tokens
-    while state.step < spec.end:
+    while state.step < end:
         seen = 0
-        batches = train_shard.iter_torch_batches(  # [ray] streams while we train
-            batch_size=t.micro_batch_size, drop_last=True, dtypes=torch.long,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=(t.seed + state.epoch) if cfg.data.shuffle_buffer else None)
         wait0 = time.perf_counter()
-        for batch in batches:
+        for batch in batches(state.epoch):
             seen += 1
             if seen <= state.batches_in_epoch:  # consumed before a restart: skip, don't train twice
                 wait0 = time.perf_counter()
                 continue
             c0 = time.perf_counter()
             state.data_wait_s += c0 - wait0
-            gen = torch.Generator().manual_seed(hash((t.seed, spec.index, rank, state.step, micro)) % (2**62))
+            gen = torch.Generator().manual_seed(hash((t.seed, spec.index, w.rank, state.step, micro)) % (2**62))
             ids, domain_ids, k = batch["input_ids"], batch["domain_id"], 0
-            if memory is not None:  # the last k rows are replaced by rows of earlier domains' memories
-                ids, domain_ids, k = _mix_replay(ids, domain_ids, memory, rp, gen)
+            if mix:  # the last k rows are replaced by rows of earlier domains' memories
+                ids, domain_ids, k = _mix_replay(ids, domain_ids, w.memory, rp, gen)
                 state.replayed += k
-            inputs, labels = masker(ids.to(device), gen)
-            sync = micro == accum - 1
+            inputs, labels = w.masker(ids.to(device), gen)
+            sync = micro == w.accum - 1
             alpha = inheritance_rate(state.step, schedule=ki.schedule, steps=ki_steps, alpha0=ki.alpha0) \
                 if teachers else 0.0
-            with maybe_no_sync(ddp, sync), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
-                logits, targets = objective(inputs, labels)
+            with maybe_no_sync(w.ddp, sync), torch.autocast(device.type, torch.bfloat16, enabled=w.use_bf16):
+                logits, targets = w.objective(inputs, labels)
                 if alpha > 0:  # the teacher sees exactly the student's batch (same masking)
                     t0 = time.perf_counter()
                     t_logits = teacher_logits(teachers, inputs, labels, domain_ids.to(device), len(targets))
@@ -185,13 +277,13 @@ def train_loop_per_worker(config: dict) -> dict:
                     parts = ki_loss_parts(logits, t_logits, targets, alpha=alpha, temperature=ki.temperature,
                                           top_k=ki.top_k)
                     loss, ce, kl = parts.total, parts.ce, parts.kl
-                elif spec.kd_previous and k > 0:  # logit KD on the replayed rows only
+                elif w.previous is not None and k > 0:  # logit KD on the replayed rows only
                     t0 = time.perf_counter()
-                    sel = position_rows(labels, inner.arch) >= len(ids) - k  # the replayed rows' positions
+                    sel = position_rows(labels, w.inner.arch) >= len(ids) - k  # the replayed rows' positions
                     with torch.no_grad():
-                        p_logits = previous(inputs[-k:], labels[-k:])[0]
+                        p_logits = w.previous(inputs[-k:], labels[-k:])[0]
                     state.teacher_s += time.perf_counter() - t0
-                    state.kd_flops += k * previous_fwd
+                    state.kd_flops += k * w.previous_fwd
                     ce = lm_loss(logits, targets)
                     # alpha=1: the KI loss is exactly T^2 * KL(previous || current), with its gradient
                     kl = ki_loss(logits[sel], p_logits, targets[sel], alpha=1.0, temperature=kd.temperature)
@@ -200,26 +292,26 @@ def train_loop_per_worker(config: dict) -> dict:
                 else:
                     loss = lm_loss(logits, targets)
                     ce, kl = loss.detach(), 0.0
-            (loss / accum).backward()
+            (loss / w.accum).backward()
             # accumulate on the device: a float() here would synchronise the GPU every micro-step
-            loss_acc += loss.detach() / accum
-            ce_acc += ce / accum
-            kl_acc += kl / accum
+            loss_acc += loss.detach() / w.accum
+            ce_acc += ce / w.accum
+            kl_acc += kl / w.accum
             state.batches_in_epoch = seen
             micro += 1
-            if micro == accum:
+            if micro == w.accum:
                 if t.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(inner.parameters(), t.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(w.inner.parameters(), t.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.tokens += seq_tokens
                 micro = 0
-                _maybe_crash(spec, state.step, rank)
+                _maybe_crash(spec, state.step, w.rank)
                 if cfg.debug.slow_step_s:
                     time.sleep(cfg.debug.slow_step_s)
-                if state.step % t.log_every == 0 or state.step == spec.end:
+                if state.step % t.log_every == 0 or state.step == end:
                     loss_acc, ce_acc, kl_acc = float(loss_acc), float(ce_acc), float(kl_acc)
                     now = time.perf_counter()
                     tps = (state.tokens - log_tok0) / max(now - log_t0, 1e-9)
@@ -227,47 +319,37 @@ def train_loop_per_worker(config: dict) -> dict:
                                           "tokens": state.tokens, "tokens_per_s": tps, "interval_s": now - log_t0,
                                           "data_wait_s": state.data_wait_s, "compute_s": state.compute_s,
                                           "alpha": alpha, "ce": ce_acc, "kl": kl_acc, "teacher_s": state.teacher_s})
-                    if rank == 0:
-                        ki_note = f" alpha {alpha:.2f} ce {ce_acc:.3f} kl {kl_acc:.3f}" if ki else (
-                            f" ce {ce_acc:.3f} kd {kl_acc:.3f}" if spec.kd_previous else "")
-                        print(f"{name} step {state.step}/{spec.end} "
-                              f"loss {loss_acc:.4f}{ki_note} lr {scheduler.get_last_lr()[0]:.2e} tok/s {tps:,.0f}",
-                              flush=True)
+                    note = f" alpha {alpha:.2f} ce {ce_acc:.3f} kl {kl_acc:.3f}" if ki else (
+                        f" ce {ce_acc:.3f} kd {kl_acc:.3f}" if w.previous is not None and mix else "")
+                    w.say(label, f"step {state.step}/{end} loss {loss_acc:.4f}{note} "
+                                 f"lr {scheduler.get_last_lr()[0]:.2e} tok/s {tps:,.0f}")
                     log_t0, log_tok0 = now, state.tokens
                 loss_acc = ce_acc = kl_acc = 0.0
                 if teachers and not teacher_needed(state.step, schedule=ki.schedule, steps=ki_steps,
                                                    alpha0=ki.alpha0):
-                    teachers = {}  # inheritance is over: free the teacher(s)
+                    teachers.clear()  # inheritance is over: free the teacher(s)
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 state.compute_s += time.perf_counter() - c0
-                done = state.step >= spec.end
-                if done:
+                if state.step >= end:
                     break
                 if t.eval_every and state.step % t.eval_every == 0:
-                    ppl = _evaluate(inner, spec, masker, device, rank, world)
+                    ppl = _evaluate(w.inner, spec, w.masker, device, w.rank, w.world)
                     state.evals.append({"step": state.step, "tokens": state.tokens, "ppl": ppl})
-                    _report(spec, state, ppl, rank, inner, tokenizer, optimizer, scheduler)
+                    _report(spec, state, ppl, w.rank, w.inner, w.tokenizer, optimizer, scheduler)
                 elif state.step % t.checkpoint_every == 0:
-                    _report(spec, state, None, rank, inner, tokenizer, optimizer, scheduler)
+                    _report(spec, state, None, w.rank, w.inner, w.tokenizer, optimizer, scheduler)
             else:
                 state.compute_s += time.perf_counter() - c0
             wait0 = time.perf_counter()
         else:
             if seen == 0:
                 raise DataError(f"domain {spec.domain!r}: the training stream yielded no sequence of "
-                                f"{cfg.data.seq_len} tokens on worker {rank} (empty domain, or fewer "
+                                f"{cfg.data.seq_len} tokens on worker {w.rank} (empty domain, or fewer "
                                 f"tokens than one micro-batch per worker)")
             state.epoch += 1
             state.batches_in_epoch = 0
-
-    # [5] final evaluation on every domain, final checkpoint
-    ppl = _evaluate(inner, spec, masker, device, rank, world)
-    state.evals.append({"step": state.step, "tokens": state.tokens, "ppl": ppl})
-    _report(spec, state, ppl, rank, inner, tokenizer, optimizer, scheduler, final=True)
-    return {"state": state.__dict__, "ppl": ppl, "sizes": model_sizes(inner.model),
-            "vocab": inner.model.config.vocab_size, "nodes": _worker_nodes(world)}
 
 
 def _worker_nodes(world: int) -> list[str]:

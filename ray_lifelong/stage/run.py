@@ -23,10 +23,9 @@ class StageFailedError(RuntimeError):
     """A stage that Ray Train could not finish; the message carries the root cause."""
 
 
-def stage_name(run_name: str, index: int, domain: str, phase: str = "main", segment: int | None = None) -> str:
+def stage_name(run_name: str, index: int, domain: str, segment: int | None = None) -> str:
     """Deterministic Ray Train run name: re-running with it resumes from the stage's checkpoints."""
-    return (f"{run_name}-stage{index}-{domain}" + ("" if phase == "main" else f"-{phase}")
-            + ("" if segment is None else f"-seg{segment}"))
+    return f"{run_name}-stage{index}-{domain}" + ("" if segment is None else f"-seg{segment}")
 
 
 def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_ds, bad_log=None,
@@ -62,7 +61,7 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
         # a stage may take its own workers, e.g. more after growth
         scaling_config=ray_scaling(spec.domain_cfg.scaling or cfg.scaling),
         run_config=RunConfig(
-            name=stage_name(cfg.run_name, spec.index, spec.domain, spec.phase, spec.segment),
+            name=stage_name(cfg.run_name, spec.index, spec.domain, spec.segment),
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures,
                                          controller_failure_limit=cfg.ray.startup_failures),
@@ -89,23 +88,37 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
         vocab=out.get("vocab") or len_vocab(tokenizer_dir),  # the model's rows (padded)
         seq_len=cfg.data.seq_len,
         logit_positions=logit_positions(cfg.model.arch, cfg.data.seq_len, cfg.data.mlm_probability))
-    sequences = state.get("tokens", 0) // cfg.data.seq_len
     teacher_flops = sum(
         n * forward_flops_per_sequence(**_flops_sizes(teacher_cfgs[int(d)], cfg),
                                        vocab=teacher_cfgs[int(d)]["vocab_size"], seq_len=cfg.data.seq_len,
                                        logit_positions=logit_positions(cfg.model.arch, cfg.data.seq_len,
                                                                        cfg.data.mlm_probability))
         for d, n in state.get("teacher_sequences", {}).items() if d != "kd") + state.get("kd_flops", 0.0)
+    frw = None
+    if state.get("frw"):  # the warmup ran first in this run, at the grown size: its own record
+        f = state["frw"]
+        # measured on the workers from their start; the worker group's start stays in the domain phase
+        frw_wall = min(f.pop("wall_s"), wall)
+        wall -= frw_wall
+        frw = _phase_result(spec, f, checkpoint="", ppl=f.pop("ppl"), per_seq=per_seq, wall=frw_wall, sizes=sizes,
+                            nodes=out.get("nodes", []), phase="frw")
+    res = _phase_result(spec, state, ppl=out.get("ppl", {}), per_seq=per_seq, wall=wall, sizes=sizes,
+                        nodes=out.get("nodes", []), phase="main",
+                        checkpoint=checkpoint_uri(result.checkpoint.path, result.checkpoint.filesystem, storage_path))
+    res.bad_records, res.teacher_flops, res.frw = _bad_records(bad_log), teacher_flops, frw
+    return res
+
+
+def _phase_result(spec: StageSpec, state: dict, *, checkpoint: str, ppl: dict, per_seq: float, wall: float,
+                  sizes: dict, nodes: list, phase: str) -> StageResult:
+    """The record of one phase of a stage from its worker's counters (``TrainState`` as a dict)."""
+    tokens = state.get("tokens", 0)
     return StageResult(
-        index=spec.index, domain=spec.domain,
-        checkpoint_path=checkpoint_uri(result.checkpoint.path, result.checkpoint.filesystem, storage_path),
-        ppl=out.get("ppl", {}), steps=state.get("step", 0), tokens=state.get("tokens", 0),
-        train_flops=per_seq * sequences, wall_time_s=wall, history=state.get("history", []),
-        evals=state.get("evals", []), data_wait_s=state.get("data_wait_s", 0.0),
-        bad_records=_bad_records(bad_log),
+        index=spec.index, domain=spec.domain, checkpoint_path=checkpoint, ppl=ppl, steps=state.get("step", 0),
+        tokens=tokens, train_flops=per_seq * (tokens // spec.cfg.data.seq_len), wall_time_s=wall,
+        history=state.get("history", []), evals=state.get("evals", []), data_wait_s=state.get("data_wait_s", 0.0),
         restarts=state.get("restarts", 0), model_sizes=sizes, growth=state.get("growth"),
-        teacher_flops=teacher_flops, teacher_s=state.get("teacher_s", 0.0), phase=spec.phase,
-        replayed_sequences=state.get("replayed", 0), nodes=out.get("nodes", []))
+        teacher_s=state.get("teacher_s", 0.0), phase=phase, replayed_sequences=state.get("replayed", 0), nodes=nodes)
 
 
 def _bad_records(bad_log) -> dict:

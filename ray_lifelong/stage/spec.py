@@ -32,11 +32,12 @@ class StageSpec:
     (``train.lr_scope: run``); ``None``: its own schedule over ``steps``."""
     teacher_dirs: dict[int, str] = field(default_factory=dict)
     """KI teachers' HF model dirs by domain id (-1: every domain), resolved and checked on the driver."""
-    phase: str = "main"
-    """``main``: train on the domain; ``frw``: ELLE's function-recovering warmup on earlier domains' memory
-    (grows the model, no teacher, own LR warmup then constant LR)."""
-    regrow: bool = True
-    """Apply the domain's growth to ``init_checkpoint`` (``False`` after an FRW phase, which grew it)."""
+    frw_steps: int = 0
+    """ELLE's function-recovering warmup: after the growth, train this many steps on the earlier domains'
+    memory (``replay_uris``, no teacher, its own LR warmup then a constant LR) before the domain, in the same
+    Ray Train run (one worker start per stage)."""
+    frw_lr: float | None = None
+    """Peak LR of the warmup (``None``: ``lr``)."""
     replay_uris: list[str] = field(default_factory=list)
     """Memories of earlier domains replayed into this stage (continual.replay.ratio of every micro-batch)."""
     segment: int | None = None
@@ -58,23 +59,27 @@ class StageSpec:
     @property
     def grow(self):
         """The growth this stage applies to ``init_checkpoint`` (``None``: none)."""
-        return self.domain_cfg.grow if (self.regrow and self.init_checkpoint is not None) else None
+        return self.domain_cfg.grow if self.init_checkpoint is not None else None
 
     @property
     def teacher(self):
-        """The stage's KI teacher config (main phase only)."""
-        return self.domain_cfg.teacher if self.phase == "main" else None
+        """The stage's KI teacher config (the domain phase's, not the warmup's)."""
+        return self.domain_cfg.teacher
 
     @property
     def kd_previous(self) -> bool:
         """Logit-KD baseline: the previous stage's model distils on the replayed rows."""
-        return (self.phase == "main" and self.cfg.continual.logit_kd.weight > 0 and bool(self.replay_uris)
+        return (self.cfg.continual.logit_kd.weight > 0 and bool(self.replay_uris)
                 and self.init_checkpoint is not None)
 
     @property
     def label(self) -> str:
-        return (f"{self.index:02d}-{self.domain}" + ("-frw" if self.phase == "frw" else "")
-                + ("" if self.segment is None else f"-seg{self.segment}"))
+        return f"{self.index:02d}-{self.domain}" + ("" if self.segment is None else f"-seg{self.segment}")
+
+    @property
+    def frw_label(self) -> str:
+        """The warmup's label in the logs (and the stage of its own an earlier version ran it as)."""
+        return f"{self.index:02d}-{self.domain}-frw"
 
     def grad_accum(self, world_size: int) -> int:
         per_step = self.cfg.train.micro_batch_size * world_size
@@ -109,6 +114,9 @@ class StageResult:
     replayed_sequences: int = 0
     nodes: list[str] = field(default_factory=list)
     """Ray node id of each worker rank."""
+    frw: "StageResult | None" = None
+    """The function-recovering warmup that ran first in this stage's Ray Train run (``phase="frw"``; its
+    ``checkpoint_path`` is empty: the model after it is where the domain phase starts, not kept apart)."""
 
 
 def read_tokenizer_files(path: str | os.PathLike) -> dict[str, bytes]:

@@ -23,8 +23,13 @@ pytestmark = [pytest.mark.ray]
 def elle_run(ray_4cpus, demo_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("elle")
     # pretokenized: each domain packed once; the stream and the memory read the packed rows (which
-    # tests/ray/test_packed.py shows equal the text stream's)
-    cfg = load_config(None, elle_overrides(demo_corpus, out, "data.pretokenize=true"))
+    # tests/ray/test_packed.py shows equal the text stream's). A worker of the grown stage dies once in
+    # the middle of its function-recovering warmup (step 5 of 6); slowed steps give Ray Train time to register
+    # the checkpoints reported before it (step 2 at least).
+    cfg = load_config(None, elle_overrides(demo_corpus, out, "data.pretokenize=true", "continual.frw.steps=6",
+                                           "train.checkpoint_every=2", "debug.crash_stage=1",
+                                           "debug.crash_at_step=5", f"debug.crash_marker={out}/crashed",
+                                           "debug.slow_step_s=0.15"))
     return cfg, run_lifelong(cfg), out / "elle"
 
 
@@ -44,10 +49,15 @@ def test_memory_is_a_prompted_sample_of_the_domain_written_once(elle_run):
 
 
 def test_growth_then_frw_then_replay_are_recorded(elle_run):
-    cfg, res, _ = elle_run
+    cfg, res, rdir = elle_run
     s1 = res["stages"][1]
     frw = s1["frw"]
-    assert frw["phase"] == "frw" and frw["steps"] == 3 and frw["growth"]["after"]["hidden_size"] == 64
+    assert frw["phase"] == "frw" and frw["steps"] == 6 and frw["growth"]["after"]["hidden_size"] == 64
+    # the warmup resumed from its checkpoint after the crash: nothing lost or repeated, one restart
+    assert (rdir.parent / "crashed").exists() and frw["restarts"] == 1 == s1["restarts"]
+    assert [h["step"] for h in frw["history"]] == [2, 4, 6] and [h["step"] for h in s1["history"]] == [2, 4, 6, 8]
+    assert frw["tokens"] == 6 * 8 * 32 and s1["tokens"] == 8 * 8 * 32
+    assert s1["nodes"] == frw["nodes"] and len(s1["nodes"]) == 2  # one Ray Train run: the same two workers
     assert s1["growth"] == frw["growth"] and s1["model_sizes"]["num_hidden_layers"] == 2
     assert frw["history"][-1]["lr"] == pytest.approx(cfg.train.lr)  # warmup 1 step, then constant
     assert s1["stage_flops"] == pytest.approx(s1["train_flops"] + frw["train_flops"])
@@ -85,6 +95,26 @@ def test_resume_reuses_stages_and_memory(elle_run):
     again = run_lifelong(cfg, resume=True)
     assert [p.stat().st_mtime_ns for p in [marker, *packed]] == before
     assert again["ppl_matrix"] == res["ppl_matrix"]
+
+
+def test_a_run_dir_with_the_warmup_recorded_as_its_own_stage_resumes_with_its_record(elle_run):
+    """Run dirs of earlier versions ran the warmup as a stage of its own, with its own marker."""
+    cfg, res, rdir = elle_run
+    marker = rdir / "stages" / "01-astronomy" / "stage.json"
+    now = marker.read_text()
+    rec = json.loads(now)
+    old = rdir / "stages" / "01-astronomy-frw" / "stage.json"
+    old.parent.mkdir()
+    try:
+        old.write_text(json.dumps(rec.pop("frw")))
+        marker.write_text(json.dumps(rec))
+        again = run_lifelong(cfg, resume=True)
+        assert again["stages"][1]["frw"] == res["stages"][1]["frw"]
+        assert again["stages"][1]["stage_flops"] == res["stages"][1]["stage_flops"]
+    finally:
+        marker.write_text(now)
+        old.unlink()
+        old.parent.rmdir()
 
 
 def test_logit_kd_distils_from_the_previous_model_on_replayed_rows(ray_4cpus, demo_corpus, tmp_path):

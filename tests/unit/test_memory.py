@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ray_lifelong.data.memory import replay_count, replay_draw
+from ray_lifelong.data.sources import DataError
 
 
 @given(rows=st.integers(1, 64), ratio=st.floats(0.0, 0.99), seed=st.integers(0, 2**31))
@@ -86,3 +87,38 @@ def test_the_memory_sample_is_uniform_and_seeded():
     assert len(kept) == pytest.approx(0.06 * len(ids), rel=0.1)
     assert not np.array_equal(kept, select_rows({"input_ids": ids}, fraction=0.06, seed=8)["input_ids"])
     np.testing.assert_array_equal(row_keys(ids[:5], 7), keys[:5])  # a row's key is its own
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(1, 30), min_size=1, max_size=4), world=st.integers(1, 4),
+       batch=st.integers(1, 6), seed=st.integers(0, 2**31))
+def test_a_warmup_epoch_deals_every_row_at_most_once_in_equal_shares(sizes, world, batch, seed):
+    from ray_lifelong.data.memory import memory_epoch
+
+    # row r of domain d holds the value 1000 * d + r, so every row is told apart from every other
+    pools = [torch.arange(n).unsqueeze(1) + 1000 * d for d, n in enumerate(sizes)]
+    memory = (pools, list(range(len(sizes))))
+    total = sum(sizes)
+    if total // world < batch:
+        with pytest.raises(DataError, match="fewer than one micro-batch"):
+            next(memory_epoch(memory, seed=seed, rank=0, world=world, batch_size=batch))
+        return
+    per_rank = [list(memory_epoch(memory, seed=seed, rank=r, world=world, batch_size=batch)) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1  # DDP: every rank takes as many micro-batches
+    assert len(per_rank[0]) == (total // world) // batch
+    rows = torch.cat([b["input_ids"][:, 0] for bs in per_rank for b in bs])
+    assert len(set(rows.tolist())) == len(rows)
+    ids = torch.cat([b["domain_id"] for bs in per_rank for b in bs])
+    assert torch.equal(ids, rows // 1000)  # each row keeps its domain id
+    again = [list(memory_epoch(memory, seed=seed, rank=r, world=world, batch_size=batch)) for r in range(world)]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for x, y in zip(per_rank, again) for a, b in zip(x, y))
+
+
+def test_warmup_epochs_are_full_passes_in_new_orders():
+    from ray_lifelong.data.memory import memory_epoch
+
+    memory = ([torch.arange(40).unsqueeze(1), torch.arange(100, 124).unsqueeze(1)], [0, 3])
+    epochs = [torch.cat([b["input_ids"][:, 0] for b in memory_epoch(memory, seed=s, rank=0, world=1, batch_size=8)])
+              for s in (0, 1)]
+    assert all(sorted(e.tolist()) == list(range(40)) + list(range(100, 124)) for e in epochs)
+    assert not torch.equal(epochs[0], epochs[1])
