@@ -95,6 +95,10 @@ def train_loop_per_worker(config: dict) -> dict:
         with spec.init_checkpoint.as_directory() as d:
             previous = LMObjective(load_teacher(str(Path(d) / "model"), device, t.bf16))
 
+    # from_pretrained gives a model in eval mode: without this, dropout would stay off in every stage that
+    # continues a checkpoint (a later domain, a restart, a PBT segment) until its first evaluation
+    model.train()
+
     # [2] DDP
     objective = ray.train.torch.prepare_model(LMObjective(model))  # [ray] moves to device, wraps DDP if world > 1
     inner: LMObjective = objective.module if hasattr(objective, "module") else objective

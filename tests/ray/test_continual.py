@@ -117,6 +117,46 @@ def test_a_run_dir_with_the_warmup_recorded_as_its_own_stage_resumes_with_its_re
         old.parent.rmdir()
 
 
+def test_the_domain_phase_after_the_warmup_trains_as_its_own_run_would(ray_4cpus, demo_corpus, tmp_path):
+    """The warmup runs first in its stage's Ray Train run; what follows is exactly the domain's stage run on its
+    own from the warmed-up model (fresh optimizer and schedule, the same batches, replay draws and dropout
+    masks). One worker, so the stream is not split between workers by timing; dropout on (the default), so a
+    model left in eval mode by ``from_pretrained`` would train differently."""
+    import copy
+
+    import ray.train
+
+    from ray_lifelong.data.stream import StreamOptions, validation_dataset
+    from ray_lifelong.pipeline import packed_root, stage_stream
+    from ray_lifelong.stage.run import run_stage
+    from ray_lifelong.stage.spec import StageSpec, read_tokenizer_files
+
+    cfg = load_config(None, elle_overrides(demo_corpus, tmp_path, "model.arch=gpt2", "scaling.num_workers=1",
+                                           "continual.frw.steps=2", "train.checkpoint_every=100", "run_name=eq"))
+    assert cfg.model.dropout > 0
+    res = run_lifelong(cfg)
+    rdir = tmp_path / "eq"
+    # the checkpoint reported where the warmup ends and the domain phase begins (phase main, step 0)
+    (switch,) = [p.parent for p in (rdir / "checkpoints" / "eq-stage1-astronomy").glob("checkpoint_*/state.json")
+                 if json.loads(p.read_text())["phase"] == "main" and json.loads(p.read_text())["step"] == 0]
+    alone = copy.deepcopy(cfg)
+    alone.data.domains[1].grow = None  # the checkpoint holds the grown model already
+    tok = str(rdir / "tokenizer")
+    opts = StreamOptions(tok, cfg.model.arch, cfg.data)
+    spec = StageSpec(cfg=alone, index=1, domain="astronomy", eval_domains=["sports", "astronomy"],
+                     tokenizer_files=read_tokenizer_files(tok), batch_size=cfg.train.batch_size,
+                     steps=cfg.train.steps, lr=cfg.train.lr, init_checkpoint=ray.train.Checkpoint(str(switch)),
+                     replay_uris=[m["uri"] for m in res["memories"]])
+    own = run_stage(spec, tokenizer_dir=tok, storage_path=str(tmp_path / "alone"),
+                    valid_ds=validation_dataset(cfg.data.domains, opts, None, prompts=True),
+                    train_ds=stage_stream(cfg, 1, opts, None, packed_root(cfg)))
+    s1 = res["stages"][1]
+    assert s1["frw"]["steps"] == 2 and own.growth is None
+    assert [h["loss"] for h in own.history] == pytest.approx([h["loss"] for h in s1["history"]], rel=1e-6)
+    assert [own.ppl[d] for d in ("sports", "astronomy")] == pytest.approx(res["ppl_matrix"][1], rel=1e-6)
+    assert own.replayed_sequences == s1["replayed_sequences"]
+
+
 def test_logit_kd_distils_from_the_previous_model_on_replayed_rows(ray_4cpus, demo_corpus, tmp_path):
     cfg = load_config(None, elle_overrides(demo_corpus, tmp_path, "continual.growth=fixed", "continual.prompts=false",
                                            "continual.logit_kd.weight=1.0", "run_name=kd"))
