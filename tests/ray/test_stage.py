@@ -108,16 +108,25 @@ def test_empty_domain_is_a_clear_error(ray_4cpus, demo_corpus, tmp_path):
         run_stage(spec, **kw)
 
 
+@pytest.fixture(scope="module")
+def small_stage(ray_4cpus, demo_corpus, tmp_path_factory):
+    """A 4-step first stage of the tiny model, which both growth tests continue."""
+    spec0, kw = make_stage(demo_corpus, tmp_path_factory.mktemp("small"), steps=4)
+    return spec0, kw, run_stage(spec0, **kw)
+
+
 @pytest.mark.parametrize("optimizer", ["carry", "reset"])
-def test_growth_at_stage_start_on_the_workers(ray_4cpus, demo_corpus, tmp_path, optimizer):
+def test_growth_at_stage_start_on_the_workers(small_stage, tmp_path, optimizer):
+    import copy
+
     import ray.train
 
     from ray_lifelong.config import GrowthConfig
 
-    spec0, kw = make_stage(demo_corpus, tmp_path, steps=4)
-    first = run_stage(spec0, **kw)
+    spec0, kw, first = small_stage
+    kw = {**kw, "storage_path": str(tmp_path / "ckpt")}
     assert first.growth is None and first.model_sizes["hidden_size"] == 32
-    cfg = spec0.cfg
+    cfg = copy.deepcopy(spec0.cfg)
     cfg.data.domains[1].grow = GrowthConfig(num_layers=2, hidden_size=64, intermediate_size=128,
                                             depth_init="identity", optimizer=optimizer)
     spec1 = StageSpec(cfg=cfg, index=1, domain="astronomy", eval_domains=spec0.eval_domains, steps=4,
