@@ -25,7 +25,7 @@ from pathlib import Path
 
 import ray.train
 
-from ray_lifelong.config.load import frw_steps_before, save_config, to_yaml
+from ray_lifelong.config.load import save_config, to_yaml
 from ray_lifelong.config.schema import LifelongConfig
 from ray_lifelong.data.demo import write_demo_corpus
 from ray_lifelong.data.tokenizer import (
@@ -123,9 +123,8 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
         spec = StageSpec(cfg=cfg, index=i, domain=dom.name, eval_domains=names, tokenizer_files=tok_files,
                          batch_size=dom.batch_size or cfg.train.batch_size, steps=dom.steps or cfg.train.steps,
                          lr=lr, init_checkpoint=prev_ckpt, schedule=schedules[i],
-                         replay_uris=earlier if replay.enabled else [],
-                         # ELLE: after the growth, recover the old function on the earlier domains' memory first
-                         frw_steps=frw_steps_before(cfg, i), frw_lr=cfg.continual.frw.lr or lr)
+                         replay_uris=earlier if replay.enabled else [])
+        # ELLE: a stage that grows first recovers the old function on the earlier domains' memory (spec.frw_steps)
         res = finished(spec.label)
         if res is not None:
             print(f"[run] stage {spec.label} already finished: skipped")

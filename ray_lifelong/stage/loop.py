@@ -83,7 +83,7 @@ def train_loop_per_worker(config: dict) -> dict:
                     prev_opt = torch.load(Path(d) / "train_state.pt", map_location="cpu",
                                           weights_only=False)["optimizer"]
                 model, carried, state.growth = grow_model(model, grow, seed=t.seed + spec.index, train=t,
-                                                          lr=(spec.frw_lr or spec.lr) if spec.frw_steps else spec.lr,
+                                                          lr=spec.frw_lr if spec.frw_steps else spec.lr,
                                                           optimizer_state=prev_opt, build_optimizer=build_optimizer)
     else:
         model = build_model(cfg.model, len(tokenizer), pad_id=tokenizer.pad_token_id,
@@ -116,11 +116,11 @@ def train_loop_per_worker(config: dict) -> dict:
                 masker=Masker(tokenizer, cfg.data.mlm_probability, cfg.model.arch), tokenizer=tokenizer,
                 use_bf16=t.bf16 and device.type == "cuda", accum=spec.grad_accum(world), memory=memory,
                 previous=previous, previous_fwd=_forward_flops(previous.model, cfg) if previous else 0.0)
-    if rank == 0 and state.growth and state.step == 0:
+    if state.growth and state.step == 0:
         g = state.growth
-        print(f"[stage {spec.label}] grew {g['before']} -> {g['after']} "
-              f"({g['params_before']:,} -> {g['params_after']:,} params, max logit error "
-              f"{g['max_logit_error']:.2e}, optimizer {g['optimizer']}, {g['expand_seconds']:.2f}s)", flush=True)
+        w.say(spec.label, f"grew {g['before']} -> {g['after']} ({g['params_before']:,} -> {g['params_after']:,} "
+                          f"params, max logit error {g['max_logit_error']:.2e}, optimizer {g['optimizer']}, "
+                          f"{g['expand_seconds']:.2f}s)")
 
     # [4a] ELLE's function-recovering warmup, after the growth: only the memory, its own short LR warmup
     if state.phase == "frw":
@@ -210,7 +210,7 @@ def _phase_optimizer(w: _Worker, phase: str):
     until the phase ends; the domain's warmup and decay over its steps (or its share of the run's schedule)."""
     spec, t = w.spec, w.spec.cfg.train
     if phase == "frw":
-        lr, offset, total = spec.frw_lr or spec.lr, 0, spec.frw_steps
+        lr, offset, total = spec.frw_lr, 0, spec.frw_steps
         warmup, decay = spec.cfg.continual.frw.warmup_steps, "constant"
     else:
         lr, (offset, total) = spec.lr, spec.schedule or (0, spec.steps)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ray_lifelong.config.load import frw_steps_before
 from ray_lifelong.config.schema import LifelongConfig
 
 
@@ -32,12 +33,6 @@ class StageSpec:
     (``train.lr_scope: run``); ``None``: its own schedule over ``steps``."""
     teacher_dirs: dict[int, str] = field(default_factory=dict)
     """KI teachers' HF model dirs by domain id (-1: every domain), resolved and checked on the driver."""
-    frw_steps: int = 0
-    """ELLE's function-recovering warmup: after the growth, train this many steps on the earlier domains'
-    memory (``replay_uris``, no teacher, its own LR warmup then a constant LR) before the domain, in the same
-    Ray Train run (one worker start per stage)."""
-    frw_lr: float | None = None
-    """Peak LR of the warmup (``None``: ``lr``)."""
     replay_uris: list[str] = field(default_factory=list)
     """Memories of earlier domains replayed into this stage (continual.replay.ratio of every micro-batch)."""
     segment: int | None = None
@@ -60,6 +55,18 @@ class StageSpec:
     def grow(self):
         """The growth this stage applies to ``init_checkpoint`` (``None``: none)."""
         return self.domain_cfg.grow if self.init_checkpoint is not None else None
+
+    @property
+    def frw_steps(self) -> int:
+        """ELLE's function-recovering warmup: after this stage's growth, this many steps on the earlier domains'
+        memory (``replay_uris``; no teacher, its own LR warmup then a constant LR) before the domain, in the same
+        Ray Train run. The pipeline's rule (:func:`frw_steps_before`), which the FLOP plan follows too."""
+        return frw_steps_before(self.cfg, self.index) if self.grow is not None else 0
+
+    @property
+    def frw_lr(self) -> float:
+        """Peak LR of the warmup (``continual.frw.lr``, else the stage's)."""
+        return self.cfg.continual.frw.lr or self.lr
 
     @property
     def teacher(self):

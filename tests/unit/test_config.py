@@ -208,3 +208,13 @@ def test_stage_sizes_follow_each_growth_and_frw_follows_the_pipelines_rule():
     plan = planned_stages(cfg, 100)
     assert plan[1]["sizes"] == (sizes[1]["num_layers"], 64, sizes[1]["intermediate_size"])
     assert plan[1]["steps"] == (cfg.data.domains[1].steps or cfg.train.steps) + 3
+    # a stage's warmup follows the same rule, and only where the stage grows a previous stage's model
+    from ray_lifelong.stage.spec import StageSpec
+
+    def spec(i, init):
+        return StageSpec(cfg=cfg, index=i, domain=cfg.data.domains[i].name, eval_domains=[], steps=5, batch_size=8,
+                         lr=1e-3, tokenizer_files={}, init_checkpoint=init)
+
+    assert [spec(i, "ckpt").frw_steps for i in range(len(cfg.data.domains))] == \
+        [frw_steps_before(cfg, i) for i in range(len(cfg.data.domains))]
+    assert spec(1, None).frw_steps == 0 and spec(1, "ckpt").frw_lr == 1e-3
