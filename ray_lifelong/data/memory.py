@@ -132,6 +132,32 @@ def replay_draw(pool_sizes: list[int], k: int, gen: torch.Generator,
     return pools, rows
 
 
+def memory_pools(batches) -> tuple[list[torch.Tensor], list[int]]:
+    """The replay memories as a worker holds them: one tensor of rows per domain (canonical order, so the
+    same memory gives the same pools whatever order its blocks arrive in), and the domain ids, ascending.
+    ``batches``: ``{"input_ids", "domain_id"}`` torch batches of the memory dataset."""
+    rows: dict[int, list[torch.Tensor]] = {}
+    for batch in batches:
+        for d in batch["domain_id"].unique().tolist():
+            rows.setdefault(int(d), []).append(batch["input_ids"][batch["domain_id"] == d])
+    if not rows:
+        raise DataError("the replay memories hold no sequence")
+    ids = sorted(rows)
+    return [canonical_rows(torch.cat(rows[d])) for d in ids], ids
+
+
+def canonical_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` (rows x tokens) sorted lexicographically by their tokens: one order for one set of rows.
+
+    Replay draws and the warmup's epochs pick rows by position; Ray Data hands a dataset's blocks over in
+    whatever order its tasks finish, and a memory written from the text stream or from packed rows lands in
+    differently cut files. Sorting once at load makes every run on the same memory draw the same rows."""
+    if len(rows) < 2:
+        return rows
+    order = np.lexsort(rows.numpy().T[::-1])  # lexsort's last key is the primary one: the first token
+    return rows[torch.from_numpy(order)]
+
+
 def memory_epoch(memory, *, seed: int, rank: int, world: int, batch_size: int):
     """One epoch of the function-recovering warmup's data on worker ``rank`` of ``world``: every memory row
     once, in an order drawn from ``seed``, dealt to the ranks in equal shares (a remainder left out), in

@@ -23,7 +23,7 @@ import ray.train.torch
 import torch
 from torch import distributed as dist
 
-from ray_lifelong.data.memory import memory_epoch
+from ray_lifelong.data.memory import memory_epoch, memory_pools
 from ray_lifelong.data.sources import DataError
 from ray_lifelong.data.tokenizer import load_tokenizer
 from ray_lifelong.eval.metrics import perplexity
@@ -367,17 +367,10 @@ def _worker_nodes(world: int) -> list[str]:
 
 
 def _load_memory() -> tuple[list[torch.Tensor], list[int]]:
-    """This worker's copy of the replay memories (small: a few % of each earlier domain), one tensor
-    of rows per domain, read once from the (unsplit) ``replay`` dataset."""
-    rows: dict[int, list[torch.Tensor]] = {}
-    for batch in ray.train.get_dataset_shard("replay").iter_torch_batches(  # [ray]
-            batch_size=1024, dtypes=torch.long):
-        for d in batch["domain_id"].unique().tolist():
-            rows.setdefault(int(d), []).append(batch["input_ids"][batch["domain_id"] == d])
-    if not rows:
-        raise DataError("the replay memories hold no sequence")
-    ids = sorted(rows)
-    return [torch.cat(rows[d]) for d in ids], ids
+    """This worker's copy of the replay memories (small: a few % of each earlier domain), read once from
+    the (unsplit) ``replay`` dataset."""
+    return memory_pools(ray.train.get_dataset_shard("replay").iter_torch_batches(  # [ray]
+        batch_size=1024, dtypes=torch.long))
 
 
 def _mix_replay(ids: torch.Tensor, domain_ids: torch.Tensor, memory, rp, gen: torch.Generator):

@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
+import torch
 
 from ray_lifelong.config import load_config
 from ray_lifelong.data import markers
@@ -72,6 +73,16 @@ def test_the_memory_of_the_packed_domain_is_the_memory_of_its_text(setup, tmp_pa
               (("ct", files_dataset([(1, dom)], "train", opts, prompts=True)), ("cp", packed_dataset([rec])))]
     assert capped[0]["sequences"] == capped[1]["sequences"] == 7
     assert pq.read_table(str(tmp_path / "ct")).equals(pq.read_table(str(tmp_path / "cp")))
+    # the same sample written in another order and other files, read back by Ray Data in whatever order its
+    # blocks come: the workers' pools (replay draws and the warmup pick rows by position in them) are the same
+    from ray_lifelong.data.memory import keyed_shuffle, memory_dataset, memory_pools
+
+    cut = write_memory(keyed_shuffle(packed_dataset([rec]), seed=9).repartition(3), str(tmp_path / "cut"), **kw)
+    assert cut["sequences"] == text["sequences"]
+    assert not pq.read_table(str(tmp_path / "cut")).equals(pq.read_table(str(tmp_path / "packed")))
+    pools = [memory_pools(memory_dataset([str(tmp_path / n)]).iter_torch_batches(batch_size=3, dtypes=torch.long))
+             for n in ("text", "packed", "cut")]
+    assert all(p[1] == [1] and torch.equal(p[0][0], pools[0][0][0]) for p in pools)
     # the shuffle of a joint stage and of the FRW's memory stream: one order for both block layouts
     from ray_lifelong.data.memory import keyed_shuffle
 

@@ -122,3 +122,34 @@ def test_warmup_epochs_are_full_passes_in_new_orders():
               for s in (0, 1)]
     assert all(sorted(e.tolist()) == list(range(40)) + list(range(100, 124)) for e in epochs)
     assert not torch.equal(epochs[0], epochs[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(1, 25), min_size=1, max_size=3), cut=st.integers(1, 20), seed=st.integers(0, 2**31))
+def test_the_loaded_memory_does_not_depend_on_the_order_its_batches_arrive_in(sizes, cut, seed):
+    from ray_lifelong.data.memory import memory_pools
+
+    gen = torch.Generator().manual_seed(seed)
+    # few distinct tokens, so rows share prefixes (and some repeat): the order must break ties by later tokens
+    rows = torch.randint(0, 3, (sum(sizes), 4), generator=gen)
+    domains = torch.cat([torch.full((n,), 2 * d + 1) for d, n in enumerate(sizes)])
+
+    def batches(perm):
+        return [{"input_ids": rows[perm[i:i + cut]], "domain_id": domains[perm[i:i + cut]]}
+                for i in range(0, len(perm), cut)]
+
+    first = memory_pools(batches(torch.arange(len(rows))))
+    again = memory_pools(batches(torch.randperm(len(rows), generator=gen)))
+    assert first[1] == again[1] == [2 * d + 1 for d in range(len(sizes))]
+    for d, (a, b) in enumerate(zip(first[0], again[0])):
+        assert torch.equal(a, b)
+        mine = rows[domains == 2 * d + 1]
+        assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, mine.tolist()))  # the domain's rows, all
+        assert a.tolist() == sorted(a.tolist())  # lexicographic
+
+
+def test_an_empty_memory_is_a_clear_error():
+    from ray_lifelong.data.memory import memory_pools
+
+    with pytest.raises(DataError, match="hold no sequence"):
+        memory_pools([])
