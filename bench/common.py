@@ -46,7 +46,7 @@ def workloads(out: Path) -> list[Workload]:
 
 def base_overrides(out: Path, steps: int, threads: int) -> list[str]:
     return [f"output_dir={out}", f"train.steps={steps}", "train.batch_size=16", "train.micro_batch_size=16",
-            f"train.log_every=5", f"train.checkpoint_every={steps + 1}", f"train.torch_threads={threads}",
+            "train.log_every=5", f"train.checkpoint_every={steps + 1}", f"train.torch_threads={threads}",
             "data.eval_max_sequences=16", "scaling.num_workers=1", "scaling.cpus_per_worker=1"]
 
 

@@ -102,9 +102,15 @@ def _pack(cfg, both_prompts: bool) -> int:
 def _run(cfg, resume: bool, ki: bool = False) -> int:
     import ray
 
-    from ray_lifelong.pipeline import RunExistsError, run_lifelong
+    from ray_lifelong.pipeline import RunExistsError, check_run_start, run_lifelong
     from ray_lifelong.stage.run import StageFailedError
 
+    try:
+        if not ki:
+            check_run_start(cfg, resume)  # before starting Ray
+    except RunExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     init_ray(cfg)
     try:
         if ki:
@@ -127,8 +133,9 @@ def _run(cfg, resume: bool, ki: bool = False) -> int:
 def _tune(cfg, resume: bool, where: str) -> int:
     import ray
 
-    from ray_lifelong.sweep import run_sweep
+    from ray_lifelong.sweep import check_sweep_start, run_sweep
 
+    check_sweep_start(cfg, resume, where)  # before starting Ray
     init_ray(cfg)
     try:
         run_sweep(cfg, resume=resume, where=where)
@@ -185,7 +192,10 @@ def init_ray(cfg) -> None:
         print(f"[ray] joined the running cluster at {address} ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
               f"{ray.cluster_resources().get('GPU', 0):g} GPUs)", flush=True)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, logging_level=logging.WARNING, runtime_env=env)
+        # the local cluster's processes inherit this process's environment: no runtime_env, so Ray starts
+        # its workers directly (a runtime_env routes every worker start through an extra setup process)
+        os.environ.update(env["env_vars"])
+        ray.init(num_cpus=cfg.ray.num_cpus, logging_level=logging.WARNING)
         print("[ray] started a local cluster (no ray.address, RAY_ADDRESS or `ray start` cluster found)", flush=True)
 
 

@@ -76,16 +76,22 @@ def train_run_tokenizer(cfg: LifelongConfig, out_dir: Path):
                            min_frequency=tc.min_frequency)
 
 
+def check_run_start(cfg: LifelongConfig, resume: bool) -> None:
+    """Refuse to start over a run with finished stages unless resuming (the CLI asks before starting Ray)."""
+    rdir = run_dir(cfg).resolve()
+    if not resume and any((rdir / "stages").glob("*/stage.json")):
+        raise RunExistsError(f"{rdir} already holds finished stages: pass --resume to continue it, or choose "
+                             f"another run_name=/output_dir=")
+
+
 def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -> dict:
     """Run every stage (skipping finished ones when ``resume``) and write the results; return them.
 
     ``callbacks``: Ray Train ``UserCallback``s given to every stage (``ray-lifelong tune`` reports through them).
     """
+    check_run_start(cfg, resume)
     rdir = run_dir(cfg).resolve()
     marker_dir = rdir / "stages"
-    if rdir.exists() and any(marker_dir.glob("*/stage.json")) and not resume:
-        raise RunExistsError(f"{rdir} already holds finished stages: pass --resume to continue it, or choose "
-                             f"another run_name=/output_dir=")
     saved = rdir / "config.yaml"
     if resume and saved.exists() and saved.read_text() != to_yaml(cfg):
         print(f"[run] note: config differs from the one saved in {saved}; the new one is used and saved")

@@ -233,6 +233,24 @@ def _scheduler(cfg: LifelongConfig, reports: int):
 
 # ------------------------------------------------------------------------------------------ the sweep
 
+def experiment_path(cfg: LifelongConfig) -> str:
+    """Where Ray Tune keeps the sweep's state: ``<tune.storage_path or the run dir>/tune``."""
+    from ray_lifelong.pipeline import run_dir
+
+    return join_uri(absolute_paths(cfg).tune.storage_path or str(run_dir(cfg).resolve()), "tune")
+
+
+def check_sweep_start(cfg: LifelongConfig, resume: bool, where: str = "<config>") -> None:
+    """Refuse to start a new sweep over an existing one unless resuming: before anything is trained (the
+    shared teacher) and, from the CLI, before Ray starts."""
+    from ray import tune
+
+    exp_path = experiment_path(cfg)
+    if not resume and tune.Tuner.can_restore(exp_path):
+        raise ConfigError(f"{where}: a sweep already exists in {exp_path}: pass --resume to finish it, or "
+                          f"choose another run_name=/tune.storage_path=")
+
+
 def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<config>") -> dict:
     """Run (or, with ``resume``, restore and finish) the sweep of ``cfg``; write and return the results."""
     from ray import tune
@@ -240,6 +258,7 @@ def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<confi
     from ray_lifelong.pipeline import prepare_demo, prepare_tokenizer, run_dir, run_lifelong
 
     check_space(cfg, where)
+    check_sweep_start(cfg, resume, where)
     cfg = absolute_paths(cfg)
     tu = cfg.tune
     base = run_dir(cfg).resolve()
@@ -265,15 +284,11 @@ def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<confi
         tune.with_parameters(_pbt_trial if tu.scheduler == "pbt" else _trial, cfg=cfg, tokenizer_dir=tok_dir, teacher_dir=teacher_dir,
                              trials_dir=str(base / TRIALS)),
         {"cpu": tu.trial_cpus})
-    storage = tu.storage_path or str(base)
-    exp_path = join_uri(storage, "tune")
+    storage, exp_path = tu.storage_path or str(base), experiment_path(cfg)
     if resume and tune.Tuner.can_restore(exp_path):
         print(f"[tune] restoring the sweep in {exp_path}")
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        if tune.Tuner.can_restore(exp_path) and not resume:
-            raise ConfigError(f"{where}: a sweep already exists in {exp_path}: pass --resume to finish it, or "
-                              f"choose another run_name=/tune.storage_path=")
         reports = max_reports(trial_config(cfg, {}, run_name="probe", output_dir=str(base), tokenizer_dir=tok_dir,
                                            teacher_dir=teacher_dir))
         scheduler = _scheduler(cfg, reports)

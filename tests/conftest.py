@@ -60,15 +60,13 @@ def elle_overrides(root, out, *extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ray_4cpus():
-    """One local Ray instance per test module (logical CPUs oversubscribe the 2 cores on purpose)."""
+    """One local Ray instance per test module (logical CPUs oversubscribe the 2 cores on purpose). Its processes
+    inherit the environment set above (no runtime_env: workers then start without a setup process)."""
     import ray
 
     from ray_lifelong.data.stream import quiet_ray_data
 
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
-             runtime_env={"env_vars": {k: os.environ[k] for k in
-                                       ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_DATA_LOG_LEVEL",
-                                        "RAY_TRAIN_ENABLE_PRINT_PATCH")}})
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
     quiet_ray_data()
     yield
     ray.shutdown()

@@ -106,7 +106,7 @@ def test_rerun_refuses_and_resume_skips_finished_stages(finished_run):
     run, overrides, _ = finished_run
     before = (run / "results.json").read_text()
     proc = cli("run", str(REPO / "configs/demo.yaml"), *overrides)
-    assert proc.returncode == 1 and "--resume" in proc.stderr
+    assert proc.returncode == 1 and "--resume" in proc.stderr and "[ray]" not in proc.stdout  # before Ray starts
     proc = cli("run", str(REPO / "configs/demo.yaml"), *overrides, "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("already finished: skipped") == 2

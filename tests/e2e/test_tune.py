@@ -44,6 +44,7 @@ def test_sweep_survives_a_killed_driver_and_its_best_config_runs(demo_corpus, tm
     # without --resume the command refuses to start over an existing sweep
     again = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, timeout=600)
     assert again.returncode == 2 and "--resume" in again.stderr, again.stderr[-2000:]
+    assert "[ray]" not in again.stdout  # refused before starting Ray
 
     resumed = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, "--resume", timeout=1200)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

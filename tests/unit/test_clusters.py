@@ -4,7 +4,6 @@ KubeRay manifests against the CRD schemas (shared/kuberay-crds), and the overlay
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import jsonschema
 import pytest

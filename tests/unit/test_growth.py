@@ -347,17 +347,17 @@ def test_carried_moments_are_the_grown_models_gradient_moments(arch):
     b1, b2 = new_opt.defaults["betas"]
     names = {id(p): n for n, p in grown.named_parameters()}
     checked = 0
-    for p, st in new_opt.state.items():
+    for p, state in new_opt.state.items():
         plan = mapping.plans[names[id(p)]]
-        assert st["exp_avg"].shape == p.shape and st["exp_avg_sq"].shape == p.shape
+        assert state["exp_avg"].shape == p.shape and state["exp_avg_sq"].shape == p.shape
         if plan.fresh_state:
-            assert int(st["step"]) == 0 and not st["exp_avg"].any() and not st["exp_avg_sq"].any()
+            assert int(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
             continue
-        assert int(st["step"]) == 1
+        assert int(state["step"]) == 1
         g = p.grad
         m_ref, v_ref = (1 - b1) * g, (1 - b2) * g * g
-        assert (st["exp_avg"] - m_ref).abs().max() <= 1e-7 + 1e-3 * m_ref.abs().max(), names[id(p)]
-        assert (st["exp_avg_sq"] - v_ref).abs().max() <= 1e-12 + 1e-3 * v_ref.abs().max(), names[id(p)]
+        assert (state["exp_avg"] - m_ref).abs().max() <= 1e-7 + 1e-3 * m_ref.abs().max(), names[id(p)]
+        assert (state["exp_avg_sq"] - v_ref).abs().max() <= 1e-12 + 1e-3 * v_ref.abs().max(), names[id(p)]
         checked += 1
     assert checked > len(new_opt.state) // 2
     # and training continues from the carried state
