@@ -178,14 +178,16 @@ def save_partial(partial: Path, method: str, result: dict) -> dict:
 
 
 def goals(r: dict) -> dict:
-    """The issue's goals, checked on the final stage."""
+    """The issue's goals, checked on the final stage; a goal whose comparison methods were not run is
+    ``None`` (undecided), not passed."""
     streaming = {m: v for m, v in r.items() if m != "joint"}
     final_ap = {m: v["AP"][-1] for m, v in streaming.items()}
-    out = {"elle_lowest_final_AP": min(final_ap, key=final_ap.get) == "elle" if "elle" in final_ap else None}
+    out = {"elle_lowest_final_AP": min(final_ap, key=final_ap.get) == "elle"
+           if "elle" in final_ap and len(final_ap) > 1 else None}
     if "elle" in r:
         e = r["elle"]
         out["elle_AP_plus_below_naive_and_er"] = all(e["AP_plus"][-1] < r[m]["AP_plus"][-1]
-                                                       for m in ("naive", "er") if m in r)
+                                                       for m in ("naive", "er")) if {"naive", "er"} <= set(r) else None
         if "scratch_large" in r:
             s = r["scratch_large"]
             target = s["AP"][-1]
