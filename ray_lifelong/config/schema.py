@@ -154,7 +154,9 @@ class DataConfig:
     tokenize_num_cpus: float = 0.25
     """Logical CPUs per tokenizer actor."""
     tokenize_actors: int = 1
-    """Maximum size of the tokenizer actor pool (autoscales from 1)."""
+    """Maximum size of the tokenizer actor pool (autoscales from 1). With 1, a batch's leftover tokens
+    carry into the next; with more, each batch is packed on its own and drops its leftover (less than one
+    row), so that the rows do not depend on which actor got which batch."""
     tokenize_batch_size: int = 128
     """Documents per tokenizer call."""
     read_chunk_docs: int = 256

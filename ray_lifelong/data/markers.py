@@ -36,12 +36,19 @@ def reset_dir(uri: str) -> None:
     fs.delete_dir_contents(path)
 
 
-def count_rows(uri: str) -> int:
-    """Rows of the Parquet files under ``uri``, from their footers (no data read, no Ray Data run)."""
-    import pyarrow.dataset as pads
+def write_in_order(ds, uri: str, rows_per_file: int = 16384) -> int:
+    """Write ``ds``'s rows to ``uri/part-NNNNNN.parquet`` in the order the stream yields them; returns the
+    row count. Readers list the files sorted by name, so reading ``uri`` gives the same order back."""
+    import pyarrow.parquet as pq
 
+    ds.context.execution_options.preserve_order = True  # this dataset's blocks in order, whatever the caller set
     fs, path = _fs(uri)
-    return pads.dataset(path, filesystem=fs, format="parquet", ignore_prefixes=["_", "."]).count_rows()
+    fs.create_dir(path, recursive=True)
+    rows = 0
+    for i, table in enumerate(ds.iter_batches(batch_size=rows_per_file, batch_format="pyarrow")):
+        pq.write_table(table, f"{path}/part-{i:06d}.parquet", filesystem=fs)
+        rows += table.num_rows
+    return rows
 
 
 def remove_dir(uri: str) -> None:

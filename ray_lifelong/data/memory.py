@@ -91,7 +91,7 @@ def write_memory(ds, uri: str, *, fraction: float, max_sequences: int | None, se
     for batch in sample.select_columns(["domain_id"]).iter_batches(batch_size=4096, batch_format="numpy"):
         for d, c in zip(*np.unique(batch["domain_id"], return_counts=True)):
             counts[str(int(d))] = counts.get(str(int(d)), 0) + int(c)
-    sample.write_parquet(uri)
+    markers.write_in_order(sample, uri)  # files that read back in one order (Ray's write_parquet may interleave)
     record = {"uri": uri, "sequences": n, "by_domain": counts, "fraction": fraction, "seed": seed}
     markers.write_marker(uri, MARKER, record)  # last: the memory counts only once complete
     return record

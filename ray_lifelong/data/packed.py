@@ -3,8 +3,11 @@
 Without it (``data.pretokenize: false``) every read of a domain's training split runs its text files
 through the tokenizer actor pool again: each epoch of a stage that outlasts its domain, each stage of a
 ``joint`` run (which re-trains every earlier domain), the memory sample after the stage, and every trial
-of a sweep. With it, the domain is packed once into ``<packed_path>/<index>-<name>-<key>/`` (Ray Data's
-``write_parquet``, in parallel) and those reads stream the packed rows, which costs only Parquet I/O.
+of a sweep. With it, the domain is packed once into ``<packed_path>/<index>-<name>-<key>/`` and those
+reads stream the packed rows, which costs only Parquet I/O. The rows are written in the stream's order (the
+tokenizer actors still run in parallel; the driver writes numbered files): Ray Data's ``write_parquet``
+hands a write task's blocks to pyarrow's threaded ``write_dataset``, which may interleave them, and a
+packed domain must yield exactly the rows, in the order, that its text stream yields.
 
 The directory name carries a hash of everything the rows depend on (the source files with their sizes and
 modification times, the tokenizer, ``seq_len``, the architecture's row layout, the domain prompt), so a
@@ -27,10 +30,13 @@ import pyarrow.fs as pafs
 from ray_lifelong.config.schema import DomainConfig
 from ray_lifelong.data import markers
 from ray_lifelong.data.sources import DataError, filesystem, join_uri, resolve_sources, root_cause
-from ray_lifelong.data.stream import StreamOptions, files_dataset
+from ray_lifelong.data.stream import StreamOptions, carries_tokens, files_dataset
 from ray_lifelong.data.tokenizer import prompt_token
 
 MARKER = "_packed.json"
+# bumped when the layout of a packed directory changes, so that packs written before are packed anew
+# (2: rows in stream order; version 1 could hold a write task's blocks interleaved)
+LAYOUT_VERSION = 2
 
 
 def packing_key(dom: DomainConfig, opts: StreamOptions, prompts: bool) -> dict:
@@ -44,8 +50,8 @@ def packing_key(dom: DomainConfig, opts: StreamOptions, prompts: bool) -> dict:
     tok_files = sorted(tok.glob("*.json")) + sorted(tok.glob("*.txt"))
     return {"sources": sources, "format": dom.format, "text_field": dom.text_field,
             "tokenizer": hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in tok_files)).hexdigest(),
-            "seq_len": opts.data.seq_len, "arch": opts.arch,
-            "prompt": prompt_token(dom.name) if prompts else None}
+            "seq_len": opts.data.seq_len, "arch": opts.arch, "carry": carries_tokens(opts.data),
+            "prompt": prompt_token(dom.name) if prompts else None, "layout": LAYOUT_VERSION}
 
 
 def packed_name(index: int, dom: DomainConfig, key: dict) -> str:
@@ -75,11 +81,10 @@ def pack_domain(index: int, dom: DomainConfig, opts: StreamOptions, root: str, *
     t0 = time.perf_counter()
     print(f"[data] packing domain {dom.name!r} once -> {uri}")
     try:
-        files_dataset([(index, dom)], "train", opts, log=log, prompts=prompts).write_parquet(tmp)
+        rows = markers.write_in_order(files_dataset([(index, dom)], "train", opts, log=log, prompts=prompts), tmp)
     except Exception as e:  # a bad record surfaces wrapped in Ray Data's task errors
         markers.remove_dir(tmp)
         raise DataError(f"packing domain {dom.name!r}: {root_cause(e)}") from e
-    rows = markers.count_rows(tmp)
     if rows == 0:
         markers.remove_dir(tmp)
         raise DataError(f"domain {dom.name!r}: its training sources {dom.train} hold no sequence of "

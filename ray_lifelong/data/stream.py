@@ -64,17 +64,22 @@ def _read_files(batch: dict, *, fmt: str, text_field: str, on_bad_record: str, c
         if texts:
             yield block()
         if skipped and log is not None:
-            log.add.remote([(b.path, b.line, b.reason) for b in skipped])
+            # waited on: the driver's summary (from another caller) must see it, and it is one call per file
+            ray.get(log.add.remote([(b.path, b.line, b.reason) for b in skipped]))
 
 
 class TokenizePack:
     """Ray Data callable class: tokenize a batch of documents and pack it into fixed-length rows.
 
-    One instance lives in each actor of the pool, so the tokenizer is loaded once per actor and the
-    tokens left over at the end of a batch carry into the next one instead of being dropped.
+    One instance lives in each actor of the pool, so the tokenizer is loaded once per actor. With
+    ``carry`` (a pool of one actor, whose tasks run in stream order), the tokens left over at the end of a
+    batch carry into the next one, and the rows are those of packing the whole stream at once. A larger
+    pool hands batches to whichever actor is free, so a carry would make the rows depend on that
+    assignment: there each batch is packed on its own and its leftover (less than one row) is dropped.
     """
 
-    def __init__(self, tokenizer_dir: str, seq_len: int, arch: str, prompts: dict[int, str] | None = None) -> None:
+    def __init__(self, tokenizer_dir: str, seq_len: int, arch: str, prompts: dict[int, str] | None = None,
+                 carry: bool = True) -> None:
         from ray_lifelong.data.tokenizer import load_tokenizer
 
         self.tok = load_tokenizer(tokenizer_dir)
@@ -82,6 +87,7 @@ class TokenizePack:
         # ELLE domain prompts: each domain's rows start with its own prompt token
         self.specs = {d: pack_spec(self.tok, seq_len, arch, p) for d, p in (prompts or {}).items()}
         self.carry: dict[int, list[int]] = {}
+        self.keep_carry = carry
 
     def __call__(self, batch: dict) -> dict:
         enc = self.tok(list(batch["text"]), add_special_tokens=False)["input_ids"]
@@ -89,7 +95,9 @@ class TokenizePack:
         rows, dom = [], []
         for d in dict.fromkeys(ids.tolist()):  # a batch may span two domains (validation): pack each apart
             docs = [e for e, i in zip(enc, ids) if i == d]
-            packed, self.carry[d] = pack(docs, self.specs.get(d, self.spec), self.carry.get(d, []))
+            packed, left = pack(docs, self.specs.get(d, self.spec), self.carry.get(d, []))
+            if self.keep_carry:
+                self.carry[d] = left
             rows.append(packed)
             dom.append(np.full(len(packed), d, dtype=np.int32))
         if not rows:
@@ -141,11 +149,25 @@ def files_dataset(domains: list[tuple[int, DomainConfig]], split: str, opts: Str
         _read_files, batch_size=1, num_cpus=d.read_num_cpus,
         fn_kwargs=dict(fmt=formats.pop(), text_field=fields.pop(), on_bad_record=d.on_bad_record,
                        chunk=d.read_chunk_docs, log=log))
+    carry = carries_tokens(d)
     return ds.map_batches(
         TokenizePack, batch_size=d.tokenize_batch_size, num_cpus=d.tokenize_num_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, d.tokenize_actors)),
+        # Ray Data lets an actor run the tasks queued on it out of order; a carry needs them in stream order
+        ray_remote_args_fn=_in_order if carry else None,
         fn_constructor_kwargs=dict(tokenizer_dir=opts.tokenizer_dir, seq_len=d.seq_len, arch=opts.arch,
-                                   prompts={i: prompt_token(dom.name) for i, dom in domains} if prompts else None))
+                                   prompts={i: prompt_token(dom.name) for i, dom in domains} if prompts else None,
+                                   carry=carry))
+
+
+def _in_order() -> dict:
+    """Actor options (applied after Ray Data's defaults): run the queued tasks in submission order."""
+    return {"allow_out_of_order_execution": False}
+
+
+def carries_tokens(data: DataConfig) -> bool:
+    """Whether a batch's leftover tokens carry into the next (one tokenizer actor) or are dropped."""
+    return data.tokenize_actors <= 1
 
 
 def validation_dataset(domains: list[DomainConfig], opts: StreamOptions, log=None,
