@@ -233,11 +233,16 @@ def _scheduler(cfg: LifelongConfig, reports: int):
 
 # ------------------------------------------------------------------------------------------ the sweep
 
-def experiment_path(cfg: LifelongConfig) -> str:
-    """Where Ray Tune keeps the sweep's state: ``<tune.storage_path or the run dir>/tune``."""
+def storage_root(cfg: LifelongConfig) -> str:
+    """Ray Tune's storage: ``tune.storage_path`` (made absolute) or else the run directory."""
     from ray_lifelong.pipeline import run_dir
 
-    return join_uri(absolute_paths(cfg).tune.storage_path or str(run_dir(cfg).resolve()), "tune")
+    return absolute_paths(cfg).tune.storage_path or str(run_dir(cfg).resolve())
+
+
+def experiment_path(cfg: LifelongConfig) -> str:
+    """Where Ray Tune keeps the sweep's state: ``<storage root>/tune``."""
+    return join_uri(storage_root(cfg), "tune")
 
 
 def check_sweep_start(cfg: LifelongConfig, resume: bool, where: str = "<config>") -> None:
@@ -284,7 +289,8 @@ def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<confi
         tune.with_parameters(_pbt_trial if tu.scheduler == "pbt" else _trial, cfg=cfg, tokenizer_dir=tok_dir, teacher_dir=teacher_dir,
                              trials_dir=str(base / TRIALS)),
         {"cpu": tu.trial_cpus})
-    storage, exp_path = tu.storage_path or str(base), experiment_path(cfg)
+    storage = storage_root(cfg)
+    exp_path = join_uri(storage, "tune")
     if resume and tune.Tuner.can_restore(exp_path):
         print(f"[tune] restoring the sweep in {exp_path}")
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -298,7 +304,7 @@ def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<confi
             tune_config=tune.TuneConfig(metric=tu.metric, mode=tu.mode, scheduler=scheduler,
                                         search_alg=_searcher(tu), num_samples=tu.num_samples,
                                         max_concurrent_trials=tu.max_concurrent_trials),
-            run_config=tune.RunConfig(name="tune", storage_path=storage,
+            run_config=tune.RunConfig(name="tune", storage_path=storage,  # the experiment at exp_path
                                       failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)))
     grid = tuner.fit()
     return write_sweep_results(cfg, grid, base, tokenizer_dir=tok_dir, teacher_dir=teacher_dir)
