@@ -8,9 +8,17 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI (.ci/run sets HYPOTHESIS_PROFILE=ci) draws the same examples every run, so that a red CI means a
+# changed code path, not a new random draw; local runs keep exploring
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -86,12 +94,21 @@ def moto_server():
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(150):
+    # ready once it answers HTTP (a refused connection returns at once, so wait on a deadline, not a count)
+    deadline = time.monotonic() + 90
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"moto server on port {port} exited with {proc.returncode} before it answered")
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).close()
+            break
+        except urllib.error.HTTPError:  # an S3 error reply is an answer
             break
         except OSError:
-            time.sleep(0.1)
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"moto server on port {port} did not answer within 90 s")
+            time.sleep(0.2)
     mp = pytest.MonkeyPatch()
     for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
                  "AWS_EC2_METADATA_DISABLED": "true"}.items():

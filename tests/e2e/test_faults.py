@@ -57,8 +57,9 @@ def test_a_killed_driver_resumes_an_elle_run_from_its_checkpoints_on_s3(demo_cor
         save_config(cfg, config)
         rdir = tmp_path / "elle"
         # kill the driver and the Ray processes it started once the grown stage has a checkpoint on S3 in its
-        # domain phase, after its function-recovering warmup (the same Ray Train run)
-        kill_cli_when(lambda: any(s["phase"] == "main" and s["step"] >= 2 for s in _checkpoint_states(
+        # domain phase, after its function-recovering warmup (the same Ray Train run); step 4, so that the
+        # checkpoints reported before it (the warmup's hand-over at step 0, step 2) are surely registered
+        kill_cli_when(lambda: any(s["phase"] == "main" and s["step"] >= 4 for s in _checkpoint_states(
             fs, "ckpts/lifelong/elle-stage1-astronomy")), "run", str(config))
         assert not (rdir / "results.json").exists()
         memories = sorted((rdir / "memory").rglob("*.parquet"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,9 +24,8 @@ def cli(*args, timeout=600):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+    except BaseException:  # a timeout here or pytest-timeout's: leave no Ray cluster behind for later tests
+        _kill_group(proc)
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
@@ -37,13 +37,23 @@ def kill_cli_when(ready, *args, timeout=900, poll_s=0.5) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "ray_lifelong", *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not ready():
-        time.sleep(poll_s)
-    alive = proc.poll() is None
-    if alive:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(poll_s)
+        alive = proc.poll() is None
+    finally:
+        _kill_group(proc)
     assert alive, "the command ended before it could be interrupted"
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group of ``proc`` (the CLI and every Ray process it started) and reap it."""
+    with contextlib.suppress(ProcessLookupError):  # the whole group may have ended already
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.stdout:
+        proc.communicate()
+    else:
+        proc.wait()
 
 
 @pytest.fixture(scope="module")
