@@ -1,10 +1,9 @@
 """What keeping the tokenizer's carry in stream order costs: Ray Data supply when the single tokenizer actor
-runs its queued tasks in submission order (what ``files_dataset`` does, so that a batch's leftover tokens
-carry into the next batch in order), against Ray's default (an actor may run queued tasks out of order),
-against one batch in flight per actor (the other way to keep the order), and a pool of two actors that
-packs each batch on its own.
+gets one batch at a time (what ``files_dataset`` does, so that a batch's leftover tokens carry into the next
+batch in order) against Ray's default (several batches queued per actor, which it may run out of order),
+and a pool of two actors that packs each batch on its own.
 
-    python bench/tokenize_order.py [--reps 3] [--rows 12000]
+    python bench/tokenize_order.py [--reps 5] [--rows 12000]
 
 Writes ``bench/results/tokenize_order.{json,md}``. The variants alternate within each repetition, in one
 Ray session, so the machine's noise hits them alike; the ratio is against the default in the same run.
@@ -23,16 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import REPO, base_overrides, data_supply, workloads, write  # noqa: E402
 
 VARIANTS = {
-    "one actor, tasks run in order (carry, shipped)": {"actors": 1, "mode": "shipped"},
-    "one actor, Ray's default (out of order allowed)": {"actors": 1, "mode": "ray_default"},
-    "one actor, one batch in flight": {"actors": 1, "mode": "one_in_flight"},
-    "two actors (each batch packed alone, shipped)": {"actors": 2, "mode": "shipped"},
+    "one actor, one batch in flight (carry in order, shipped)": {"actors": 1, "ray_default": False},
+    "one actor, Ray's default (queued batches may run out of order)": {"actors": 1, "ray_default": True},
+    "two actors (each batch packed alone, shipped)": {"actors": 2, "ray_default": False},
 }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rows", type=int, default=12000)
     args = ap.parse_args()
 
@@ -43,16 +41,11 @@ def main() -> None:
     from ray_lifelong.data.stream import quiet_ray_data
     from ray_lifelong.pipeline import prepare_demo, prepare_tokenizer
 
-    import ray_lifelong.data.stream as stream
+    shipped = ray.data.ActorPoolStrategy
 
-    shipped_strategy, shipped_order = ray.data.ActorPoolStrategy, stream._in_order
-
-    def one_in_flight(*a, **kw):
-        return shipped_strategy(*a, **{**kw, "max_tasks_in_flight_per_actor": 1})
-
-    def patch(mode: str) -> None:  # the variants differ only in how files_dataset builds the tokenizer stage
-        ray.data.ActorPoolStrategy = one_in_flight if mode == "one_in_flight" else shipped_strategy
-        stream._in_order = (lambda: {}) if mode != "shipped" else shipped_order
+    def ray_default(*a, **kw):  # the strategy as Ray Data builds it when nothing is said about tasks in flight
+        kw.pop("max_tasks_in_flight_per_actor", None)
+        return shipped(*a, **kw)
 
     out = Path(tempfile.mkdtemp(prefix="tokorder"))
     w = workloads(out)[-1]  # the real domain when ../shared is there, else the demo
@@ -69,11 +62,11 @@ def main() -> None:
     for rep in range(args.reps):
         for name, v in VARIANTS.items():
             cfg = config(v["actors"])
-            patch(v["mode"])
+            ray.data.ActorPoolStrategy = ray_default if v["ray_default"] else shipped
             try:
                 rates[name].append(data_supply(cfg, tok_dir, min_rows=args.rows)["tokens_per_s"])
             finally:
-                patch("shipped")
+                ray.data.ActorPoolStrategy = shipped
             print(f"[rep {rep}] {name}: {rates[name][-1]:,.0f} tokens/s", flush=True)
     ray.shutdown()
     ref = statistics.median(rates[list(VARIANTS)[1]])
