@@ -96,11 +96,12 @@ def moto_server():
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # ready once it answers HTTP (a refused connection returns at once, so wait on a deadline, not a count)
     deadline = time.monotonic() + 90
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an HTTP(S)_PROXY
     while True:
         if proc.poll() is not None:
             pytest.fail(f"moto server on port {port} exited with {proc.returncode} before it answered")
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).close()
+            direct.open(f"http://127.0.0.1:{port}/", timeout=2).close()
             break
         except urllib.error.HTTPError:  # an S3 error reply is an answer
             break
