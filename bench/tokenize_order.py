@@ -3,7 +3,10 @@ gets one batch at a time (what ``files_dataset`` does, so that a batch's leftove
 batch in order) against Ray's default (several batches queued per actor, which it may run out of order),
 and a pool of two actors that packs each batch on its own.
 
-    python bench/tokenize_order.py [--reps 5] [--rows 12000]
+    python bench/tokenize_order.py [--reps 5] [--rows 12000] [--write-reps 3]
+
+Then packs the whole domain once per writer (``--write-reps``): Ray Data's parallel ``write_parquet``
+(which may interleave a write task's blocks) against ``write_in_order`` (the driver writes in stream order).
 
 Writes ``bench/results/tokenize_order.{json,md}``. The variants alternate within each repetition, in one
 Ray session, so the machine's noise hits them alike; the ratio is against the default in the same run.
@@ -15,6 +18,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,13 +36,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rows", type=int, default=12000)
+    ap.add_argument("--write-reps", type=int, default=3, help="repetitions of packing the whole domain (0: none)")
     args = ap.parse_args()
 
     import ray
     import ray.data
 
     from ray_lifelong.config import load_config
-    from ray_lifelong.data.stream import quiet_ray_data
+    from ray_lifelong.data.markers import write_in_order
+    from ray_lifelong.data.stream import StreamOptions, files_dataset, quiet_ray_data
     from ray_lifelong.pipeline import prepare_demo, prepare_tokenizer
 
     shipped = ray.data.ActorPoolStrategy
@@ -68,6 +74,20 @@ def main() -> None:
             finally:
                 ray.data.ActorPoolStrategy = shipped
             print(f"[rep {rep}] {name}: {rates[name][-1]:,.0f} tokens/s", flush=True)
+    # packing the whole domain (data.pretokenize): Ray's parallel write_parquet (order not kept) against
+    # the driver writing in stream order, both from the shipped one-actor stream
+    writes: dict[str, list[float]] = {"write_parquet (Ray, parallel)": [], "write_in_order (driver, shipped)": []}
+    for rep in range(args.write_reps):
+        for name in writes:
+            dest = str(out / f"w{rep}-{len(writes[name])}-{name[:5]}")
+            ds = files_dataset([(0, config(1).data.domains[0])], "train", StreamOptions(tok_dir, "bert", config(1).data))
+            t0 = time.perf_counter()
+            if name.startswith("write_parquet"):
+                ds.write_parquet(dest)
+            else:
+                write_in_order(ds, dest)
+            writes[name].append(time.perf_counter() - t0)
+            print(f"[pack {rep}] {name}: {writes[name][-1]:.1f} s", flush=True)
     ray.shutdown()
     ref = statistics.median(rates[list(VARIANTS)[1]])
     rows = [{"variant": name, "median_tokens_per_s": statistics.median(r), "runs": r,
@@ -80,7 +100,13 @@ def main() -> None:
              + "\n".join(f"| {r['variant']} | {r['median_tokens_per_s']:,.0f} | "
                          f"{', '.join(f'{x / 1e3:.0f}' for x in r['runs'])} | {r['vs_ray_default']:.2f} |"
                          for r in rows) + "\n")
-    write("tokenize_order", {"workload": w.name, "rows": args.rows, "variants": rows}, table)
+    packs = [{"writer": name, "median_s": statistics.median(t), "runs_s": t} for name, t in writes.items()]
+    if args.write_reps:
+        table += ("\nPacking the whole domain once (`data.pretokenize`), the shipped one-actor stream into Parquet, "
+                  f"{args.write_reps} alternating repetitions:\n\n| writer | median s | runs s |\n|---|---|---|\n"
+                  + "\n".join(f"| {p['writer']} | {p['median_s']:.1f} | {', '.join(f'{x:.1f}' for x in p['runs_s'])} |"
+                               for p in packs) + "\n")
+    write("tokenize_order", {"workload": w.name, "rows": args.rows, "variants": rows, "packing": packs}, table)
     print(table)
 
 
