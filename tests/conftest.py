@@ -80,10 +80,13 @@ def ray_4cpus():
     ray.shutdown()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: every socket stays bound until all are chosen."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 @contextlib.contextmanager
@@ -91,7 +94,7 @@ def moto_server():
     """An S3-compatible server (moto) on 127.0.0.1 with test credentials in the environment (which Ray
     processes started afterwards inherit); yields its ``host:port``."""
     pytest.importorskip("moto")  # an extra of [test]; always installed by .ci/run
-    port = free_port()
+    (port,) = free_ports(1)
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # ready once it answers HTTP (a refused connection returns at once, so wait on a deadline, not a count)

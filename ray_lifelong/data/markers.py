@@ -36,9 +36,10 @@ def reset_dir(uri: str) -> None:
     fs.delete_dir_contents(path)
 
 
-def write_in_order(ds, uri: str, rows_per_file: int = 16384) -> int:
+def write_in_order(ds, uri: str, rows_per_file: int = 16384, each=None) -> int:
     """Write ``ds``'s rows to ``uri/part-NNNNNN.parquet`` in the order the stream yields them; returns the
-    row count. Readers list the files sorted by name, so reading ``uri`` gives the same order back."""
+    row count. Readers list the files sorted by name, so reading ``uri`` gives the same order back.
+    ``each(table)``, if given, sees every table written (a caller's statistics in the same pass)."""
     import pyarrow.parquet as pq
 
     ds.context.execution_options.preserve_order = True  # this dataset's blocks in order, whatever the caller set
@@ -47,6 +48,8 @@ def write_in_order(ds, uri: str, rows_per_file: int = 16384) -> int:
     rows = 0
     for i, table in enumerate(ds.iter_batches(batch_size=rows_per_file, batch_format="pyarrow")):
         pq.write_table(table, f"{path}/part-{i:06d}.parquet", filesystem=fs)
+        if each is not None:
+            each(table)
         rows += table.num_rows
     return rows
 

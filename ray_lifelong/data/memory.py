@@ -87,11 +87,14 @@ def write_memory(ds, uri: str, *, fraction: float, max_sequences: int | None, se
     if n == 0:
         raise ValueError(f"memory {uri}: sampling {fraction:.1%} of the domain kept no sequence; raise "
                          f"continual.replay.memory_fraction")
-    counts = {}
-    for batch in sample.select_columns(["domain_id"]).iter_batches(batch_size=4096, batch_format="numpy"):
-        for d, c in zip(*np.unique(batch["domain_id"], return_counts=True)):
+    counts: dict[str, int] = {}
+
+    def count(table) -> None:
+        for d, c in zip(*np.unique(table.column("domain_id").to_numpy(), return_counts=True)):
             counts[str(int(d))] = counts.get(str(int(d)), 0) + int(c)
-    markers.write_in_order(sample, uri)  # files that read back in one order (Ray's write_parquet may interleave)
+
+    # files that read back in one order (Ray's write_parquet may interleave), counted per domain as written
+    markers.write_in_order(sample, uri, each=count)
     record = {"uri": uri, "sequences": n, "by_domain": counts, "fraction": fraction, "seed": seed}
     markers.write_marker(uri, MARKER, record)  # last: the memory counts only once complete
     return record

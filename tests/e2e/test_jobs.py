@@ -9,7 +9,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,19 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, free_ports, tiny_overrides
 
 pytestmark = [pytest.mark.e2e]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports: every socket stays bound until all are chosen."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 @pytest.fixture(scope="module")
