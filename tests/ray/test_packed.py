@@ -25,9 +25,10 @@ from tests.conftest import moto_server, tiny_overrides
 pytestmark = [pytest.mark.ray]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def s3():
-    """Started before the module's Ray cluster, whose workers then hold its test credentials."""
+    """Started before the module's Ray cluster, whose workers then hold its test credentials: autouse, so
+    that it comes first whichever test of the module runs first (``-k`` may pick one that needs no S3)."""
     with moto_server() as endpoint:
         yield endpoint
 
