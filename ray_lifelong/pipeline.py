@@ -10,8 +10,8 @@ Run directory ``<output_dir>/<run_name>/``::
     packed/             with ``data.pretokenize``: each domain's packed rows (``data.packed_path`` moves it)
     memory/             with replay: each finished domain's memory (``continual.replay.memory_path``)
     checkpoints/        Ray Train storage: one run per stage, ``<run>-stage<i>-<domain>/checkpoint_*``
-    stages/<i>-<domain>/stage.json   completion marker + the stage's record (and its warmup's, under ``frw``)
-    results.json  report.md  ppl_matrix.png  loss_curves.png
+    stages/<ii>-<domain>/stage.json  completion marker + the stage's record (and its warmup's, under ``frw``)
+    results.json  report.md  ppl_matrix_and_loss.png
     final_model/        HF model + tokenizer of the last stage (AutoModelFor...from_pretrained)
 """
 

@@ -63,6 +63,7 @@ def test_cluster_overlays_load_over_the_corpus_configs(overlay, scheme):
         cfg = load_config(REPO / "configs" / base, [str(CLUSTERS / "overlays" / overlay)])
         assert cfg.scaling.use_gpu and cfg.scaling.num_workers == 8 and cfg.train.bf16
         assert cfg.ray.storage_path.startswith(scheme) and cfg.continual.replay.memory_path.startswith(scheme)
+        assert cfg.data.packed_path.startswith(scheme)
 
 
 # ---------------------------------------------------------------------------------------------- KubeRay
