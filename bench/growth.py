@@ -98,7 +98,7 @@ def exactness() -> dict:
 
 
 def training_comparison(args) -> dict:
-    from ray_lifelong.config import load_config
+    from ray_lifelong.config import GrowthConfig, load_config
     from ray_lifelong.data.tokenizer import load_tokenizer
     from ray_lifelong.growth import expand, remap_optimizer_state
     from ray_lifelong.pipeline import prepare_tokenizer
@@ -132,8 +132,9 @@ def training_comparison(args) -> dict:
     c_small = small_curve[-1]["flops"]
     runs = {"small": small_curve}
     for mode in ("carry", "reset"):
+        # ELLE's noise on the copies (the stage's default): without it every copy stays tied to its original
         grown, mapping = expand(small, num_hidden_layers=4, hidden_size=256, intermediate_size=1024,
-                                depth_init="identity", return_mapping=True, seed=1)
+                                depth_init="identity", noise_std=GrowthConfig().noise_std, return_mapping=True, seed=1)
         opt = build_optimizer(grown, args.lr, t)
         if mode == "carry":
             remap_optimizer_state(small, grown, small_opt, opt, mapping)
@@ -157,7 +158,8 @@ def training_comparison(args) -> dict:
             "final_valid_loss": {k: v[-1]["valid_loss"] for k, v in runs.items()},
             "total_flops": {k: v[-1]["flops"] for k, v in runs.items()}, "curves": runs,
             "setup": f"GPT-2 causal LM on corpus/wb, seq 128, batch {args.batch}, lr {args.lr}, vocab {vocab}; "
-                     f"small 2x128 for {args.small_steps} steps, grown to 4x256 (identity depth, x2 width) for "
+                     f"small 2x128 for {args.small_steps} steps, grown to 4x256 (identity depth, x2 width, noise "
+                     f"{GrowthConfig().noise_std}) for "
                      f"{args.grown_steps} steps; scratch 4x256 for {scratch_steps} steps (same total FLOPs); "
                      f"LR schedule: {args.lr_schedule} (global: one warmup + linear decay over both phases of "
                      f"the grown run, as staged training does; per-phase: each phase warms up and decays "

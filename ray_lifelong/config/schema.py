@@ -28,8 +28,11 @@ class GrowthConfig:
     """``identity`` (exact: new layers start as identities) or ``copy`` (ELLE: copies, approximate)."""
     depth_placement: str = "interleave"
     """``interleave`` (each new layer right above its source, as ELLE) or ``top``."""
-    noise_std: float = 0.0
-    """Symmetry-breaking noise on new and copied parameters (ELLE uses a small value)."""
+    noise_std: float = 0.01
+    """Gaussian noise on the fan-in side of every new copy of a unit (ELLE's BERT-base and GPT recipes: 0.01).
+    It is what lets width growth add capacity: without it a copied unit and its original get identical
+    gradients for ever (dropout does not break the tie of FFN units and heads), so the grown model trains as
+    the small one. ``0`` makes the expansion exactly function-preserving, for checks."""
     optimizer: str = "reset"
     """``carry``: map AdamW's moments onto the grown parameters; ``reset``: a fresh optimizer (ELLE)."""
 

@@ -128,7 +128,7 @@ def test_growth_at_stage_start_on_the_workers(small_stage, tmp_path, optimizer):
     assert first.growth is None and first.model_sizes["hidden_size"] == 32
     cfg = copy.deepcopy(spec0.cfg)
     cfg.data.domains[1].grow = GrowthConfig(num_layers=2, hidden_size=64, intermediate_size=128,
-                                            depth_init="identity", optimizer=optimizer)
+                                            depth_init="identity", optimizer=optimizer, noise_std=0.0)  # exact
     spec1 = StageSpec(cfg=cfg, index=1, domain="astronomy", eval_domains=spec0.eval_domains, steps=4,
                       batch_size=8, lr=cfg.train.lr, tokenizer_files=spec0.tokenizer_files,
                       init_checkpoint=ray.train.Checkpoint(first.checkpoint_path),

@@ -466,3 +466,40 @@ def test_grown_parameters_own_their_storage(arch, width):
                                          {"bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"},
                                          {"cls.predictions.bias", "cls.predictions.decoder.bias"}), (seen[ptr], name)
         seen[ptr] = name
+
+
+def _ffn_twins(model) -> int:
+    """How many first-FFN units of layer 0 have a twin (the same fan-in weights and bias, to rounding)."""
+    if isinstance(model, BertForMaskedLM):
+        lin = model.bert.encoder.layer[0].intermediate.dense
+        fan_in = torch.cat([lin.weight, lin.bias[:, None]], 1)
+    else:
+        conv = model.transformer.h[0].mlp.c_fc  # Conv1D: weight is (in, out)
+        fan_in = torch.cat([conv.weight.T, conv.bias[:, None]], 1)
+    dist = torch.cdist(fan_in.detach(), fan_in.detach(), compute_mode="donot_use_mm_for_euclid_dist")
+    dist.fill_diagonal_(float("inf"))
+    return int((dist.min(1).values <= 1e-6).sum())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_without_noise_a_copied_unit_never_leaves_its_original(arch):
+    """Width growth copies units and divides what reads them, so a copy and its original get the same gradient
+    at every step: with no noise they stay tied for ever (dropout on, as in training, does not untie FFN units)
+    and the grown model has the small one's capacity. ELLE's noise (the stage's default, 0.01) unties them."""
+    from ray_lifelong.config import GrowthConfig
+
+    model = make(arch, hidden=16, heads=2, ffn=24, scale=0.0)
+    model.config.hidden_dropout_prob = model.config.resid_pdrop = 0.1  # the training default
+    twins = {}
+    for noise in (0.0, GrowthConfig().noise_std):
+        grown = expand(model, hidden_size=32, intermediate_size=48, noise_std=noise, seed=1).train()
+        copied = _ffn_twins(expand(model, hidden_size=32, intermediate_size=48, noise_std=0.0, seed=1))
+        opt = decay_groups(grown, lr=3e-3)
+        for step in range(5):
+            opt.zero_grad()
+            _loss(grown, ids(4, 12, seed=step)).backward()
+            opt.step()
+        twins[noise] = _ffn_twins(grown)
+    assert copied >= 24  # the 24 new units are copies (of originals drawn at random, some more than once)
+    assert twins[0.0] == copied  # after training, every copy still equals its original
+    assert twins[GrowthConfig().noise_std] == 0
