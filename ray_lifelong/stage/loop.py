@@ -115,7 +115,8 @@ def train_loop_per_worker(config: dict) -> dict:
     w = _Worker(spec=spec, rank=rank, world=world, device=device, objective=objective, ddp=ddp, inner=inner,
                 masker=Masker(tokenizer, cfg.data.mlm_probability, cfg.model.arch), tokenizer=tokenizer,
                 use_bf16=t.bf16 and device.type == "cuda", accum=spec.grad_accum(world), memory=memory,
-                previous=previous, previous_fwd=_forward_flops(previous.model, cfg) if previous else 0.0)
+                previous=previous, previous_fwd=_forward_flops(previous.model, cfg) if previous else 0.0,
+                synced=_counts(state))
     if state.growth and state.step == 0:
         g = state.growth
         w.say(spec.label, f"grew {g['before']} -> {g['after']} ({g['params_before']:,} -> {g['params_after']:,} "
@@ -137,13 +138,15 @@ def train_loop_per_worker(config: dict) -> dict:
                                                   rank=rank, world=world, batch_size=t.micro_batch_size))
         ppl = _evaluate(inner, spec, w.masker, device, rank, world)
         state.evals.append({"step": state.step, "tokens": state.tokens, "ppl": ppl})
+        _sync_counts(w, state)  # the warmup's record holds every rank's counts
         done = {k: v for k, v in state.__dict__.items() if k != "frw"}
         state = TrainState(phase="main", frw=dict(done, ppl=ppl, wall_s=time.perf_counter() - started),
                            restarts=state.restarts)
+        w.synced = _counts(state)
         torch.manual_seed(t.seed + 1000 * spec.index + rank)  # the domain's phase as if it were its own run
         optimizer, scheduler = _phase_optimizer(w, "main")  # a fresh optimizer and LR schedule, as in ELLE
         # the grown, recovered model and the domain phase's start: a restart from here begins the domain
-        _report(spec, state, None, rank, inner, tokenizer, optimizer, scheduler)
+        _report(w, state, None, optimizer, scheduler)
     else:
         optimizer, scheduler = _phase_optimizer(w, "main")
         if carried is not None:
@@ -172,7 +175,7 @@ def train_loop_per_worker(config: dict) -> dict:
     # [5] final evaluation on every domain, final checkpoint
     ppl = _evaluate(inner, spec, w.masker, device, rank, world)
     state.evals.append({"step": state.step, "tokens": state.tokens, "ppl": ppl})
-    _report(spec, state, ppl, rank, inner, tokenizer, optimizer, scheduler, final=True)
+    _report(w, state, ppl, optimizer, scheduler, final=True)
     return {"state": state.__dict__, "ppl": ppl, "sizes": model_sizes(inner.model),
             "vocab": inner.model.config.vocab_size, "nodes": _worker_nodes(world)}
 
@@ -199,6 +202,8 @@ class _Worker:
     previous: LMObjective | None
     """Logit-KD baseline: the previous stage's frozen model."""
     previous_fwd: float
+    synced: dict
+    """The counts of :func:`_counts` at the last report, summed over the ranks (see :func:`_sync_counts`)."""
 
     def say(self, label: str, text: str) -> None:
         if self.rank == 0:
@@ -341,9 +346,9 @@ def _train(w: _Worker, state: TrainState, optimizer, scheduler, *, end: int, lab
                 if t.eval_every and state.step % t.eval_every == 0:
                     ppl = _evaluate(w.inner, spec, w.masker, device, w.rank, w.world)
                     state.evals.append({"step": state.step, "tokens": state.tokens, "ppl": ppl})
-                    _report(spec, state, ppl, w.rank, w.inner, w.tokenizer, optimizer, scheduler)
+                    _report(w, state, ppl, optimizer, scheduler)
                 elif state.step % t.checkpoint_every == 0:
-                    _report(spec, state, None, w.rank, w.inner, w.tokenizer, optimizer, scheduler)
+                    _report(w, state, None, optimizer, scheduler)
             else:
                 state.compute_s += time.perf_counter() - c0
             wait0 = time.perf_counter()
@@ -399,16 +404,41 @@ def _forward_flops(model, cfg) -> float:
                                           cfg.model.arch, cfg.data.seq_len, cfg.data.mlm_probability))
 
 
-def _report(spec, state, ppl, rank, inner, tokenizer, optimizer, scheduler, *, final=False) -> None:
+def _counts(state: TrainState) -> dict:
+    return {"replayed": state.replayed, "kd_flops": state.kd_flops, "teacher": dict(state.teacher_sequences)}
+
+
+def _sync_counts(w: _Worker, state: TrainState) -> None:
+    """Replayed rows and teacher forwards are counted on the rank that ran them (its share of each batch).
+    At every report the increments since the last one are summed over the ranks, so that every rank holds,
+    and rank 0 checkpoints and returns, the whole stage's counts (a restored state is already whole)."""
+    if w.world > 1 and dist.is_available() and dist.is_initialized():
+        keys = [str(i) for i in range(len(w.spec.cfg.data.domains))] + ["-1"]  # teachers by domain id, or shared
+        last = w.synced
+        delta = torch.tensor([state.replayed - last["replayed"], state.kd_flops - last["kd_flops"]]
+                             + [state.teacher_sequences.get(k, 0) - last["teacher"].get(k, 0) for k in keys],
+                             dtype=torch.float64, device=w.device)
+        dist.all_reduce(delta)
+        total = delta.tolist()
+        state.replayed = last["replayed"] + round(total[0])
+        state.kd_flops = last["kd_flops"] + total[1]
+        teacher = {k: last["teacher"].get(k, 0) + round(n) for k, n in zip(keys, total[2:])}
+        state.teacher_sequences = {k: n for k, n in teacher.items() if n}
+    w.synced = _counts(state)
+
+
+def _report(w: _Worker, state, ppl, optimizer, scheduler, *, final=False) -> None:
     """All workers call ``ray.train.report`` (a barrier); only rank 0 attaches the checkpoint."""
+    spec = w.spec
+    _sync_counts(w, state)
     metrics = {"stage": spec.index, "step": state.step, "tokens": state.tokens, "final": final}
     if ppl:
         metrics.update({f"ppl/{k}": v for k, v in ppl.items()})
         metrics["valid_loss"] = math.log(ppl[spec.domain])
     with tempfile.TemporaryDirectory() as d:
         ckpt = None
-        if rank == 0:
-            save_checkpoint(d, model=inner.model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+        if w.rank == 0:
+            save_checkpoint(d, model=w.inner.model, tokenizer=w.tokenizer, optimizer=optimizer, scheduler=scheduler,
                             state=state, cfg=spec.cfg)
             ckpt = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=ckpt)  # [ray]

@@ -166,8 +166,13 @@ def test_ki_stage_distils_from_a_frozen_teacher(ray_4cpus, demo_corpus, tmp_path
     assert alphas[:4] == pytest.approx([1.0, 0.75, 0.5, 0.25]) and alphas[4:] == [0.0] * 4
     assert all(h["kl"] > 0 for h in res.history[:4]) and all(h["kl"] == 0 for h in res.history[4:])
     assert res.teacher_flops > 0 and res.teacher_s > 0
-    # the teacher ran on exactly the 4 inheritance steps' sequences (8 per step, both workers)
-    small_fwd = res.teacher_flops / (4 * 8)
+    # the teacher ran on exactly the 4 inheritance steps' sequences: 8 per step, summed over both workers
+    from ray_lifelong.flops import forward_flops_per_sequence, logit_positions
+
+    vocab = json.loads((tmp_path / "teacher" / "config.json").read_text())["vocab_size"]
+    small_fwd = forward_flops_per_sequence(num_layers=1, hidden=16, ffn=32, vocab=vocab, seq_len=32,
+                                           logit_positions=logit_positions("bert", 32, 0.15))
+    assert res.teacher_flops == pytest.approx(4 * 8 * small_fwd, rel=1e-9)
     assert small_fwd < res.train_flops / (8 * 8) / 3  # a smaller model's forward, not the student's
 
     build_model(small, len(tok) + small.vocab_multiple, seed=3).save_pretrained(tmp_path / "other_vocab")
