@@ -256,6 +256,7 @@ def validate(cfg: LifelongConfig, where: str = "<config>") -> None:
             need(0 <= k.alpha0 <= 1, f"{key}.teacher.alpha0", "must be in [0, 1]")
             need(k.temperature > 0, f"{key}.teacher.temperature", "must be positive")
             need(k.top_k is None or k.top_k > 0, f"{key}.teacher.top_k", "must be positive")
+            need(k.steps >= 0, f"{key}.teacher.steps", "must be >= 0 (0: 30% of the stage's steps)")
             unknown = sorted(set(k.per_domain) - set(names))
             need(not unknown, f"{key}.teacher.per_domain", f"unknown domains {unknown}")
         steps = dom.steps if dom.steps is not None else t.steps

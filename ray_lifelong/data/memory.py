@@ -1,7 +1,8 @@
 """Replay memory: a uniform sample of each finished domain's training sequences, mixed into later stages.
 
-- :func:`write_memory` samples the domain's packed rows (the same rows its stage trained on, prompts
-  included) with Ray Data and writes them as Parquet with a completion marker, so a resumed run finds
+- :func:`write_memory` samples the domain's packed training rows (the rows its stage streams, prompts
+  included; a stage shorter than one epoch trains on only a part of them, as in ELLE, whose memory is
+  a sample of the domain's corpus) with Ray Data and writes them as Parquet with a completion marker, so a resumed run finds
   the memory and never samples twice. Whether a row is kept depends only on its tokens and the seed
   (:func:`select_rows`), not on how Ray Data cut the stream into blocks, so the same config and seed
   give the same memory from the text stream or the packed domain, on any cluster size.

@@ -236,9 +236,11 @@ def _load_teachers(spec: StageSpec, state: TrainState, w: _Worker) -> dict:
     ki = spec.teacher
     if not ki or not teacher_needed(state.step, schedule=ki.schedule, steps=_ki_steps(spec), alpha0=ki.alpha0):
         return {}
-    loaded: dict = {}
-    return {domain_id: loaded.setdefault(path, load_teacher(path, w.device, spec.cfg.train.bf16))
-            for domain_id, path in spec.teacher_dirs.items()}
+    loaded: dict = {}  # a teacher shared by several domains is loaded once
+    for path in spec.teacher_dirs.values():
+        if path not in loaded:
+            loaded[path] = load_teacher(path, w.device, spec.cfg.train.bf16)
+    return {domain_id: loaded[path] for domain_id, path in spec.teacher_dirs.items()}
 
 
 def _train(w: _Worker, state: TrainState, optimizer, scheduler, *, end: int, label: str, teachers: dict,

@@ -218,3 +218,9 @@ def test_stage_sizes_follow_each_growth_and_frw_follows_the_pipelines_rule():
     assert [spec(i, "ckpt").frw_steps for i in range(len(cfg.data.domains))] == \
         [frw_steps_before(cfg, i) for i in range(len(cfg.data.domains))]
     assert spec(1, None).frw_steps == 0 and spec(1, "ckpt").frw_lr == 1e-3
+
+
+def test_a_negative_ki_step_count_is_refused():
+    """N_KI < 0 would silently switch inheritance off (0 means 30% of the stage's steps)."""
+    with pytest.raises(ConfigError, match=r"data\.domains\[0\]\.teacher\.steps"):
+        load_config(REPO / "configs/ki_gpt2.yaml", ["data.domains.0.teacher={path: /tmp/t, steps: -1}"])
