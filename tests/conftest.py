@@ -54,6 +54,12 @@ def tiny_overrides(root: Path, out: Path, arch: str = "bert", steps: int = 12) -
     ]
 
 
+def one_domain(root: Path) -> str:
+    """The override that keeps only the demo's ``sports`` domain (tests of one stage's worth of pipeline)."""
+    return (f"data.domains=[{{name: sports, train: ['{root}/sports/train-*.jsonl.gz'], "
+            f"valid: ['{root}/sports/valid-*.jsonl.gz']}}]")
+
+
 def elle_overrides(root, out, *extra) -> list[str]:
     """Two demo domains with ELLE's pieces on: growth before the second, FRW, replay and prompts."""
     doms = (f"[{{name: sports, train: ['{root}/sports/train-*.jsonl.gz'], valid: ['{root}/sports/valid-*.jsonl.gz']}}, "

@@ -3,8 +3,8 @@
 - :func:`write_memory` samples the domain's packed training rows (the rows its stage streams, prompts
   included; a stage shorter than one epoch trains on only a part of them, as in ELLE, whose memory is
   a sample of the domain's corpus) with Ray Data and writes them as Parquet with a completion marker,
-  so a resumed run finds the memory and never samples twice. Whether a row is kept depends only on its tokens and the seed
-  (:func:`select_rows`), not on how Ray Data cut the stream into blocks, so the same config and seed
+  so a resumed run finds the memory and never samples twice. Whether a row is kept depends only on its
+  tokens and the seed (:func:`select_rows`), not on how Ray Data cut the stream into blocks, so the same config and seed
   give the same memory from the text stream or the packed domain, on any cluster size.
 - :func:`memory_dataset` reads the memories of earlier domains back as one Ray dataset.
 - :func:`replay_count` and :func:`replay_draw` are the pure per-micro-batch mixing rules the training

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ray_lifelong.config import load_config, save_config
-from tests.conftest import tiny_overrides
+from tests.conftest import one_domain, tiny_overrides
 from tests.e2e.test_pipeline import cli
 
 pytestmark = [pytest.mark.e2e]
@@ -42,8 +42,7 @@ def test_a_run_finetunes_its_final_model_beyond_the_majority_class_and_a_rerun_k
     cfg = load_config(None, tiny_overrides(demo_corpus, tmp_path, arch="gpt2", steps=8) + [
         "run_name=ft", "ray.num_cpus=4", "continual.prompts=true",
         # pre-trained on one domain (the task's): fine-tuning is the point here, not the chain of stages
-        f"data.domains=[{{name: sports, train: ['{demo_corpus}/sports/train-*.jsonl.gz'], "
-        f"valid: ['{demo_corpus}/sports/valid-*.jsonl.gz']}}]",
+        one_domain(demo_corpus),
         # valid = test = the training slice: the metric then measures learning on the data it saw
         f"finetune.tasks=[{{name: which, domain: sports, train: ['{data}'], valid: ['{data}'], test: ['{data}']}}]",
         "finetune.seeds=[0, 1]", "finetune.epochs=4", "finetune.batch_size=8", "finetune.micro_batch_size=4",

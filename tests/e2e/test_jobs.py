@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_ports, tiny_overrides
+from tests.conftest import REPO, free_ports, one_domain, tiny_overrides
 
 pytestmark = [pytest.mark.e2e]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -80,8 +80,7 @@ def test_the_demo_runs_as_a_job_and_joins_the_head(head, demo_corpus, tmp_path):
     out = tmp_path / "jobs"
     overrides = tiny_overrides(demo_corpus, out, arch="gpt2", steps=6) + ["run_name=job", "scaling.num_workers=1",
         # one domain: the job's entry point and its cluster are the point here, not the chain of stages
-        f"data.domains=[{{name: sports, train: ['{demo_corpus}/sports/train-*.jsonl.gz'], "
-        f"valid: ['{demo_corpus}/sports/valid-*.jsonl.gz']}}]"]
+        one_domain(demo_corpus)]
     sub_id = f"ray-lifelong-test-{secrets.token_hex(4)}"
     for _ in range(20):  # the head's job agent starts a little after its Jobs API answers
         submitted = job(head, "submit", "--no-wait", "--submission-id", sub_id, "--working-dir", str(REPO),

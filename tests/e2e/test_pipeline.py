@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, one_domain, tiny_overrides
 
 pytestmark = [pytest.mark.e2e]
 
@@ -140,8 +140,7 @@ def test_ki_command_runs_teacher_student_and_baseline(demo_corpus, tmp_path):
         "run_name=kt", "ray.num_cpus=4", "train.eval_every=2", "ki.teacher_steps=4", "scaling.num_workers=1",
         "ki.teacher_model.num_layers=1", "ki.teacher_model.hidden_size=16", "ki.teacher_model.num_heads=2",
         "ki.teacher_model.intermediate_size=32", "ki.inherit.steps=3",
-        f"data.domains=[{{name: sports, train: ['{demo_corpus}/sports/train-*.jsonl.gz'], "
-        f"valid: ['{demo_corpus}/sports/valid-*.jsonl.gz']}}]"]
+        one_domain(demo_corpus)]
     proc = cli("ki", str(REPO / "configs/ki_bert.yaml"), *overrides, timeout=1400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "kt" / "ki_results.json").read_text())

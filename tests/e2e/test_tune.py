@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ray_lifelong.config import load_config
-from tests.conftest import REPO, moto_server, tiny_overrides
+from tests.conftest import REPO, moto_server, one_domain, tiny_overrides
 from tests.e2e.test_pipeline import cli, kill_cli_when
 
 pytestmark = [pytest.mark.e2e]
@@ -21,8 +21,7 @@ def sweep_overrides(demo_corpus: Path, out: Path) -> list[str]:
         "run_name=sw", "ray.num_cpus=4", "train.eval_every=4", "train.checkpoint_every=2", "scaling.num_workers=1",
         "ki.teacher_steps=4", "ki.teacher_model.num_layers=1", "ki.teacher_model.hidden_size=16",
         "ki.teacher_model.num_heads=2", "ki.teacher_model.intermediate_size=32",
-        f"data.domains=[{{name: sports, train: ['{demo_corpus}/sports/train-*.jsonl.gz'], "
-        f"valid: ['{demo_corpus}/sports/valid-*.jsonl.gz']}}]",
+        one_domain(demo_corpus),
         "tune.num_samples=2", "tune.max_concurrent_trials=2", "tune.seed=3",
         # a smaller space than the config's: the demo of the command, not a search
         "tune.space={ki.inherit.steps: {choice: [2, 8]}, train.lr: {loguniform: [1.0e-3, 3.0e-3]}}",

@@ -15,7 +15,7 @@ import pytest
 
 from ray_lifelong.config import load_config
 from ray_lifelong.pipeline import run_lifelong
-from tests.conftest import elle_overrides, tiny_overrides
+from tests.conftest import elle_overrides, one_domain, tiny_overrides
 
 pytestmark = [pytest.mark.ray]
 
@@ -67,8 +67,7 @@ def test_a_stage_resumes_on_a_replacement_node_when_one_of_its_nodes_is_removed(
     # the stage finish before the node's death was noticed
     overrides = tiny_overrides(demo_corpus, tmp_path, steps=24) + SPREAD + [
         "run_name=lost", "train.checkpoint_every=2", "debug.slow_step_s=1.0",
-        f"data.domains=[{{name: sports, train: ['{demo_corpus}/sports/train-*.jsonl.gz'], "
-        f"valid: ['{demo_corpus}/sports/valid-*.jsonl.gz']}}]"]
+        one_domain(demo_corpus)]
     cfg = load_config(None, overrides)
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(res=run_lifelong(cfg)), daemon=True)
