@@ -22,8 +22,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (  # noqa: E402
-    REPO, base_overrides, data_supply, packed_rows, plain_torch_loop, ray_stage, workloads, write)
+from bench.common import (
+    REPO,
+    base_overrides,
+    data_supply,
+    packed_rows,
+    plain_torch_loop,
+    ray_stage,
+    workloads,
+    write,
+)
 
 
 def main() -> None:
@@ -73,9 +81,16 @@ def main() -> None:
     ray.shutdown()
     note = (f"{args.steps} steps of batch 16, first {args.warmup} excluded; torch threads {args.threads}; "
             f"1 Ray Train worker (1 CPU), Ray Data read 0.25 CPU + tokenizer actor 0.25 CPU, 2-core machine.")
+    ratios = [x for r in overhead for x in (r["ray_vs_torch_steps_ratio"], r["ray_streaming_vs_torch_steps_ratio"])]
+    worst_wait = max(r["wait_fraction"] for r in data)
+    overhead_goal = (f"Goal: Ray / plain steps/s >= 0.95 on every workload, pre-tokenized and streaming: "
+                     f"{'met' if min(ratios) >= 0.95 else 'missed'} (lowest {min(ratios):.3f}; one run each, "
+                     f"no spread; the plain loop's before/after rates show the machine's drift).")
+    wait_goal = (f"Goal: the trainer waits under 5% of its step time for data: "
+                 f"{'met' if worst_wait < 0.05 else 'missed'} (highest {worst_wait:.3f}; one run each).")
     write("ray_overhead", {"ray_vs_torch_steps_ratio": min(r["ray_vs_torch_steps_ratio"] for r in overhead),
-                           "goal": ">= 0.95", "note": note, "workloads": overhead},
-          "# Ray Train overhead vs. a plain PyTorch loop\n\n" + note + "\n\n"
+                           "goal": ">= 0.95", "goal_met": min(ratios) >= 0.95, "note": note, "workloads": overhead},
+          "# Ray Train overhead vs. a plain PyTorch loop\n\n" + note + "\n\n" + overhead_goal + "\n\n"
           "Ray: the stage on pre-tokenized rows (Ray Train + ingest overhead alone); Ray streaming: the same "
           "stage while Ray Data reads and tokenizes on the same 2 cores (the plain loop gets its rows for free).\n\n"
           "| workload | plain steps/s (before, after) | Ray steps/s | Ray / plain | Ray streaming steps/s | "
@@ -85,9 +100,9 @@ def main() -> None:
                     f"{r['ray_streaming_steps_per_s']:.2f} | {r['ray_streaming_vs_torch_steps_ratio']:.3f} |"
                     for r in overhead))
     write("data_throughput", {"supply_vs_demand_ratio": min(r["supply_vs_demand_ratio"] for r in data),
-                              "wait_fraction": max(r["wait_fraction"] for r in data), "goal": "wait < 0.05",
+                              "wait_fraction": worst_wait, "goal": "wait < 0.05", "goal_met": worst_wait < 0.05,
                               "note": note, "workloads": data},
-          "# Ray Data supply vs. trainer demand\n\n" + note + " Supply: the pipeline alone, 12,000 rows, start-up included; "
+          "# Ray Data supply vs. trainer demand\n\n" + wait_goal + "\n\n" + note + " Supply: the pipeline alone, 12,000 rows, start-up included; "
           "demand: the plain loop's tokens/s; wait: share of steady-state step time the Ray trainer spent "
           "waiting for its next batch.\n\n"
           "| workload | supply tok/s | demand tok/s | supply / demand | trainer wait fraction | first-batch wait s |\n"

@@ -32,15 +32,15 @@ def workloads(out: Path) -> list[Workload]:
     demo_dir = out / "demo_data"
     demo = Workload("demo (bert 2x64, demo 'sports')", [
         "demo.enabled=true", f"demo.dir={demo_dir}", "demo.domains=[sports]", "demo.train_docs=20000",
-        f"data.domains=[{{name: sports, train: ['{demo_dir}/sports/train-*.jsonl.gz'], "
-        f"valid: ['{demo_dir}/sports/valid-*.jsonl.gz']}}]"])
+        (f"data.domains=[{{name: sports, train: ['{demo_dir}/sports/train-*.jsonl.gz'], "
+        f"valid: ['{demo_dir}/sports/valid-*.jsonl.gz']}}]")])
     found = [demo]
     if (CORPUS / "wb" / "train.jsonl.gz").exists():
         found.append(Workload("mid-size (bert 4x256, corpus 'wb')", [
             "model.num_layers=4", "model.hidden_size=256", "model.num_heads=4", "model.intermediate_size=1024",
             "data.seq_len=128", "tokenizer.vocab_size=8000", "tokenizer.sample_docs_per_domain=300",
-            f"data.domains=[{{name: wb, train: ['{CORPUS}/wb/train.jsonl.gz'], "
-            f"valid: ['{CORPUS}/wb/valid.jsonl.gz']}}]"]))
+            (f"data.domains=[{{name: wb, train: ['{CORPUS}/wb/train.jsonl.gz'], "
+            f"valid: ['{CORPUS}/wb/valid.jsonl.gz']}}]")]))
     return found
 
 
@@ -278,8 +278,8 @@ def train_curve(model, rows: torch.Tensor, valid: torch.Tensor, masker, *, steps
     """
     from ray_lifelong.distill import inheritance_rate, ki_loss
     from ray_lifelong.models.build import LMObjective, lm_loss
-    from ray_lifelong.stage.step import build_optimizer
     from ray_lifelong.stage.schedule import lr_multiplier
+    from ray_lifelong.stage.step import build_optimizer
 
     obj = LMObjective(model).train()
     opt = optimizer or build_optimizer(model, lr, cfg_train)
@@ -321,14 +321,3 @@ def train_curve(model, rows: torch.Tensor, valid: torch.Tensor, masker, *, steps
             print(f"[{label}] step {step}/{steps} valid {curve[-1]['valid_loss']:.3f} alpha {alpha:.2f} "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
     return curve, opt
-
-
-def cost_to_reach(curve: list[dict], target: float, key: str = "flops") -> float | None:
-    """Cumulative ``key`` (flops or step) at the first evaluation <= target, interpolated linearly (flops.md)."""
-    for a, b in zip(curve, curve[1:]):
-        if b["valid_loss"] <= target:
-            if a["valid_loss"] <= target:
-                return a[key]
-            f = (a["valid_loss"] - target) / (a["valid_loss"] - b["valid_loss"])
-            return a[key] + f * (b[key] - a[key])
-    return None

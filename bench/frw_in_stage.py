@@ -23,8 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, write
-from pretokenize import bench_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, write
+from bench.pretokenize import bench_config
 
 
 def run(checkout: Path, config: Path, work: Path, name: str) -> dict:
@@ -32,7 +34,7 @@ def run(checkout: Path, config: Path, work: Path, name: str) -> dict:
     shutil.rmtree(work / name, ignore_errors=True)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "ray_lifelong", "run", str(config), f"run_name={name}"],
-                          cwd=checkout, env=env, capture_output=True, text=True)
+                          check=False, cwd=checkout, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -47,21 +49,21 @@ def run(checkout: Path, config: Path, work: Path, name: str) -> dict:
 
 
 def table(r: dict) -> str:
-    lines = [f"# FRW inside its stage's Ray Train run ({r['arch']}, {' -> '.join(r['domains'])}, {r['steps']} steps "
+    lines = [(f"# FRW inside its stage's Ray Train run ({r['arch']}, {' -> '.join(r['domains'])}, {r['steps']} steps "
              f"per stage + {r['frw_steps']} FRW steps after each growth; {r['ray_cpus']} Ray CPUs on "
-             f"{r['machine_cpus']} cores)", "",
-             f"Baseline: commit `{r['baseline']}` (FRW a Ray Train run of its own); current: this checkout. "
-             "Runs alternate; each pair ran back to back.", "",
-             "| pair | layout | wall (s) | in Ray Train runs (s) | Ray Train runs | stage walls, FRW included (s) "
-             "| final AP |", "|---|---|---|---|---|---|---|"]
+             f"{r['machine_cpus']} cores)"), "",
+             (f"Baseline: commit `{r['baseline']}` (FRW a Ray Train run of its own); current: this checkout. "
+             "Runs alternate; each pair ran back to back."), "",
+             ("| pair | layout | wall (s) | in Ray Train runs (s) | Ray Train runs | stage walls, FRW included (s) "
+             "| final AP |"), "|---|---|---|---|---|---|---|"]
     for i, p in enumerate(r["pairs"]):
         for layout in ("baseline", "current"):
             m = p[layout]
             lines.append(f"| {i + 1} | {layout} | {m['wall_s']} | {m['in_stages_s']} | {m['ray_train_runs']} | "
                          f"{' / '.join(map(str, m['stage_wall_s']))} | {m['final_AP']} |")
         lines.append(f"| {i + 1} | ratio baseline / current | **{p['wall_ratio']}x** | | | | |")
-    lines += ["", f"Mean wall time saved per run: {r['mean_saved_s']} s for {r['growths']} growths "
-                  f"({r['saved_per_growth_s']} s per growth)."]
+    lines += ["", (f"Mean wall time saved per run: {r['mean_saved_s']} s for {r['growths']} growths "
+                  f"({r['saved_per_growth_s']} s per growth).")]
     return "\n".join(lines)
 
 

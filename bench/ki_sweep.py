@@ -29,7 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import CORPUS, REPO, cost_to_reach, write  # noqa: E402
+from bench.common import CORPUS, REPO, write
+from ray_lifelong.savings import cost_to_reach, saved_fraction
 
 
 def sweep_overrides(arch: str, work: Path, steps: int, samples: int, teacher_steps: int) -> list[str]:
@@ -44,13 +45,13 @@ def sweep_overrides(arch: str, work: Path, steps: int, samples: int, teacher_ste
         f"train.steps={steps}", "train.batch_size=16", "train.micro_batch_size=16", "train.lr=1.0e-3",
         f"train.eval_every={steps // 6}", f"train.log_every={steps // 6}", f"train.checkpoint_every={steps // 3}",
         "scaling.num_workers=1", "scaling.cpus_per_worker=0.5", "ray.num_cpus=4",
-        "ki.teacher_model={num_layers: 2, hidden_size: 128, num_heads: 2, intermediate_size: 512, "
-        "max_position_embeddings: 128}", f"ki.teacher_steps={teacher_steps}",
+        ("ki.teacher_model={num_layers: 2, hidden_size: 128, num_heads: 2, intermediate_size: 512, "
+        "max_position_embeddings: 128}"), f"ki.teacher_steps={teacher_steps}",
         f"tune.num_samples={samples}", "tune.max_concurrent_trials=2", "tune.scheduler=asha", "tune.grace_period=2",
         "tune.reduction_factor=2", "tune.seed=0",
-        "tune.space={ki.inherit.schedule: {choice: [linear, step, constant, cosine]}, "
+        ("tune.space={ki.inherit.schedule: {choice: [linear, step, constant, cosine]}, "
         f"ki.inherit.steps: {{choice: {ki_steps}}}, ki.inherit.alpha0: {{uniform: [0.25, 1.0]}}, "
-        "ki.inherit.temperature: {choice: [1.0, 2.0]}}",
+        "ki.inherit.temperature: {choice: [1.0, 2.0]}}"),
     ]
 
 
@@ -59,6 +60,27 @@ def curve(results: dict) -> list[dict]:
     stage = results["stages"][0]
     dom = results["domains"][0]
     return [{"step": e["step"], "valid_loss": math.log(e["ppl"][dom])} for e in stage["evals"]]
+
+
+def with_flops(c: list[dict], stage: dict, steps: int, values: dict) -> list[dict]:
+    """The curve with cumulative FLOPs at each validation: the stage's training FLOPs spread evenly over its
+    steps, and its teacher FLOPs over the steps where the teacher ran (``teacher_needed``: every step for
+    ``constant``, whose rate ignores ``ki.inherit.steps``; the first N_KI steps for the others)."""
+    from ray_lifelong.distill import teacher_needed
+
+    schedule = values.get("ki.inherit.schedule")
+    active = [schedule is not None and teacher_needed(k, schedule=schedule, steps=values["ki.inherit.steps"],
+                                                      alpha0=values.get("ki.inherit.alpha0", 1.0))
+              for k in range(steps)]
+    per_teacher_step = stage["teacher_flops"] / max(1, sum(active))
+    return [{**p, "flops": stage["train_flops"] * p["step"] / steps + per_teacher_step * sum(active[:p["step"]])}
+            for p in c]
+
+
+def n_ki_shown(values: dict, steps: int) -> str:
+    """N_KI as it acted: the constant schedule keeps alpha0 for every step whatever ``ki.inherit.steps`` says."""
+    n = values.get("ki.inherit.steps")
+    return f"{steps} (constant ignores {n})" if values.get("ki.inherit.schedule") == "constant" else str(n)
 
 
 def main() -> None:
@@ -108,12 +130,16 @@ def main() -> None:
     runs["no_ki"] = run_lifelong(plain, resume=True)
 
     target = curve(runs["no_ki"])[-1]["valid_loss"]
+    shown = {"best": summary["best_params"], "paper": refs["paper"], "no_ki": {}}
+    curves = {name: with_flops(curve(r), r["stages"][0], args.steps, shown[name]) for name, r in runs.items()}
+    ref_steps, ref_flops = (cost_to_reach(curves["no_ki"], target, key=k) for k in ("step", "flops"))
     rows = {}
     for name, r in runs.items():
-        c = curve(r)
+        c = curves[name]
         steps_to = cost_to_reach(c, target, key="step")
         rows[name] = {"final_valid_loss": c[-1]["valid_loss"], "steps_to_no_ki_final": steps_to,
-                      "saved_vs_no_ki": None if steps_to is None else 1 - steps_to / args.steps,
+                      "saved_vs_no_ki": saved_fraction(steps_to, ref_steps),
+                      "saved_flops_vs_no_ki": saved_fraction(cost_to_reach(c, target, key="flops"), ref_flops),
                       "teacher_flops": r["stages"][0]["teacher_flops"], "train_flops": r["stages"][0]["train_flops"],
                       "curve": c}
     best, paper = rows["best"], rows["paper"]
@@ -131,26 +157,31 @@ def main() -> None:
         return "never" if x is None else f"{x:.1%}"
 
     lines = [f"# KI schedule sweep on the corpus ({args.arch}, wb)", "",
-             f"Teacher 2 x 128 ({args.teacher_steps} steps), student 4 x 256, {args.steps} steps, batch 16 x 128; "
+             (f"Teacher 2 x 128 ({args.teacher_steps} steps), student 4 x 256, {args.steps} steps, batch 16 x 128; "
              f"ASHA over {args.samples} trials (schedule, inheritance steps, alpha0, T), each a Ray Train stage "
-             f"(`ray-lifelong tune`, configs/tune_ki.yaml on the corpus); sweep wall {sweep_s / 60:.0f} min on 2 cores.",
+             f"(`ray-lifelong tune`, configs/tune_ki.yaml on the corpus); sweep wall {sweep_s / 60:.0f} min on 2 cores."),
              "", "| trial | schedule | N_KI | alpha0 | T | final valid loss | finished |", "|---|---|---|---|---|---|---|"]
     for t in summary["trials"]:
         loss = t.get("valid_loss")
-        lines.append(f"| {t['trial_id']} | {t.get('ki.inherit.schedule')} | {t.get('ki.inherit.steps')} | "
+        lines.append(f"| {t['trial_id']} | {t.get('ki.inherit.schedule')} | {n_ki_shown(t, args.steps)} | "
                      f"{float(t.get('ki.inherit.alpha0')):.2f} | {t.get('ki.inherit.temperature')} | "
                      f"{'-' if loss is None else f'{float(loss):.4f}'} | {t['finished']} |")
-    lines += ["", "Same teacher, tokenizer, data order and seed for the three runs below; the saving is the share of "
-              f"the {args.steps} steps not needed to reach the no-KI student's final validation loss.", "",
-              "| run | values | final valid loss | steps to no-KI's final loss | saved |", "|---|---|---|---|---|"]
-    shown = {"best": summary["best_params"], "paper": refs["paper"], "no_ki": {}}
+    lines += ["", ("Same teacher, tokenizer, data order and seed for the three runs below; the saving is the share of "
+              f"the no-KI student's steps (and FLOPs, the teacher's forward charged) to its own final validation "
+              f"loss that a run does not need (ray_lifelong.savings). The constant schedule keeps alpha0 for all "
+              f"{args.steps} steps: its `steps` value has no effect and its teacher runs throughout."), "",
+              "| run | values | final valid loss | steps to no-KI's final loss | saved (steps) | saved (FLOPs) |",
+              "|---|---|---|---|---|---|"]
     for name in ("best", "paper", "no_ki"):
         r = rows[name]
         vals = ", ".join(f"{k.split('.')[-1]}={v if not isinstance(v, float) else round(v, 3)}"
                          for k, v in shown[name].items()) or "no teacher"
+        if shown[name].get("ki.inherit.schedule") == "constant":
+            vals += " (steps ignored)"
         steps_to = r["steps_to_no_ki_final"]
         lines.append(f"| {name} | {vals} | {r['final_valid_loss']:.4f} | "
-                     f"{'never' if steps_to is None else f'{steps_to:.0f}'} | {pct(r['saved_vs_no_ki'])} |")
+                     f"{'never' if steps_to is None else f'{steps_to:.0f}'} | {pct(r['saved_vs_no_ki'])} | "
+                     f"{pct(r['saved_flops_vs_no_ki'])} |")
     gain = verdict["steps_saved_over_paper"]
     lines += ["", f"Verdict: the sweep {'found' if verdict['sweep_found_better'] else 'did not find'} a better schedule "
               f"than the paper's default: final loss {verdict['final_loss_gain_over_paper']:+.4f} nats in its favour, "

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import time
 from pathlib import Path
 
-from common import CORPUS, REPO, write
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import CORPUS, REPO, write
 
 
 def stream_part(cfg, tok_dir: str, work: Path, domain: str) -> dict:
@@ -98,36 +101,36 @@ def bench_config(arch: str, work: Path, domains: list[str], extra: list[str]):
 
 def table(r: dict) -> str:
     s = r["stream"]
-    lines = [f"# data.pretokenize on the CPU ({r['arch']}, vocab {r['vocab_size']}, seq {r['seq_len']}; "
-             f"{r['ray_cpus']} Ray CPUs on {r['machine_cpus']} cores)", "",
-             f"## Stream: domain `{s['domain']}` ({s['rows']} sequences, {s['tokens'] / 1e6:.2f} M tokens), "
-             "read like a worker (batches of 64), two epochs", "",
+    lines = [(f"# data.pretokenize on the CPU ({r['arch']}, vocab {r['vocab_size']}, seq {r['seq_len']}; "
+             f"{r['ray_cpus']} Ray CPUs on {r['machine_cpus']} cores)"), "",
+             (f"## Stream: domain `{s['domain']}` ({s['rows']} sequences, {s['tokens'] / 1e6:.2f} M tokens), "
+             "read like a worker (batches of 64), two epochs"), "",
              "| source | epoch 1 (s) | epoch 2 (s) | first batch, epoch 1 / 2 (s) | tokens/s |", "|---|---|---|---|---|"]
     for name, key in (("text files (tokenizer actors)", "text"), ("packed Parquet", "packed")):
         e = s[key]
         lines.append(f"| {name} | {e[0]['epoch_s']} | {e[1]['epoch_s']} | {e[0]['first_batch_s']} / "
                      f"{e[1]['first_batch_s']} | {s[key + '_tokens_per_s']:,} |")
-    lines += ["", f"Packing once took {s['pack_once_s']} s; each later epoch is **{s['epoch_speedup']}x** "
-                  "faster to read.", ""]
+    lines += ["", (f"Packing once took {s['pack_once_s']} s; each later epoch is **{s['epoch_speedup']}x** "
+                  "faster to read."), ""]
     lines += [f"## Pipeline: {' -> '.join(r['domains'])}, {r['steps']} steps per stage", "",
-              "ELLE: growth before each new domain, FRW 10 steps (inside the grown stage's Ray Train run), memory sampled after each stage, replay. "
+              ("ELLE: growth before each new domain, FRW 10 steps (inside the grown stage's Ray Train run), memory sampled after each stage, replay. "
               "Joint: every stage trains on all domains so far, fully shuffled (so the text stream tokenizes all "
-              "of them before its first batch). The pretokenized runs' wall time includes packing each domain once.",
-              "", "| method | stream | wall (s) | in stages (s) | outside stages (s) | data wait (s) | Ray Train runs "
-                  "| final AP |", "|---|---|---|---|---|---|---|---|"]
+              "of them before its first batch). The pretokenized runs' wall time includes packing each domain once."),
+              "", ("| method | stream | wall (s) | in stages (s) | outside stages (s) | data wait (s) | Ray Train runs "
+                  "| final AP |"), "|---|---|---|---|---|---|---|---|"]
     for method, p in r["pipeline"].items():
         for mode in ("text", "pretokenized"):
             m = p[mode]
             lines.append(f"| {method} | {mode} | {m['wall_s']} | {m['in_stages_s']} | {m['outside_stages_s']} "
                          f"| {m['data_wait_s']} | {m['ray_train_runs']} | {m['final_AP']} |")
         lines.append(f"| {method} | ratio text / pretokenized | **{p['wall_ratio']}x** | | | | | |")
-    lines += ["", "Reading: packing costs about one read of the domain's text, so it pays back only where a domain "
+    lines += ["", ("Reading: packing costs about one read of the domain's text, so it pays back only where a domain "
                   "is read more than once: later epochs, a joint run's later stages (less data wait above), "
                   "the trials of a sweep or the methods of a benchmark sharing one `packed_path`. A run that "
                   "reads each domain once, for a fraction of an epoch (these 30-step stages read under 4% of "
                   "each domain), gains nothing in wall time. What stays per read is Ray Data's own start "
                   "(a couple of seconds per execution here, the packed epoch's first-batch time above), against "
-                  "a Parquet read of the whole domain in well under a second."]
+                  "a Parquet read of the whole domain in well under a second.")]
     return "\n".join(lines)
 
 

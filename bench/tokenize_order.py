@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, base_overrides, data_supply, workloads, write  # noqa: E402
+from bench.common import REPO, base_overrides, data_supply, workloads, write
 
 VARIANTS = {
     "one actor, one batch in flight (carry in order, shipped)": {"actors": 1, "ray_default": False},
@@ -78,16 +78,16 @@ def main() -> None:
     # the driver writing in stream order, both from the shipped one-actor stream
     writes: dict[str, list[float]] = {"write_parquet (Ray, parallel)": [], "write_in_order (driver, shipped)": []}
     for rep in range(args.write_reps):
-        for name in writes:
-            dest = str(out / f"w{rep}-{len(writes[name])}-{name[:5]}")
+        for name, times in writes.items():
+            dest = str(out / f"w{rep}-{len(times)}-{name[:5]}")
             ds = files_dataset([(0, config(1).data.domains[0])], "train", StreamOptions(tok_dir, "bert", config(1).data))
             t0 = time.perf_counter()
             if name.startswith("write_parquet"):
                 ds.write_parquet(dest)
             else:
                 write_in_order(ds, dest)
-            writes[name].append(time.perf_counter() - t0)
-            print(f"[pack {rep}] {name}: {writes[name][-1]:.1f} s", flush=True)
+            times.append(time.perf_counter() - t0)
+            print(f"[pack {rep}] {name}: {times[-1]:.1f} s", flush=True)
     ray.shutdown()
     ref = statistics.median(rates[list(VARIANTS)[1]])
     rows = [{"variant": name, "median_tokens_per_s": statistics.median(r), "runs": r,

@@ -80,14 +80,11 @@ def curve(result: dict, per_step_flops: float, teacher_per_step: float = 0.0, ki
 
 
 def cost_to_reach(points: list[dict], target: float, key: str) -> float | None:
-    """``key`` (steps or FLOPs) at the first evaluation at or below ``target``, interpolated (flops.md)."""
-    for a, b in zip([{"step": 0, "flops": 0.0, "valid_loss": math.inf}] + points, points):
-        if b["valid_loss"] <= target:
-            if not math.isfinite(a["valid_loss"]) or a["valid_loss"] <= target:
-                return float(b[key] if not math.isfinite(a["valid_loss"]) else a[key])
-            f = (a["valid_loss"] - target) / (a["valid_loss"] - b["valid_loss"])
-            return a[key] + f * (b[key] - a[key])
-    return None
+    """``key`` (steps or FLOPs) at the first evaluation at or below ``target``, interpolated from the one before
+    it; the first evaluation's own cost if it is already there (``ray_lifelong.savings`` states the rule)."""
+    from ray_lifelong.savings import cost_to_reach as rule
+
+    return rule(points, target, key)
 
 
 def compare(cfg: LifelongConfig, results: dict, tok_dir: str) -> dict:
