@@ -76,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tokenizer(cfg, out: str) -> int:
-    from ray_lifelong.pipeline import prepare_demo, train_run_tokenizer
+    from ray_lifelong.data.demo import prepare_demo
+    from ray_lifelong.data.tokenizer import train_config_tokenizer
 
     prepare_demo(cfg)
-    tok = train_run_tokenizer(cfg, Path(out))
+    tok = train_config_tokenizer(cfg, Path(out))
     print(f"tokenizer with {len(tok)} tokens written to {out}")
     return 0
 

@@ -27,14 +27,8 @@ import ray.train
 
 from ray_lifelong.config.load import save_config, to_yaml
 from ray_lifelong.config.schema import LifelongConfig
-from ray_lifelong.data.demo import write_demo_corpus
-from ray_lifelong.data.tokenizer import (
-    load_tokenizer,
-    prompt_tokens,
-    sample_texts,
-    tokenizer_kind,
-    train_tokenizer,
-)
+from ray_lifelong.data.demo import prepare_demo
+from ray_lifelong.data.tokenizer import prepare_tokenizer
 from ray_lifelong.data.memory import keyed_shuffle, memory_uri, read_marker, write_memory
 from ray_lifelong.data.packed import training_rows
 from ray_lifelong.data.stream import StreamOptions, bad_record_log, quiet_ray_data, validation_dataset
@@ -49,31 +43,6 @@ class RunExistsError(RuntimeError):
 
 def run_dir(cfg: LifelongConfig) -> Path:
     return Path(cfg.output_dir) / cfg.run_name
-
-
-def prepare_demo(cfg: LifelongConfig) -> None:
-    if cfg.demo.enabled:
-        write_demo_corpus(cfg.demo.dir, cfg.demo.domains, train_docs=cfg.demo.train_docs,
-                          valid_docs=cfg.demo.valid_docs, shards=cfg.demo.shards, seed=cfg.demo.seed)
-
-
-def prepare_tokenizer(cfg: LifelongConfig, out_dir: Path) -> str:
-    """Use ``tokenizer.path`` or train one on a sample of the domains into ``out_dir`` (once)."""
-    if cfg.tokenizer.path:
-        load_tokenizer(cfg.tokenizer.path)  # fail early with a clear message
-        return cfg.tokenizer.path
-    if not (out_dir / "tokenizer.json").exists():
-        train_run_tokenizer(cfg, out_dir)
-    return str(out_dir)
-
-
-def train_run_tokenizer(cfg: LifelongConfig, out_dir: Path):
-    """Train the config's tokenizer on a sample of its domains, with a prompt token per domain."""
-    tc = cfg.tokenizer
-    return train_tokenizer(sample_texts(cfg.data.domains, tc.sample_docs_per_domain), out_dir,
-                           kind=tokenizer_kind(tc, cfg.model.arch), vocab_size=tc.vocab_size,
-                           prompts=prompt_tokens([d.name for d in cfg.data.domains], tc.reserved_prompt_tokens),
-                           min_frequency=tc.min_frequency)
 
 
 def check_run_start(cfg: LifelongConfig, resume: bool) -> None:

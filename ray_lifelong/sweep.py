@@ -100,6 +100,57 @@ def max_reports(cfg: LifelongConfig) -> int:
     return total
 
 
+def trial_demand(cfg: LifelongConfig) -> dict[str, float]:
+    """What one trial holds while it trains: CPUs for its driver, its Ray Train workers and its data
+    pipeline (a read task and the tokenizer actors, which run beside the workers for the whole stage), and
+    GPUs for its workers (of its largest stage, where domains set their own ``scaling``)."""
+    d = cfg.data
+    stages = [dom.scaling or cfg.scaling for dom in d.domains] or [cfg.scaling]
+    tokenize = 0.0 if d.pretokenize else max(1, d.tokenize_actors) * d.tokenize_num_cpus  # packed rows: reads only
+    return {"driver": cfg.tune.trial_cpus, "workers": max(s.num_workers * s.cpus_per_worker for s in stages),
+            "data": d.read_num_cpus + tokenize,
+            "gpus": max(s.num_workers * s.gpus_per_worker if s.use_gpu else 0.0 for s in stages)}
+
+
+def trials_that_fit(demand: dict[str, float], cpus: float, gpus: float) -> int:
+    """How many trials of ``demand`` the cluster's ``cpus`` and ``gpus`` hold at once."""
+    eps = 1e-9  # 2 CPUs hold two trials of 1.0 even when the parts add up to 1.0000000000000002
+    n = math.floor(cpus / (demand["driver"] + demand["workers"] + demand["data"]) + eps)
+    if demand["gpus"] > 0:
+        n = min(n, math.floor(gpus / demand["gpus"] + eps))
+    return n
+
+
+def concurrency(cfg: LifelongConfig, cpus: float, gpus: float, where: str = "<config>") -> int:
+    """The trials to run at once: ``tune.max_concurrent_trials``, lowered (and said so) to what the cluster
+    holds with each trial's workers *and* data pipeline. More trials than that would start their workers
+    and leave their data tasks no CPU: every trial waits for a first batch for ever.
+
+    Raises:
+        ConfigError: not even one trial fits, or PBT (whose trials must all run together) does not fit.
+    """
+    tu = cfg.tune
+    want = tu.max_concurrent_trials
+    if not tu.fit_to_cluster:
+        return want
+    d = trial_demand(cfg)
+    per = d["driver"] + d["workers"] + d["data"]
+    parts = (f"{per:g} CPUs (driver {d['driver']:g} tune.trial_cpus, workers {d['workers']:g} scaling.*, data "
+             f"{d['data']:g} data.read_num_cpus/tokenize_*)" + (f" and {d['gpus']:g} GPUs" if d["gpus"] else ""))
+    have = f"the cluster has {cpus:g} CPUs" + (f" and {gpus:g} GPUs" if d["gpus"] else "")
+    fit = trials_that_fit(d, cpus, gpus)
+    if fit < 1:
+        raise ConfigError(f"{where}: one trial needs {parts} but {have}: lower those keys or add nodes "
+                          f"(tune.fit_to_cluster=false on a cluster that autoscales)")
+    if tu.scheduler == "pbt" and fit < tu.num_samples:
+        raise ConfigError(f"{where}: tune.scheduler=pbt runs its {tu.num_samples} trials together, each needing {parts}, "
+                          f"but {have} ({fit} fit): lower tune.num_samples or the trial's resources")
+    if fit < want:
+        print(f"[tune] running {fit} trials at a time, not tune.max_concurrent_trials={want}: each needs "
+              f"{parts} and {have}", flush=True)
+    return min(fit, want)
+
+
 # ------------------------------------------------------------------------------------------ the trial
 
 def trial_config(cfg: LifelongConfig, params: dict, *, run_name: str, output_dir: str,
@@ -258,12 +309,15 @@ def check_sweep_start(cfg: LifelongConfig, resume: bool, where: str = "<config>"
 
 def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<config>") -> dict:
     """Run (or, with ``resume``, restore and finish) the sweep of ``cfg``; write and return the results."""
+    import ray
     from ray import tune
 
     from ray_lifelong.pipeline import prepare_demo, prepare_tokenizer, run_dir, run_lifelong
 
     check_space(cfg, where)
     check_sweep_start(cfg, resume, where)
+    resources = ray.cluster_resources()
+    limit = concurrency(cfg, resources.get("CPU", 0.0), resources.get("GPU", 0.0), where)
     cfg = absolute_paths(cfg)
     tu = cfg.tune
     base = run_dir(cfg).resolve()
@@ -297,24 +351,33 @@ def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<confi
     else:
         reports = max_reports(trial_config(cfg, {}, run_name="probe", output_dir=str(base), tokenizer_dir=tok_dir,
                                            teacher_dir=teacher_dir))
-        scheduler = _scheduler(cfg, reports)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"params": {path: dimension(dim) for path, dim in tu.space.items()}},
-            tune_config=tune.TuneConfig(metric=tu.metric, mode=tu.mode, scheduler=scheduler,
-                                        search_alg=_searcher(tu), num_samples=tu.num_samples,
-                                        max_concurrent_trials=tu.max_concurrent_trials),
-            run_config=tune.RunConfig(name="tune", storage_path=storage,  # the experiment at exp_path
-                                      failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)))
+        tuner = new_tuner(cfg, trainable, reports=reports, max_concurrent=limit, storage=storage)
     grid = tuner.fit()
     return write_sweep_results(cfg, grid, base, tokenizer_dir=tok_dir, teacher_dir=teacher_dir)
 
 
-def _searcher(tu):
+def new_tuner(cfg: LifelongConfig, trainable, *, reports: int, max_concurrent: int, storage: str):
+    """The sweep's ``tune.Tuner`` over ``trainable``: the config's space, scheduler and search, at most
+    ``max_concurrent`` trials at a time, its experiment at ``<storage>/tune``."""
+    from ray import tune
+
+    tu = cfg.tune
+    return tune.Tuner(
+        trainable,
+        param_space={"params": {path: dimension(dim) for path, dim in tu.space.items()}},
+        tune_config=tune.TuneConfig(metric=tu.metric, mode=tu.mode, scheduler=_scheduler(cfg, reports),
+                                    search_alg=_searcher(tu, max_concurrent), num_samples=tu.num_samples),
+        run_config=tune.RunConfig(name="tune", storage_path=storage,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)))
+
+
+def _searcher(tu, max_concurrent: int):
+    """The search algorithm, holding the concurrency limit itself: Tune ignores ``max_concurrent_trials``
+    for a variant generator (it only wraps a ``Searcher``) and would start every sample at once."""
     if tu.search == "random":  # random samples (reproducible with tune.seed), grid dimensions expanded
         from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=tu.seed)
+        return BasicVariantGenerator(random_state=tu.seed, max_concurrent=max_concurrent)
     try:
         from ray.tune.search.optuna import OptunaSearch
         import optuna  # noqa: F401
@@ -322,7 +385,7 @@ def _searcher(tu):
         raise ConfigError("tune.search=optuna needs the optuna package (pip install optuna, or the [tune] extra)") from None
     from ray.tune.search import ConcurrencyLimiter
 
-    return ConcurrencyLimiter(OptunaSearch(seed=tu.seed), max_concurrent=tu.max_concurrent_trials)
+    return ConcurrencyLimiter(OptunaSearch(seed=tu.seed), max_concurrent=max_concurrent)
 
 
 def write_sweep_results(cfg: LifelongConfig, grid, base: Path, *, tokenizer_dir: str,

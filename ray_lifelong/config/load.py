@@ -189,6 +189,8 @@ def validate(cfg: LifelongConfig, where: str = "<config>") -> None:
         need(len(d.domains) == 1, "tune.scheduler",
              f"pbt clones trials between segments of one stage: the config has {len(d.domains)} domains, keep one")
         need(tu.search == "random", "tune.search", "pbt draws its own values: use search=random")
+        need(tu.max_concurrent_trials >= tu.num_samples, "tune.max_concurrent_trials",
+             f"pbt compares all its trials at every boundary: run all {tu.num_samples} (tune.num_samples) at once")
         need(tu.perturbation_interval >= 0 and 0 < tu.quantile_fraction <= 0.5, "tune.quantile_fraction",
              "perturbation_interval must be >= 0 and quantile_fraction in (0, 0.5]")
         # a clone continues the same weights, optimizer and data position: only values a running stage can

@@ -335,7 +335,11 @@ class SweepConfig:
     mode: str = "min"
     num_samples: int = 4
     max_concurrent_trials: int = 1
-    """About the cluster's GPUs (or CPUs) divided by one trial's: idle trial drivers otherwise pile up."""
+    """Trials running at once; lowered at the start (with a line saying so) to what the cluster holds, each
+    trial counted with its driver, its workers and its data pipeline's CPUs (see ``fit_to_cluster``)."""
+    fit_to_cluster: bool = True
+    """Check ``max_concurrent_trials`` against the cluster's CPUs and GPUs when the sweep starts. Set false
+    on a cluster that autoscales to the trials' demand (its resources at the start are not its limit)."""
     scheduler: str = "asha"
     """``asha`` (stops poor trials early on the reported metric), ``fifo`` (runs every trial to the end) or
     ``pbt`` (population-based training: at every segment boundary the worst trials continue from the best

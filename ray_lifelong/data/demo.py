@@ -134,3 +134,10 @@ def write_demo_corpus(
                 paths.append(str(path))
             out[domain][split] = paths
     return out
+
+
+def prepare_demo(cfg) -> None:
+    """Write the config's demo corpus (``demo.enabled``) where its domains read it; an existing one is kept."""
+    if cfg.demo.enabled:
+        write_demo_corpus(cfg.demo.dir, cfg.demo.domains, train_docs=cfg.demo.train_docs,
+                          valid_docs=cfg.demo.valid_docs, shards=cfg.demo.shards, seed=cfg.demo.seed)

@@ -101,14 +101,14 @@ def write_memory(ds, uri: str, *, fraction: float, max_sequences: int | None, se
     return record
 
 
-def memory_dataset(uris: list[str]):
-    """The rows ``{input_ids, domain_id}`` of the given memories, as one dataset."""
+def memory_dataset(uris: list[str], num_cpus: float = 1.0):
+    """The rows ``{input_ids, domain_id}`` of the given memories, as one dataset (``num_cpus`` per read task)."""
     import ray.data
 
     missing = [u for u in uris if read_marker(u) is None]
     if missing:
         raise FileNotFoundError(f"replay memories {missing} are missing or incomplete (no {MARKER})")
-    return ray.data.read_parquet(uris, file_extensions=["parquet"])
+    return ray.data.read_parquet(uris, file_extensions=["parquet"], num_cpus=num_cpus)
 
 
 def replay_count(rows: int, ratio: float, gen: torch.Generator) -> int:

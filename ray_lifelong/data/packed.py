@@ -99,14 +99,15 @@ def pack_domain(index: int, dom: DomainConfig, opts: StreamOptions, root: str, *
     return record
 
 
-def packed_dataset(records: list[dict]):
-    """The packed rows ``{input_ids, domain_id}`` of the given domains, in their packing order."""
+def packed_dataset(records: list[dict], num_cpus: float = 1.0):
+    """The packed rows ``{input_ids, domain_id}`` of the given domains, in their packing order; each read
+    task takes ``num_cpus`` (``data.read_num_cpus``, as the text reads)."""
     import ray.data
 
     missing = [r["uri"] for r in records if markers.read_marker(r["uri"], MARKER) is None]
     if missing:
         raise FileNotFoundError(f"packed domains {missing} are missing or incomplete (no {MARKER})")
-    return ray.data.read_parquet([r["uri"] for r in records], file_extensions=["parquet"])
+    return ray.data.read_parquet([r["uri"] for r in records], file_extensions=["parquet"], num_cpus=num_cpus)
 
 
 def training_rows(domains: list[tuple[int, DomainConfig]], opts: StreamOptions, *, prompts: bool,
@@ -115,4 +116,5 @@ def training_rows(domains: list[tuple[int, DomainConfig]], opts: StreamOptions, 
     from the packed domains under ``packed_root`` (each packed on first use)."""
     if not opts.data.pretokenize:
         return files_dataset(domains, "train", opts, log=log, prompts=prompts)
-    return packed_dataset([pack_domain(i, dom, opts, packed_root, prompts=prompts, log=log) for i, dom in domains])
+    return packed_dataset([pack_domain(i, dom, opts, packed_root, prompts=prompts, log=log) for i, dom in domains],
+                          num_cpus=opts.data.read_num_cpus)

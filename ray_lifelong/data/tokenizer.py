@@ -11,8 +11,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from ray_lifelong.config.schema import DomainConfig, TokenizerConfig
+from ray_lifelong.config.schema import DomainConfig, LifelongConfig, TokenizerConfig
 from ray_lifelong.data.sources import iter_documents, resolve_sources
+from ray_lifelong.data.wordpiece import PREFIX, count_words, train_wordpiece_vocab
 
 BERT_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
                  "sep_token": "[SEP]", "mask_token": "[MASK]"}
@@ -43,7 +44,8 @@ def train_tokenizer(
     prompts: list[str],
     min_frequency: int = 2,
 ):
-    """Train a WordPiece (BERT-style) or byte-level BPE (GPT-2-style) tokenizer and save it.
+    """Train a WordPiece (BERT-style) or byte-level BPE (GPT-2-style) tokenizer and save it. The same
+    texts and settings give the same ``tokenizer.json``, in any process.
 
     Returns:
         The loaded Hugging Face tokenizer of ``out_dir``.
@@ -52,14 +54,16 @@ def train_tokenizer(
     from transformers import PreTrainedTokenizerFast
 
     if kind == "wordpiece":
-        specials = list(BERT_SPECIALS.values())
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-                                            special_tokens=specials + prompts)
-        tok.train_from_iterator(texts, trainer=trainer)
+        specials = list(BERT_SPECIALS.values()) + prompts
+        normalizer = normalizers.BertNormalizer(lowercase=True)
+        pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        # our own trainer, not tokenizers' WordPieceTrainer: that one breaks ties in hash-map order, so the
+        # same sample gave a different vocabulary each time (see data/wordpiece.py)
+        vocab = train_wordpiece_vocab(count_words(texts, normalizer, pre_tokenizer), vocab_size=vocab_size,
+                                      specials=specials, min_frequency=min_frequency)
+        tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix=PREFIX))
+        tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
+        tok.add_special_tokens(specials)
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -115,3 +119,22 @@ def sample_texts(domains: list[DomainConfig], docs_per_domain: int) -> Iterable[
 def special_token_ids(tokenizer) -> list[int]:
     """Ids never selected for MLM masking (specials and prompts)."""
     return sorted(set(tokenizer.all_special_ids))
+
+
+def train_config_tokenizer(cfg: LifelongConfig, out_dir: str | os.PathLike):
+    """Train the config's tokenizer on a sample of its domains, with a prompt token per domain."""
+    tc = cfg.tokenizer
+    return train_tokenizer(sample_texts(cfg.data.domains, tc.sample_docs_per_domain), out_dir,
+                           kind=tokenizer_kind(tc, cfg.model.arch), vocab_size=tc.vocab_size,
+                           prompts=prompt_tokens([d.name for d in cfg.data.domains], tc.reserved_prompt_tokens),
+                           min_frequency=tc.min_frequency)
+
+
+def prepare_tokenizer(cfg: LifelongConfig, out_dir: str | os.PathLike) -> str:
+    """``tokenizer.path``, or the config's tokenizer trained into ``out_dir`` (once: a finished one is kept)."""
+    if cfg.tokenizer.path:
+        load_tokenizer(cfg.tokenizer.path)  # fail early with a clear message
+        return cfg.tokenizer.path
+    if not Path(out_dir, "tokenizer.json").exists():
+        train_config_tokenizer(cfg, out_dir)
+    return str(out_dir)

@@ -54,7 +54,7 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
     if spec.replay_uris:
         from ray_lifelong.data.memory import memory_dataset
 
-        replay = {"replay": memory_dataset(spec.replay_uris)}
+        replay = {"replay": memory_dataset(spec.replay_uris, num_cpus=cfg.data.read_num_cpus)}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},

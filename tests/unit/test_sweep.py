@@ -134,3 +134,72 @@ def test_trial_ids_come_from_the_trial_directory():
         == "11cb3_00001"
     assert _trial_id("/x/tune/_trial_a0b1c_00012_12_train_lr=0.001_2026") == "a0b1c_00012"
     assert _trial_id("/x/tune/other") is None
+
+
+def test_a_trial_counts_its_driver_workers_and_data_pipeline():
+    cfg = load_config(TUNE_KI)  # driver 0.25, one worker of 0.25, a read task 0.25 and one tokenizer actor 0.25
+    from ray_lifelong.sweep import trial_demand, trials_that_fit
+
+    d = trial_demand(cfg)
+    assert d == {"driver": 0.25, "workers": 0.25, "data": 0.5, "gpus": 0.0}
+    assert trials_that_fit(d, cpus=2, gpus=0) == 2 and trials_that_fit(d, cpus=1.9, gpus=0) == 1
+    packed = trial_demand(with_values(cfg, {"data.pretokenize": True, "data.tokenize_actors": 3}))
+    assert packed["data"] == 0.25  # packed rows: read tasks, no tokenizer
+    gpu = with_values(cfg, {"scaling.use_gpu": True, "scaling.num_workers": 2, "scaling.gpus_per_worker": 0.5,
+                            "train.micro_batch_size": 8})
+    assert trials_that_fit(trial_demand(gpu), cpus=64, gpus=3) == 3  # one GPU per trial: the GPUs decide
+
+
+def test_the_concurrency_is_lowered_to_what_the_cluster_holds_and_says_so(capsys):
+    from ray_lifelong.sweep import concurrency
+
+    cfg = with_values(load_config(TUNE_KI), {"tune.max_concurrent_trials": 4, "scaling.cpus_per_worker": 0.5})
+    assert concurrency(cfg, cpus=16, gpus=0) == 4 and capsys.readouterr().out == ""
+    assert concurrency(cfg, cpus=2, gpus=0) == 1  # 1.25 CPUs a trial
+    line = capsys.readouterr().out.strip()
+    assert "running 1 trials at a time" in line and "1.25 CPUs" in line and "2 CPUs" in line and "\n" not in line
+    with pytest.raises(ConfigError, match="one trial needs 1.25 CPUs.*has 1 CPUs"):
+        concurrency(cfg, cpus=1, gpus=0)
+    assert concurrency(with_values(cfg, {"tune.fit_to_cluster": False}), cpus=1, gpus=0) == 4  # autoscaling
+    pbt = load_config(TUNE_KI, ["tune.scheduler=pbt", "tune.num_samples=2", "tune.max_concurrent_trials=2",
+                                "scaling.cpus_per_worker=0.5", "tune.space={train.lr: {choice: [1.0e-3, 2.0e-3]}}"])
+    with pytest.raises(ConfigError, match="pbt runs its 2 trials together"):
+        concurrency(pbt, cpus=2, gpus=0)
+
+
+def test_pbt_must_run_all_its_trials_at_once():
+    with pytest.raises(ConfigError, match="tune.max_concurrent_trials"):
+        load_config(TUNE_KI, ["tune.scheduler=pbt", "tune.num_samples=3", "tune.max_concurrent_trials=2",
+                              "tune.space={train.lr: {choice: [1.0e-3, 2.0e-3]}}"])
+
+
+@pytest.mark.ray
+def test_never_more_trials_run_than_the_limit(ray_4cpus, tmp_path):
+    """Four samples, a limit of two, on a cluster with room for four: the sweep's own Tuner starts at most two
+    (Tune ignored max_concurrent_trials for the seeded variant generator and started all four)."""
+    import time
+
+    from ray import tune
+
+    from ray_lifelong.sweep import new_tuner
+
+    cfg = with_values(load_config(TUNE_KI), {"tune.num_samples": 4, "tune.max_concurrent_trials": 2,
+                                             "tune.scheduler": "fifo"})
+    log = tmp_path / "log"
+    log.mkdir()
+
+    def trainable(params):
+        me = tune.get_context().get_trial_id()
+        (log / f"{me}.start").write_text(str(time.time()))
+        time.sleep(3)
+        (log / f"{me}.end").write_text(str(time.time()))
+        tune.report({"valid_loss": params["params"]["train.lr"]})
+
+    tuner = new_tuner(cfg, tune.with_resources(trainable, {"cpu": 0.25}), reports=1, max_concurrent=2,
+                      storage=str(tmp_path / "tune"))
+    assert not tuner.fit().errors
+    spans = [(float((log / f"{t}.start").read_text()), float((log / f"{t}.end").read_text()))
+             for t in {p.stem for p in log.iterdir()}]
+    assert len(spans) == 4
+    running_at = [sum(a <= s < b for a, b in spans) for s, _ in spans]
+    assert max(running_at) == 2  # two at a time: the limit is reached, never passed

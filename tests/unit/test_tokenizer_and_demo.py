@@ -80,3 +80,40 @@ def test_tokenize_pack_udf_layout(tmp_path, corpus, kind, arch):
         assert (rows[:, -1] == tok.sep_token_id).all()
     else:
         assert (rows[:, 0] == pid).all()
+
+
+def test_wordpiece_merges_the_most_frequent_pair_first_and_breaks_ties_by_older_symbols():
+    from ray_lifelong.data.wordpiece import train_wordpiece_vocab
+
+    # pairs: (a,##b) 5+2, (##b,##c) 5, (b,##a) 3, (##b,##a) 2: "ab" first; then (b,##a) 3 beats (##b,##c)'s
+    # remaining 0; with min_frequency 2 the last merge is (ab, ##a) at 2
+    vocab = train_wordpiece_vocab({"abc": 5, "ba": 3, "aba": 2}, vocab_size=100, specials=["[UNK]"])
+    base = ["[UNK]", "a", "b", "c", "##a", "##b", "##c"]  # every character of every word, then its ## form
+    assert list(vocab)[:7] == base and list(vocab.values()) == list(range(len(vocab)))
+    assert list(vocab)[7:] == ["ab", "abc", "ba", "aba"]
+    # a tie (x,##y) 4 vs (y,##x) 4: the pair of lower ids ("x" < "y") merges first
+    tie = train_wordpiece_vocab({"xy": 4, "yx": 4}, vocab_size=100, specials=[])
+    assert list(tie)[4:] == ["xy", "yx"]
+    assert len(train_wordpiece_vocab({"xy": 4, "yx": 4}, vocab_size=5, specials=[])) == 5  # vocab_size caps it
+    assert list(train_wordpiece_vocab({"xy": 1}, vocab_size=100, specials=[], min_frequency=2)) == ["x", "y", "##y"]
+
+
+@pytest.mark.parametrize("config, runs", [("configs/elle_demo.yaml", 5), ("configs/tune_ki.yaml", 2)])
+def test_a_configs_tokenizer_is_the_same_in_every_process(tmp_path, config, runs):
+    """`ray-lifelong tokenizer` in separate processes: one tokenizer.json. tokenizers' own WordPiece trainer
+    broke count ties in a per-process hash order and gave a different vocabulary each time; its byte-level
+    BPE (GPT-2, the second config) is deterministic and stays in use."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    # the config's demo data, written under tmp_path by the first process (its paths are relative)
+    args = [sys.executable, "-m", "ray_lifelong", "tokenizer", str(REPO / config), "demo.train_docs=400"]
+    subprocess.run(args + ["--out", str(tmp_path / "first")], check=True, capture_output=True, cwd=tmp_path)
+    procs = [subprocess.Popen(args + ["--out", str(tmp_path / f"t{i}")], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(runs - 1)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+    outs = ["first"] + [f"t{i}" for i in range(runs - 1)]
+    assert len({(tmp_path / d / "tokenizer.json").read_bytes() for d in outs}) == 1
