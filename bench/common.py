@@ -17,7 +17,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-# BENCH_CORPUS points elsewhere where ../shared is not beside the checkout (e.g. a copy carried to a GPU machine)
+# BENCH_CORPUS points elsewhere where ../shared is not beside the checkout (e.g. a copy carried to a GPU
+# machine)
 CORPUS = Path(os.environ.get("BENCH_CORPUS") or REPO.parent / "shared" / "corpus")
 
 
@@ -30,24 +31,55 @@ class Workload:
 def workloads(out: Path) -> list[Workload]:
     """The demo model on the demo data, and a mid-size model on a real domain (when ../shared exists)."""
     demo_dir = out / "demo_data"
-    demo = Workload("demo (bert 2x64, demo 'sports')", [
-        "demo.enabled=true", f"demo.dir={demo_dir}", "demo.domains=[sports]", "demo.train_docs=20000",
-        (f"data.domains=[{{name: sports, train: ['{demo_dir}/sports/train-*.jsonl.gz'], "
-        f"valid: ['{demo_dir}/sports/valid-*.jsonl.gz']}}]")])
+    demo = Workload(
+        "demo (bert 2x64, demo 'sports')",
+        [
+            "demo.enabled=true",
+            f"demo.dir={demo_dir}",
+            "demo.domains=[sports]",
+            "demo.train_docs=20000",
+            (
+                f"data.domains=[{{name: sports, train: ['{demo_dir}/sports/train-*.jsonl.gz'], "
+                f"valid: ['{demo_dir}/sports/valid-*.jsonl.gz']}}]"
+            ),
+        ],
+    )
     found = [demo]
     if (CORPUS / "wb" / "train.jsonl.gz").exists():
-        found.append(Workload("mid-size (bert 4x256, corpus 'wb')", [
-            "model.num_layers=4", "model.hidden_size=256", "model.num_heads=4", "model.intermediate_size=1024",
-            "data.seq_len=128", "tokenizer.vocab_size=8000", "tokenizer.sample_docs_per_domain=300",
-            (f"data.domains=[{{name: wb, train: ['{CORPUS}/wb/train.jsonl.gz'], "
-            f"valid: ['{CORPUS}/wb/valid.jsonl.gz']}}]")]))
+        found.append(
+            Workload(
+                "mid-size (bert 4x256, corpus 'wb')",
+                [
+                    "model.num_layers=4",
+                    "model.hidden_size=256",
+                    "model.num_heads=4",
+                    "model.intermediate_size=1024",
+                    "data.seq_len=128",
+                    "tokenizer.vocab_size=8000",
+                    "tokenizer.sample_docs_per_domain=300",
+                    (
+                        f"data.domains=[{{name: wb, train: ['{CORPUS}/wb/train.jsonl.gz'], "
+                        f"valid: ['{CORPUS}/wb/valid.jsonl.gz']}}]"
+                    ),
+                ],
+            )
+        )
     return found
 
 
 def base_overrides(out: Path, steps: int, threads: int) -> list[str]:
-    return [f"output_dir={out}", f"train.steps={steps}", "train.batch_size=16", "train.micro_batch_size=16",
-            "train.log_every=5", f"train.checkpoint_every={steps + 1}", f"train.torch_threads={threads}",
-            "data.eval_max_sequences=16", "scaling.num_workers=1", "scaling.cpus_per_worker=1"]
+    return [
+        f"output_dir={out}",
+        f"train.steps={steps}",
+        "train.batch_size=16",
+        "train.micro_batch_size=16",
+        "train.log_every=5",
+        f"train.checkpoint_every={steps + 1}",
+        f"train.torch_threads={threads}",
+        "data.eval_max_sequences=16",
+        "scaling.num_workers=1",
+        "scaling.cpus_per_worker=1",
+    ]
 
 
 def packed_rows(cfg, tok_dir: str, n_rows: int) -> np.ndarray:
@@ -59,9 +91,13 @@ def packed_rows(cfg, tok_dir: str, n_rows: int) -> np.ndarray:
     udf = TokenizePack(tok_dir, cfg.data.seq_len, cfg.model.arch)
     rows: list[np.ndarray] = []
     texts: list[str] = []
+
     def flush() -> None:
-        rows.append(udf({"text": np.array(texts, dtype=object),
-                         "domain_id": np.zeros(len(texts), np.int32)})["input_ids"])
+        rows.append(
+            udf({"text": np.array(texts, dtype=object), "domain_id": np.zeros(len(texts), np.int32)})[
+                "input_ids"
+            ]
+        )
         texts.clear()
 
     for f in resolve_sources(dom.train, "bench"):
@@ -95,7 +131,7 @@ def plain_torch_loop(cfg, tok_dir: str, rows: np.ndarray, steps: int, warmup: in
         if step == warmup:
             t0 = time.perf_counter()
         i = (step * b) % max(1, len(rows) - b)
-        batch = torch.from_numpy(rows[i:i + b].astype(np.int64))
+        batch = torch.from_numpy(rows[i : i + b].astype(np.int64))
         inputs, labels = masker(batch, torch.Generator().manual_seed(step))
         logits, targets = obj(inputs, labels)
         lm_loss(logits, targets).backward()
@@ -118,8 +154,16 @@ def ray_stage(cfg, tok_dir: str, warmup: int, materialize: bool = False) -> dict
     from ray_lifelong.stage.spec import StageSpec, read_tokenizer_files
 
     dom = cfg.data.domains[0]
-    spec = StageSpec(cfg=cfg, index=0, domain=dom.name, eval_domains=[dom.name], steps=cfg.train.steps,
-                     batch_size=cfg.train.batch_size, lr=cfg.train.lr, tokenizer_files=read_tokenizer_files(tok_dir))
+    spec = StageSpec(
+        cfg=cfg,
+        index=0,
+        domain=dom.name,
+        eval_domains=[dom.name],
+        steps=cfg.train.steps,
+        batch_size=cfg.train.batch_size,
+        lr=cfg.train.lr,
+        tokenizer_files=read_tokenizer_files(tok_dir),
+    )
     log = BadRecordLog.remote()
     valid = validation_dataset(cfg.data.domains, StreamOptions(tok_dir, cfg.model.arch, cfg.data), log)
     storage = str(Path(cfg.output_dir) / f"ray-{time.time_ns()}")
@@ -127,16 +171,22 @@ def ray_stage(cfg, tok_dir: str, warmup: int, materialize: bool = False) -> dict
     if materialize:
         train_ds = files_dataset([(0, dom)], "train", StreamOptions(tok_dir, cfg.model.arch, cfg.data))
         train_ds = train_ds.limit((cfg.train.steps + 1) * cfg.train.batch_size).materialize()
-    res = run_stage(spec, tokenizer_dir=tok_dir, storage_path=storage, valid_ds=valid, bad_log=log,
-                    train_ds=train_ds)
+    res = run_stage(
+        spec, tokenizer_dir=tok_dir, storage_path=storage, valid_ds=valid, bad_log=log, train_ds=train_ds
+    )
     hist = [h for h in res.history if h["step"] > warmup]
     first = next(h for h in res.history if h["step"] == warmup)
     span = sum(h["interval_s"] for h in hist)
     steps = hist[-1]["step"] - first["step"]
     wait = hist[-1]["data_wait_s"] - first["data_wait_s"]
-    return {"steps_per_s": steps / span, "tokens_per_s": steps * cfg.train.batch_size * cfg.data.seq_len / span,
-            "steps_timed": steps, "wait_fraction": wait / span, "startup_wait_s": first["data_wait_s"],
-            "stage_wall_s": res.wall_time_s}
+    return {
+        "steps_per_s": steps / span,
+        "tokens_per_s": steps * cfg.train.batch_size * cfg.data.seq_len / span,
+        "steps_timed": steps,
+        "wait_fraction": wait / span,
+        "startup_wait_s": first["data_wait_s"],
+        "stage_wall_s": res.wall_time_s,
+    }
 
 
 def data_supply(cfg, tok_dir: str, min_rows: int) -> dict:
@@ -158,14 +208,17 @@ def data_supply(cfg, tok_dir: str, min_rows: int) -> dict:
             break
     t_q, r_q = next(m for m in marks if m[1] >= rows // 4)
     t_end = marks[-1][0]
-    return {"tokens_per_s": rows * cfg.data.seq_len / (t_end - t_start), "rows": rows,
-            "startup_s": marks[0][0] - t_start,
-            "tokens_per_s_after_first_quarter": (rows - r_q) * cfg.data.seq_len / max(t_end - t_q, 1e-9)}
+    return {
+        "tokens_per_s": rows * cfg.data.seq_len / (t_end - t_start),
+        "rows": rows,
+        "startup_s": marks[0][0] - t_start,
+        "tokens_per_s_after_first_quarter": (rows - r_q) * cfg.data.seq_len / max(t_end - t_q, 1e-9),
+    }
 
 
 def write(name: str, payload: dict, table: str, meta: dict | None = None) -> None:
     """``<name>.json`` and ``<name>.md``. With ``meta`` (goals, setup) the JSON holds ``payload`` exactly, in
-    the layout its issue prescribes (``{arch: {method: ...}}``), and the rest goes to ``<name>.meta.json``."""
+    the agreed layout (``{arch: {method: ...}}``), and the rest goes to ``<name>.meta.json``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     machine = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__}}
     if meta is None:
@@ -186,15 +239,25 @@ def write(name: str, payload: dict, table: str, meta: dict | None = None) -> Non
 def corpus_setup(arch: str, out: Path, domain: str = "wb", vocab_size: int = 4000, seq_len: int = 128):
     """A config, trained tokenizer directory and masker for ``arch`` on one corpus domain."""
     from ray_lifelong.config import load_config
-    from ray_lifelong.data.tokenizer import load_tokenizer
-    from ray_lifelong.pipeline import prepare_tokenizer
+    from ray_lifelong.data.tokenizer import load_tokenizer, prepare_tokenizer
     from ray_lifelong.stage.step import Masker
 
-    dom = (f"{{name: {domain}, train: ['{CORPUS}/{domain}/train.jsonl.gz'], "
-           f"valid: ['{CORPUS}/{domain}/valid.jsonl.gz']}}")
-    cfg = load_config(REPO / "configs/demo.yaml", [
-        "demo.enabled=false", f"data.domains=[{dom}]", f"model.arch={arch}", f"data.seq_len={seq_len}",
-        f"tokenizer.vocab_size={vocab_size}", "tokenizer.sample_docs_per_domain=300", f"output_dir={out}"])
+    dom = (
+        f"{{name: {domain}, train: ['{CORPUS}/{domain}/train.jsonl.gz'], "
+        f"valid: ['{CORPUS}/{domain}/valid.jsonl.gz']}}"
+    )
+    cfg = load_config(
+        REPO / "configs/demo.yaml",
+        [
+            "demo.enabled=false",
+            f"data.domains=[{dom}]",
+            f"model.arch={arch}",
+            f"data.seq_len={seq_len}",
+            f"tokenizer.vocab_size={vocab_size}",
+            "tokenizer.sample_docs_per_domain=300",
+            f"output_dir={out}",
+        ],
+    )
     tok_dir = prepare_tokenizer(cfg, out / f"tok-{arch}")
     tok = load_tokenizer(tok_dir)
     return cfg, tok_dir, tok, Masker(tok, cfg.data.mlm_probability, arch)
@@ -218,25 +281,32 @@ def small_model(arch: str, vocab: int, layers: int, hidden: int, *, seq_len: int
     from ray_lifelong.models.build import build_model
 
     torch.manual_seed(seed)
-    return build_model(ModelConfig(arch=arch, num_layers=layers, hidden_size=hidden, num_heads=max(1, hidden // 64),
-                                   intermediate_size=4 * hidden, max_position_embeddings=seq_len, dropout=0.0),
-                       vocab, seed=seed)
+    return build_model(
+        ModelConfig(
+            arch=arch,
+            num_layers=layers,
+            hidden_size=hidden,
+            num_heads=max(1, hidden // 64),
+            intermediate_size=4 * hidden,
+            max_position_embeddings=seq_len,
+            dropout=0.0,
+        ),
+        vocab,
+        seed=seed,
+    )
 
 
-def train_flops_per_step(model, seq_len: int, batch: int, mlm_probability: float = 0.15,
-                         forward_only: bool = False) -> float:
+def train_flops_per_step(
+    model, seq_len: int, batch: int, mlm_probability: float = 0.15, forward_only: bool = False
+) -> float:
     """flops.md: training = 3 x forward; a frozen teacher costs its forward only."""
-    from ray_lifelong.flops import forward_flops_per_sequence, logit_positions
+    from ray_lifelong.flops import sequence_flops
     from ray_lifelong.growth import model_sizes
     from ray_lifelong.models.build import model_arch
 
-    s = model_sizes(model)
-    arch = model_arch(model)
-    fwd = batch * forward_flops_per_sequence(num_layers=s["num_hidden_layers"], hidden=s["hidden_size"],
-                                             ffn=s["intermediate_size"], vocab=model.config.vocab_size,
-                                             seq_len=seq_len, logit_positions=logit_positions(arch, seq_len,
-                                                                                              mlm_probability))
-    return fwd if forward_only else 3.0 * fwd
+    per_seq = sequence_flops(model_sizes(model), vocab=model.config.vocab_size, seq_len=seq_len,
+                             arch=model_arch(model), mlm_probability=mlm_probability, train=not forward_only)
+    return batch * per_seq
 
 
 @torch.no_grad()
@@ -247,7 +317,7 @@ def valid_loss(model, valid: torch.Tensor, masker) -> float:
     obj = LMObjective(model).eval()
     tot, n = 0.0, 0
     for i in range(0, len(valid), 32):
-        inputs, labels = masker(valid[i:i + 32], None, fixed=True)
+        inputs, labels = masker(valid[i : i + 32], None, fixed=True)
         logits, targets = obj(inputs, labels)
         tot += float(lm_loss(logits, targets, reduction="sum"))
         n += targets.numel()
@@ -258,6 +328,7 @@ def valid_loss(model, valid: torch.Tensor, masker) -> float:
 @dataclass
 class KISetting:
     """Distil from ``teacher`` with the KI loss while the inheritance rate is above 0."""
+
     teacher: torch.nn.Module
     schedule: str = "linear"
     steps: int = 300
@@ -266,9 +337,24 @@ class KISetting:
     top_k: int | None = None
 
 
-def train_curve(model, rows: torch.Tensor, valid: torch.Tensor, masker, *, steps: int, batch: int, lr: float,
-                cfg_train, eval_every: int, offset_step: int = 0, offset_flops: float = 0.0, optimizer=None,
-                schedule: tuple[int, int] | None = None, ki: KISetting | None = None, label: str = ""):
+def train_curve(
+    model,
+    rows: torch.Tensor,
+    valid: torch.Tensor,
+    masker,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    cfg_train,
+    eval_every: int,
+    offset_step: int = 0,
+    offset_flops: float = 0.0,
+    optimizer=None,
+    schedule: tuple[int, int] | None = None,
+    ki: KISetting | None = None,
+    label: str = "",
+):
     """Train ``model`` for ``steps`` on ``rows`` (batch i = rows of step i, the same order for every run);
     return (eval curve, optimizer). Each curve point: step, cumulative FLOPs (teacher forward included),
     validation loss, and for KI the rate alpha.
@@ -298,7 +384,7 @@ def train_curve(model, rows: torch.Tensor, valid: torch.Tensor, masker, *, steps
     for step in range(1, steps + 1):
         g = offset_step + step
         i = (g * batch) % (len(rows) - batch)
-        inputs, labels = masker(rows[i:i + batch], torch.Generator().manual_seed(g))
+        inputs, labels = masker(rows[i : i + batch], torch.Generator().manual_seed(g))
         logits, targets = obj(inputs, labels)
         alpha = 0.0
         if ki is not None:
@@ -317,7 +403,12 @@ def train_curve(model, rows: torch.Tensor, valid: torch.Tensor, masker, *, steps
         opt.zero_grad(set_to_none=True)
         flops += fps
         if step % eval_every == 0 or step == steps:
-            curve.append({"step": g, "flops": flops, "valid_loss": valid_loss(model, valid, masker), "alpha": alpha})
-            print(f"[{label}] step {step}/{steps} valid {curve[-1]['valid_loss']:.3f} alpha {alpha:.2f} "
-                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+            curve.append(
+                {"step": g, "flops": flops, "valid_loss": valid_loss(model, valid, masker), "alpha": alpha}
+            )
+            print(
+                f"[{label}] step {step}/{steps} valid {curve[-1]['valid_loss']:.3f} alpha {alpha:.2f} "
+                f"({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
     return curve, opt

@@ -1,4 +1,4 @@
-"""ELLE against the lifelong baselines on the real five-domain stream (issue 5), in the real pipeline.
+"""ELLE against the lifelong baselines on the real five-domain stream, in the real pipeline.
 
     python bench/elle_stream.py [--arch bert gpt2] [--steps 150] [--methods ...] [--resume]
 
@@ -35,7 +35,9 @@ FLOP_MATCHED = ["naive", "er", "logit_kd", "joint", "elle_no_growth"]  # steps f
 METHODS = ELLE_FIRST + ["scratch_large"] + FLOP_MATCHED
 EXTRA: list[str] = []  # --set key=value overrides for every run (smoke tests, other budgets)
 OWN_MEMORY = False  # --own-memory: each method writes its own replay memory (methods side by side)
-BASE = "configs/elle_stream_{arch}.yaml"  # --base: the base config ({arch} filled in), e.g. the GPU schedule's
+BASE = (
+    "configs/elle_stream_{arch}.yaml"  # --base: the base config ({arch} filled in), e.g. the GPU schedule's
+)
 
 
 def base_config(arch: str) -> Path:
@@ -50,11 +52,19 @@ def overrides(arch: str, out: Path, tok_dir: str | None, steps: list[int], domai
     doms = []
     for name, n in zip(domains, steps):
         g = grows.get(name)
-        grow = "" if g is None else (f", grow: {{num_layers: {g.num_layers}, hidden_size: {g.hidden_size}, "
-                                     f"intermediate_size: {g.intermediate_size}, depth_init: {g.depth_init}, "
-                                     f"noise_std: {g.noise_std}, optimizer: {g.optimizer}}}")
-        doms.append(f"{{name: {name}, steps: {n}, train: ['{CORPUS}/{name}/train.jsonl.gz'], "
-                    f"valid: ['{CORPUS}/{name}/valid.jsonl.gz']{grow}}}")
+        grow = (
+            ""
+            if g is None
+            else (
+                f", grow: {{num_layers: {g.num_layers}, hidden_size: {g.hidden_size}, "
+                f"intermediate_size: {g.intermediate_size}, depth_init: {g.depth_init}, "
+                f"noise_std: {g.noise_std}, optimizer: {g.optimizer}}}"
+            )
+        )
+        doms.append(
+            f"{{name: {name}, steps: {n}, train: ['{CORPUS}/{name}/train.jsonl.gz'], "
+            f"valid: ['{CORPUS}/{name}/valid.jsonl.gz']{grow}}}"
+        )
     # model.arch: one base config may serve both architectures (configs/elle_stream_gpu.yaml)
     ov = [f"output_dir={out}", f"model.arch={arch}", f"data.domains=[{', '.join(doms)}]", *EXTRA]
     if tok_dir:
@@ -62,36 +72,49 @@ def overrides(arch: str, out: Path, tok_dir: str | None, steps: list[int], domai
     return ov
 
 
-def run_method(arch: str, method: str, out: Path, tok_dir: str | None, steps: list[int], domains: list[str],
-               resume: bool) -> dict:
+def run_method(
+    arch: str, method: str, out: Path, tok_dir: str | None, steps: list[int], domains: list[str], resume: bool
+) -> dict:
     from ray_lifelong.config import load_config
     from ray_lifelong.pipeline import run_lifelong
 
-    cfg = load_config(base_config(arch),
-                      overrides(arch, out, tok_dir, steps, domains) + [str(REPO / f"configs/methods/{method}.yaml"),
-                                                                       f"run_name={arch}-{method}"])
+    cfg = load_config(
+        base_config(arch),
+        overrides(arch, out, tok_dir, steps, domains)
+        + [str(REPO / f"configs/methods/{method}.yaml"), f"run_name={arch}-{method}"],
+    )
     # a memory depends only on the data, tokenizer, seed and prompts, not on the method: share it, unless
     # methods run side by side (two runs writing one memory at once would race)
     kind = method if OWN_MEMORY else ("prompts" if cfg.continual.prompts else "plain")
     cfg.continual.replay.memory_path = str(out / f"memory-{arch}-{kind}")
     t0 = time.perf_counter()
     res = run_lifelong(cfg, resume=resume)
-    return {"ppl_matrix": res["ppl_matrix"], "AP": res["AP"], "AP_plus": res["AP_plus"],
-            "flops": res["cumulative_flops"], "stage_flops": [s["stage_flops"] for s in res["stages"]],
-            "steps": [s["steps"] + (s["frw"]["steps"] if "frw" in s else 0) for s in res["stages"]],
-            "wall_s": [s["stage_wall_time_s"] for s in res["stages"]], "bench_wall_s": time.perf_counter() - t0,
-            "final_sizes": res["stages"][-1]["model_sizes"], "run_dir": str(out / cfg.run_name)}
+    return {
+        "ppl_matrix": res["ppl_matrix"],
+        "AP": res["AP"],
+        "AP_plus": res["AP_plus"],
+        "flops": res["cumulative_flops"],
+        "stage_flops": [s["stage_flops"] for s in res["stages"]],
+        "steps": [s["steps"] + (s["frw"]["steps"] if "frw" in s else 0) for s in res["stages"]],
+        "wall_s": [s["stage_wall_time_s"] for s in res["stages"]],
+        "bench_wall_s": time.perf_counter() - t0,
+        "final_sizes": res["stages"][-1]["model_sizes"],
+        "run_dir": str(out / cfg.run_name),
+    }
 
 
 def plan(arch: str, method: str, out: Path, tok_dir: str, steps: list[int], domains: list[str]) -> list[dict]:
-    """The steps and training FLOPs per stage that ``method`` will spend with these steps (flops.planned_stages)."""
+    """The steps and training FLOPs per stage that ``method`` will spend with these steps
+    (flops.planned_stages)."""
     from ray_lifelong.config import load_config
     from ray_lifelong.data.tokenizer import load_tokenizer
     from ray_lifelong.flops import planned_stages
     from ray_lifelong.models.build import padded_vocab
 
-    cfg = load_config(base_config(arch), overrides(arch, out, tok_dir, steps, domains)
-                      + [str(REPO / f"configs/methods/{method}.yaml")])
+    cfg = load_config(
+        base_config(arch),
+        overrides(arch, out, tok_dir, steps, domains) + [str(REPO / f"configs/methods/{method}.yaml")],
+    )
     return planned_stages(cfg, padded_vocab(len(load_tokenizer(tok_dir)), cfg.model.vocab_multiple))
 
 
@@ -103,10 +126,12 @@ def flops_per_step(arch: str, domains: list[str], out: Path, tok_dir: str) -> fl
 def prepare_arch_tokenizer(arch: str, out: Path, domains: list[str]) -> str:
     """One tokenizer per architecture, trained once into ``out`` and shared by every method."""
     from ray_lifelong.config import load_config
-    from ray_lifelong.pipeline import prepare_tokenizer
+    from ray_lifelong.data.tokenizer import prepare_tokenizer
 
-    return prepare_tokenizer(load_config(base_config(arch), overrides(arch, out, None, [1] * len(domains), domains)),
-                             out / f"tokenizer-{arch}")
+    return prepare_tokenizer(
+        load_config(base_config(arch), overrides(arch, out, None, [1] * len(domains), domains)),
+        out / f"tokenizer-{arch}",
+    )
 
 
 def prepare_packed(arch: str, out: Path, domains: list[str]) -> None:
@@ -115,8 +140,9 @@ def prepare_packed(arch: str, out: Path, domains: list[str]) -> None:
     from ray_lifelong.config import load_config
     from ray_lifelong.pipeline import pack_domains
 
-    cfg = load_config(base_config(arch), overrides(arch, out, str(out / f"tokenizer-{arch}"), [1] * len(domains),
-                                                   domains))
+    cfg = load_config(
+        base_config(arch), overrides(arch, out, str(out / f"tokenizer-{arch}"), [1] * len(domains), domains)
+    )
     if not cfg.data.pretokenize:
         return
     if not cfg.data.packed_path:
@@ -147,8 +173,10 @@ def run_arch(arch: str, args, out: Path) -> dict:
             elif "elle" in results:
                 ref_flops, ref_steps = results["elle"]["stage_flops"], results["elle"]["steps"]
             else:
-                sys.exit(f"{arch} {method} is matched to the elle run: add elle to the methods (or finish it "
-                         f"first), or match its planned budget (--match planned)")
+                sys.exit(
+                    f"{arch} {method} is matched to the elle run: add elle to the methods (or finish it "
+                    f"first), or match its planned budget (--match planned)"
+                )
         if method in FLOP_MATCHED:
             per_step = flops_per_step(arch, domains, out, tok_dir)
             m_steps = [max(1, round(f / per_step)) for f in ref_flops]
@@ -178,7 +206,14 @@ def save_partial(partial: Path, method: str, result: dict) -> dict:
 
 
 # the methods each goal compares ELLE with; a goal is decided only when every one of them ran
-AP_RIVALS = ("naive", "er", "logit_kd", "scratch_large", "elle_no_growth")  # the baselines (joint: an upper reference)
+# the baselines (joint: an upper reference)
+AP_RIVALS = (
+    "naive",
+    "er",
+    "logit_kd",
+    "scratch_large",
+    "elle_no_growth",
+)
 AP_PLUS_RIVALS = ("naive", "er")
 
 
@@ -186,26 +221,36 @@ def goals(r: dict) -> dict:
     """The goals, checked on the final stage. A goal is ``None`` (undecided) unless ELLE and every method it
     compares with ran: a partial set can neither pass nor fail it.
 
-    - ``elle_lowest_final_AP``: ELLE's final AP below every baseline's (``AP_RIVALS``; the ablations are ELLE's
+    - ``elle_lowest_final_AP``: ELLE's final AP below every baseline's (``AP_RIVALS``; the ablations are
+    ELLE's
       own variants and joint is the upper reference, so neither counts);
     - ``elle_AP_plus_below_naive_and_er``: ELLE forgets less (final AP+) than naive and ER;
-    - with scratch_large: ELLE's final AP against it, ELLE's FLOPs as a share of its, and whether ELLE reaches its
+    - with scratch_large: ELLE's final AP against it, ELLE's FLOPs as a share of its, and whether ELLE
+    reaches its
       AP within 60% of its FLOPs.
     """
+
     def ran(methods) -> bool:
         return "elle" in r and all(m in r for m in methods)
 
-    out = {"elle_lowest_final_AP": (all(r["elle"]["AP"][-1] < r[m]["AP"][-1] for m in AP_RIVALS)
-                                    if ran(AP_RIVALS) else None),
-           "elle_AP_plus_below_naive_and_er": (all(r["elle"]["AP_plus"][-1] < r[m]["AP_plus"][-1]
-                                                   for m in AP_PLUS_RIVALS) if ran(AP_PLUS_RIVALS) else None)}
+    out = {
+        "elle_lowest_final_AP": (
+            all(r["elle"]["AP"][-1] < r[m]["AP"][-1] for m in AP_RIVALS) if ran(AP_RIVALS) else None
+        ),
+        "elle_AP_plus_below_naive_and_er": (
+            all(r["elle"]["AP_plus"][-1] < r[m]["AP_plus"][-1] for m in AP_PLUS_RIVALS)
+            if ran(AP_PLUS_RIVALS)
+            else None
+        ),
+    }
     if ran(["scratch_large"]):
         e, s = r["elle"], r["scratch_large"]
         target = s["AP"][-1]
         out["elle_final_AP_vs_scratch_large"] = [e["AP"][-1], target]
         out["elle_flops_over_scratch_large"] = e["flops"][-1] / s["flops"][-1]
-        out["elle_reaches_scratch_large_AP_within_60pct_flops"] = (e["AP"][-1] <= target and
-                                                                   out["elle_flops_over_scratch_large"] <= 0.6)
+        out["elle_reaches_scratch_large_AP_within_60pct_flops"] = (
+            e["AP"][-1] <= target and out["elle_flops_over_scratch_large"] <= 0.6
+        )
     return out
 
 
@@ -240,8 +285,13 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.5), squeeze=False)
     for ax, (arch, r) in zip(axes[0], results.items()):
         for method, v in r.items():
-            ax.plot([f / 1e12 for f in v["flops"]], v["AP"], marker="o", label=method,
-                    lw=2.5 if method == "elle" else 1)
+            ax.plot(
+                [f / 1e12 for f in v["flops"]],
+                v["AP"],
+                marker="o",
+                label=method,
+                lw=2.5 if method == "elle" else 1,
+            )
         ax.set_xlabel("cumulative training TFLOPs (FRW, replay and teachers included)")
         ax.set_ylabel(f"{arch}: AP (geometric mean PPL over domains seen)")
         ax.set_yscale("log")
@@ -256,22 +306,40 @@ def _series(values) -> str:
 
 
 def table(results: dict, args) -> str:
-    lines = ["# ELLE on the five-domain stream", "",
-             (f"Domains {' -> '.join(args.domains)} (../shared/corpus), {args.steps} steps per stage for ELLE; "
-             f"fixed-size baselines FLOP-matched to ELLE stage by stage; scratch_large token-matched. "
-             f"Configs: {args.base.replace('{arch}', '<arch>')} + configs/methods/<method>.yaml."), ""]
+    lines = [
+        "# ELLE on the five-domain stream",
+        "",
+        (
+            f"Domains {' -> '.join(args.domains)} (../shared/corpus), {args.steps} steps per stage for ELLE; "
+            f"fixed-size baselines FLOP-matched to ELLE stage by stage; scratch_large token-matched. "
+            f"Configs: {args.base.replace('{arch}', '<arch>')} + configs/methods/<method>.yaml."
+        ),
+        "",
+    ]
     for arch, r in results.items():
-        lines += [f"## {arch}", "", "| method | AP per stage | AP+ per stage | final TFLOPs | steps | wall s |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"## {arch}",
+            "",
+            "| method | AP per stage | AP+ per stage | final TFLOPs | steps | wall s |",
+            "|---|---|---|---|---|---|",
+        ]
         for m, v in r.items():
-            lines.append(f"| {m} | {_series(v['AP'])} | {_series(v['AP_plus'])} | {v['flops'][-1] / 1e12:.2f} | "
-                         f"{sum(v['steps'])} | {sum(v['wall_s']):.0f} |")
+            lines.append(
+                f"| {m} | {_series(v['AP'])} | {_series(v['AP_plus'])} | {v['flops'][-1] / 1e12:.2f} | "
+                f"{sum(v['steps'])} | {sum(v['wall_s']):.0f} |"
+            )
         lines += ["", "Goals (one run per method, no spread):", *goal_lines(r), ""]
         for m, v in r.items():  # row i: perplexities after stage i; columns: the domains in stream order
-            lines += [f"{arch} / {m}: perplexity matrix", "", "| after | " + " | ".join(args.domains) + " |",
-                      "|---" * (len(args.domains) + 1) + "|"]
-            lines += [f"| {args.domains[i]} | " + " | ".join(f"{x:.0f}" for x in row) + " |"
-                      for i, row in enumerate(v["ppl_matrix"])]
+            lines += [
+                f"{arch} / {m}: perplexity matrix",
+                "",
+                "| after | " + " | ".join(args.domains) + " |",
+                "|---" * (len(args.domains) + 1) + "|",
+            ]
+            lines += [
+                f"| {args.domains[i]} | " + " | ".join(f"{x:.0f}" for x in row) + " |"
+                for i, row in enumerate(v["ppl_matrix"])
+            ]
             lines.append("")
     lines.append("![AP vs FLOPs](elle_stream_ap.png)")
     return "\n".join(lines)
@@ -285,37 +353,72 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--domains", nargs="+", default=DOMAINS)
     ap.add_argument("--out", default=None, help="work directory (default: a fresh temp dir)")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue interrupted runs and keep the methods already in partial-<arch>.json")
-    ap.add_argument("--rerun", nargs="*", default=[], help="with --resume: train these methods again from scratch")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue interrupted runs and keep the methods already in partial-<arch>.json",
+    )
+    ap.add_argument(
+        "--rerun", nargs="*", default=[], help="with --resume: train these methods again from scratch"
+    )
     ap.add_argument("--name", default="elle_stream")
     ap.add_argument("--set", nargs="*", default=[], help="key=value overrides applied to every run")
-    ap.add_argument("--methods-of", nargs="*", default=[], metavar="ARCH=M1,M2",
-                    help="the methods of one architecture (e.g. bert=elle,naive,er): fewer runs where time is short")
-    ap.add_argument("--base", default=BASE,
-                    help="base config, {arch} filled in where it has one (e.g. configs/elle_stream_gpu.yaml)")
+    ap.add_argument(
+        "--methods-of",
+        nargs="*",
+        default=[],
+        metavar="ARCH=M1,M2",
+        help="the methods of one architecture (e.g. bert=elle,naive,er): fewer runs where time is short",
+    )
+    ap.add_argument(
+        "--base",
+        default=BASE,
+        help="base config, {arch} filled in where it has one (e.g. configs/elle_stream_gpu.yaml)",
+    )
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
-    ap.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto) instead of starting one")
-    ap.add_argument("--match", choices=["run", "planned"], default="run",
-                    help="match the baselines to ELLE's finished run (run) or to the budget its config plans "
-                         "(planned: the same numbers, flops.planned_stages, without waiting for ELLE)")
-    ap.add_argument("--own-memory", action="store_true",
-                    help="each method writes its own replay memory (for invocations running side by side)")
-    ap.add_argument("--prepare-only", action="store_true",
-                    help="train the tokenizers into --out (and under data.pretokenize pack the domains into "
-                         "data.packed_path) and stop, before invocations that run side by side")
-    ap.add_argument("--no-report", action="store_true",
-                    help="train and keep partial-<arch>.json only (parallel invocations; --report-only at the end)")
-    ap.add_argument("--report-only", action="store_true",
-                    help="write the report from the finished runs in --out (partial-<arch>.json), train nothing")
+    ap.add_argument(
+        "--address", default=None, help="join this Ray cluster (e.g. auto) instead of starting one"
+    )
+    ap.add_argument(
+        "--match",
+        choices=["run", "planned"],
+        default="run",
+        help="match the baselines to ELLE's finished run (run) or to the budget its config plans "
+        "(planned: the same numbers, flops.planned_stages, without waiting for ELLE)",
+    )
+    ap.add_argument(
+        "--own-memory",
+        action="store_true",
+        help="each method writes its own replay memory (for invocations running side by side)",
+    )
+    ap.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="train the tokenizers into --out (and under data.pretokenize pack the domains into "
+        "data.packed_path) and stop, before invocations that run side by side",
+    )
+    ap.add_argument(
+        "--no-report",
+        action="store_true",
+        help="train and keep partial-<arch>.json only (parallel invocations; --report-only at the end)",
+    )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the report from the finished runs in --out (partial-<arch>.json), train nothing",
+    )
     args = ap.parse_args()
     args.methods_of = {k: v.split(",") for k, v in (item.split("=", 1) for item in args.methods_of)}
     EXTRA.extend(args.set)
     BASE, OWN_MEMORY = args.base, args.own_memory
     if args.rerun and not args.resume:
         sys.exit("--rerun goes with --resume (without it every method trains from scratch anyway)")
-    if ("elle" not in args.methods and not args.resume and args.match == "run"
-            and set(args.methods) & set(FLOP_MATCHED + ["scratch_large"])):
+    if (
+        "elle" not in args.methods
+        and not args.resume
+        and args.match == "run"
+        and set(args.methods) & set(FLOP_MATCHED + ["scratch_large"])
+    ):
         sys.exit("the FLOP- and token-matched baselines need the elle run: add elle to --methods")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -332,15 +435,30 @@ def main() -> None:
         for arch in args.arch:
             print(f"[bench] {arch} tokenizer: {prepare_arch_tokenizer(arch, out, args.domains)}")
     if args.report_only:  # e.g. after a run that ended before its report, or with fewer methods than planned
-        results = {a: json.loads((out / f"partial-{a}.json").read_text()) for a in args.arch
-                   if (out / f"partial-{a}.json").exists()}
+        results = {
+            a: json.loads((out / f"partial-{a}.json").read_text())
+            for a in args.arch
+            if (out / f"partial-{a}.json").exists()
+        }
         if not results:
             sys.exit(f"no finished runs in {out} (partial-<arch>.json) to report")
-        meta = {"goals": {a: goals(r) for a, r in results.items()}, "setup": {**vars(args), "report_only": True}}
+        meta = {
+            "goals": {a: goals(r) for a, r in results.items()},
+            "setup": {**vars(args), "report_only": True},
+        }
         plot(results, REPO / f"bench/results/{args.name}_ap.png")
-        write(args.name, results, table(results, args).replace("elle_stream_ap.png", f"{args.name}_ap.png"), meta)
+        write(
+            args.name,
+            results,
+            table(results, args).replace("elle_stream_ap.png", f"{args.name}_ap.png"),
+            meta,
+        )
         return
-    env = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_DATA_LOG_LEVEL")}}
+    env = {
+        "env_vars": {
+            k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_DATA_LOG_LEVEL")
+        }
+    }
     if args.address:  # a running cluster shared by several invocations (bench/gpu_elle_stream.sh)
         if args.address != "auto":  # Ray Train's helper actors look the cluster up again: not "auto" where
             env["env_vars"]["RAY_ADDRESS"] = args.address  # other clusters run on the same machine
@@ -357,7 +475,10 @@ def main() -> None:
     results = {arch: run_arch(arch, args, out) for arch in args.arch}
     if args.no_report:
         return
-    meta = {"goals": {a: goals(r) for a, r in results.items()}, "setup": {**vars(args), "wall_s": time.time() - t0}}
+    meta = {
+        "goals": {a: goals(r) for a, r in results.items()},
+        "setup": {**vars(args), "wall_s": time.time() - t0},
+    }
     plot(results, REPO / f"bench/results/{args.name}_ap.png")
     write(args.name, results, table(results, args).replace("elle_stream_ap.png", f"{args.name}_ap.png"), meta)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The ELLE stream at the paper's base growth schedule (6/384 -> 12/768, configs/elle_stream_gpu.yaml)
-# on one GPU machine, both architectures, within one short lease (issue 5's GPU result):
+# on one GPU machine, both architectures, within one short lease:
 #
 #   BENCH_CORPUS=/path/to/corpus OUT=/results/dir bash bench/gpu_elle_stream.sh
 #

@@ -1,4 +1,4 @@
-"""GPU readiness and throughput (issue 7): tokens/s and MFU of the stage's training step on one GPU.
+"""GPU readiness and throughput: tokens/s and MFU of the stage's training step on one GPU.
 
     python bench/gpu_throughput.py [--steps 20] [--warmup 5] [--out bench/results]
 
@@ -70,8 +70,15 @@ def build(arch: str, layers: int, hidden: int, heads: int, ffn: int, vocab: int,
     from ray_lifelong.config import ModelConfig
     from ray_lifelong.models.build import build_model
 
-    cfg = ModelConfig(arch=arch, num_layers=layers, hidden_size=hidden, num_heads=heads, intermediate_size=ffn,
-                      max_position_embeddings=max(seq, 512), dropout=0.0)
+    cfg = ModelConfig(
+        arch=arch,
+        num_layers=layers,
+        hidden_size=hidden,
+        num_heads=heads,
+        intermediate_size=ffn,
+        max_position_embeddings=max(seq, 512),
+        dropout=0.0,
+    )
     return build_model(cfg, vocab, pad_id=0, eos_id=3, seed=seed)
 
 
@@ -81,15 +88,17 @@ def make_batch(arch: str, vocab: int, seq: int, batch: int, gen: torch.Generator
 
     ids = torch.randint(len(SPECIALS), vocab, (batch, seq), generator=gen)
     if arch == "bert":
-        inputs, labels = mlm_mask(ids, mask_id=MASK_ID, vocab_size=vocab, special_ids=SPECIALS, prob=0.15,
-                                  generator=gen)
+        inputs, labels = mlm_mask(
+            ids, mask_id=MASK_ID, vocab_size=vocab, special_ids=SPECIALS, prob=0.15, generator=gen
+        )
         return inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     ids = ids.to(device, non_blocking=True)
     return ids, ids
 
 
-def time_variant(name: str, variant: str, *, steps: int, warmup: int, device, batch_mult: int = 1,
-                 profile: bool = False) -> dict:
+def time_variant(
+    name: str, variant: str, *, steps: int, warmup: int, device, batch_mult: int = 1, profile: bool = False
+) -> dict:
     from ray_lifelong.config import TrainConfig
     from ray_lifelong.distill import ki_loss_parts
     from ray_lifelong.distill.teacher import teacher_logits
@@ -107,7 +116,8 @@ def time_variant(name: str, variant: str, *, steps: int, warmup: int, device, ba
     objective = LMObjective(model).to(device)
     if variant == "bf16+ddp":
         objective = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None)
+            objective, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if variant == "bf16+compile":  # warm-up steps include the compilation
         torch._dynamo.reset()  # a fresh cache per model: no guards or graphs carried over from the last one
         objective = torch.compile(objective)
@@ -131,8 +141,9 @@ def time_variant(name: str, variant: str, *, steps: int, warmup: int, device, ba
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             logits, targets = objective(inputs, labels)
             if teacher is not None:
-                t_logits = teacher_logits({-1: teacher}, inputs, labels, torch.zeros(batch, dtype=torch.long),
-                                          len(targets))
+                t_logits = teacher_logits(
+                    {-1: teacher}, inputs, labels, torch.zeros(batch, dtype=torch.long), len(targets)
+                )
                 loss = ki_loss_parts(logits, t_logits, targets, alpha=0.5, temperature=1.0).total
             else:
                 loss = lm_loss(logits, targets)
@@ -154,11 +165,20 @@ def time_variant(name: str, variant: str, *, steps: int, warmup: int, device, ba
     seconds = (time.perf_counter() - t0) / steps
     train_f, _ = model_flops(arch, layers, hidden, ffn, vocab, seq)
     flops = batch * (train_f + t_fwd)
-    return {"model": name, "variant": variant, "batch": batch, "seq_len": seq, "vocab": vocab,
-            "params": sum(p.numel() for p in model.parameters()), "step_s": seconds,
-            "tokens_per_s": batch * seq / seconds, "tflops_per_s": flops / seconds / 1e12,
-            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan"),
-            "final_loss": float(loss.detach()), **({"top_kernels": kernels} if kernels else {})}
+    return {
+        "model": name,
+        "variant": variant,
+        "batch": batch,
+        "seq_len": seq,
+        "vocab": vocab,
+        "params": sum(p.numel() for p in model.parameters()),
+        "step_s": seconds,
+        "tokens_per_s": batch * seq / seconds,
+        "tflops_per_s": flops / seconds / 1e12,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan"),
+        "final_loss": float(loss.detach()),
+        **({"top_kernels": kernels} if kernels else {}),
+    }
 
 
 def _profile(step, sync, steps: int = 3, top: int = 12) -> list[dict]:
@@ -173,8 +193,15 @@ def _profile(step, sync, steps: int = 3, top: int = 12) -> list[dict]:
     attr = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr, 0), reverse=True)
     total = sum(getattr(e, attr, 0) for e in events) or 1
-    return [{"name": e.key[:90], "ms_per_step": getattr(e, attr, 0) / 1e3 / steps,
-             "share": getattr(e, attr, 0) / total, "calls_per_step": e.count / steps} for e in events[:top]]
+    return [
+        {
+            "name": e.key[:90],
+            "ms_per_step": getattr(e, attr, 0) / 1e3 / steps,
+            "share": getattr(e, attr, 0) / total,
+            "calls_per_step": e.count / steps,
+        }
+        for e in events[:top]
+    ]
 
 
 def growth_check(device, smoke: bool = False) -> dict:
@@ -187,9 +214,20 @@ def growth_check(device, smoke: bool = False) -> dict:
     for arch in ("bert", "gpt2"):
         n, d = (1, 32) if smoke else (6, 384)
         small = build(arch, n, d, d // 64 or 1, 4 * d, 8000, 128).to(device).eval()
-        big = expand(small, num_hidden_layers=2 * n, hidden_size=2 * d, intermediate_size=8 * d,
-                     depth_init="identity").to(device).eval()
-        ids = torch.randint(len(SPECIALS), 8000, (4, 128), generator=torch.Generator().manual_seed(0)).to(device)
+        big = (
+            expand(
+                small,
+                num_hidden_layers=2 * n,
+                hidden_size=2 * d,
+                intermediate_size=8 * d,
+                depth_init="identity",
+            )
+            .to(device)
+            .eval()
+        )
+        ids = torch.randint(len(SPECIALS), 8000, (4, 128), generator=torch.Generator().manual_seed(0)).to(
+            device
+        )
         with torch.no_grad():
             a, b = small(input_ids=ids).logits.float(), big(input_ids=ids).logits.float()
         out[arch] = {"max_logit_error": float((a - b).abs().max()), "logit_scale": float(a.abs().max())}
@@ -216,20 +254,43 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--variants", nargs="*", default=["fp32", "bf16", "bf16+ddp", "bf16+ki"])
-    ap.add_argument("--pad-vocab", type=int, default=1,
-                    help="round every vocabulary up to a multiple of this (tokenizer.pad_vocab_to_multiple_of)")
+    ap.add_argument(
+        "--pad-vocab",
+        type=int,
+        default=1,
+        help="round every vocabulary up to a multiple of this (tokenizer.pad_vocab_to_multiple_of)",
+    )
     ap.add_argument("--batch-mult", type=int, default=1, help="multiply every model's batch")
-    ap.add_argument("--profile", nargs="*", default=[], metavar="VARIANT",
-                    help="also list the top kernels of these variants (torch.profiler, 3 steps)")
+    ap.add_argument(
+        "--profile",
+        nargs="*",
+        default=[],
+        metavar="VARIANT",
+        help="also list the top kernels of these variants (torch.profiler, 3 steps)",
+    )
     ap.add_argument("--name", default="gpu_throughput", help="results file stem")
     ap.add_argument("--skip-checks", action="store_true", help="time only (no growth / KI checks)")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: by device name)")
+    ap.add_argument(
+        "--peak-tflops", type=float, default=None, help="dense bf16 peak (default: by device name)"
+    )
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny models on the CPU (gloo instead of NCCL): checks the script, measures nothing")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny models on the CPU (gloo instead of NCCL): checks the script, measures nothing",
+    )
     args = ap.parse_args()
     for k, (arch, layers, hidden, heads, ffn, vocab, seq, batch) in list(MODELS.items()):
-        MODELS[k] = (arch, layers, hidden, heads, ffn, -(-vocab // args.pad_vocab) * args.pad_vocab, seq, batch)
+        MODELS[k] = (
+            arch,
+            layers,
+            hidden,
+            heads,
+            ffn,
+            -(-vocab // args.pad_vocab) * args.pad_vocab,
+            seq,
+            batch,
+        )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.smoke:
         for k, (arch, *_rest) in list(MODELS.items()):
@@ -237,8 +298,10 @@ def main() -> None:
         device, gpu, peak = torch.device("cpu"), "cpu (smoke)", None
     else:
         if not torch.cuda.is_available():
-            sys.exit("gpu_throughput.py needs a CUDA GPU (torch.cuda.is_available() is False); --smoke runs it on "
-                     "the CPU with tiny models")
+            sys.exit(
+                "gpu_throughput.py needs a CUDA GPU (torch.cuda.is_available() is False); --smoke runs it on "
+                "the CPU with tiny models"
+            )
         device = torch.device("cuda", 0)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # what a user's fp32 run gets on Ampere and later
@@ -246,6 +309,7 @@ def main() -> None:
         peak = args.peak_tflops or peak_tflops(gpu)
 
     import torch.distributed as dist
+
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29512")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
@@ -258,8 +322,15 @@ def main() -> None:
             if variant in ("bf16+ki", "bf16+gelu_new") and MODELS[name][0] != "gpt2":
                 continue
             try:
-                r = time_variant(name, variant, steps=args.steps, warmup=args.warmup, device=device,
-                                 batch_mult=args.batch_mult, profile=variant in args.profile)
+                r = time_variant(
+                    name,
+                    variant,
+                    steps=args.steps,
+                    warmup=args.warmup,
+                    device=device,
+                    batch_mult=args.batch_mult,
+                    profile=variant in args.profile,
+                )
             except Exception as e:  # noqa: BLE001  (report and go on: one failing variant must not hide the others)
                 r = {"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"}
             if peak and "tflops_per_s" in r:
@@ -270,47 +341,86 @@ def main() -> None:
                 torch.cuda.empty_cache()
     checks = {"nccl_all_reduce": float(probe.sum())}
     if not args.skip_checks:
-        checks.update(growth=growth_check(device, args.smoke), ki_bf16=ki_bf16_check(device, 512 if args.smoke else 50257))
+        checks.update(
+            growth=growth_check(device, args.smoke),
+            ki_bf16=ki_bf16_check(device, 512 if args.smoke else 50257),
+        )
     print(json.dumps(checks), flush=True)
     dist.destroy_process_group()
 
     import transformers
-    result = {"gpu": gpu, "peak_bf16_tflops": peak, "torch": torch.__version__,
-              "transformers": transformers.__version__, "cuda": torch.version.cuda,
-              "steps": args.steps, "warmup": args.warmup, "runs": rows, "checks": checks}
+
+    result = {
+        "gpu": gpu,
+        "peak_bf16_tflops": peak,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "runs": rows,
+        "checks": checks,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# GPU throughput of the stage's training step ({gpu})", "",
-             (f"torch {torch.__version__}, transformers {transformers.__version__}, {args.steps} timed steps after "
-             f"{args.warmup} warm-up; MFU against a dense bf16 peak of {peak} TFLOP/s; model FLOPs as in "
-             "flops.md (teacher forward charged for KI)."), "",
-             "| model | variant | batch x seq | step (ms) | tokens/s | TFLOP/s | MFU | peak mem (GiB) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# GPU throughput of the stage's training step ({gpu})",
+        "",
+        (
+            f"torch {torch.__version__}, transformers {transformers.__version__}, {args.steps} timed steps "
+            "after "
+            f"{args.warmup} warm-up; MFU against a dense bf16 peak of {peak} TFLOP/s; model FLOPs as in "
+            "flops.md (teacher forward charged for KI)."
+        ),
+        "",
+        "| model | variant | batch x seq | step (ms) | tokens/s | TFLOP/s | MFU | peak mem (GiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['variant']} | failed: {r['error'][:80]} | | | | | |")
             continue
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "n/a"
-        lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} x {r['seq_len']} | {r['step_s'] * 1e3:.1f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['tflops_per_s']:.1f} | {mfu} | {r['peak_mem_gib']:.1f} |")
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['batch']} x {r['seq_len']} | {r['step_s'] * 1e3:.1f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['tflops_per_s']:.1f} | {mfu} | {r['peak_mem_gib']:.1f} |"
+        )
     mfus = [r["mfu"] for r in rows if "mfu" in r]
     if mfus:
-        lines += ["", (f"Goal: {GOAL_MFU:.0%} MFU: {'met' if max(mfus) >= GOAL_MFU else 'missed'} (best {max(mfus):.1%}; "
-                      f"one timing per variant, no spread).")]
-    lines += ["", f"Checks on the GPU: NCCL all-reduce over one rank "
-              f"({'ok' if checks['nccl_all_reduce'] == 4.0 else 'WRONG'})" + ("." if args.skip_checks else "")]
+        lines += [
+            "",
+            (
+                f"Goal: {GOAL_MFU:.0%} MFU: {'met' if max(mfus) >= GOAL_MFU else 'missed'} (best "
+                f"{max(mfus):.1%}; "
+                f"one timing per variant, no spread)."
+            ),
+        ]
+    lines += [
+        "",
+        f"Checks on the GPU: NCCL all-reduce over one rank "
+        f"({'ok' if checks['nccl_all_reduce'] == 4.0 else 'WRONG'})" + ("." if args.skip_checks else ""),
+    ]
     if not args.skip_checks:
         g = checks["growth"]
-        lines[-1] += (f"; growth 6x384 -> 12x768 max logit error BERT {g['bert']['max_logit_error']:.1e}, GPT-2 "
-                      f"{g['gpt2']['max_logit_error']:.1e} (float32); KI loss on bf16 logits vs float32: relative "
-                      f"error {checks['ki_bf16']['rel_error']:.1e}.")
+        lines[-1] += (
+            f"; growth 6x384 -> 12x768 max logit error BERT {g['bert']['max_logit_error']:.1e}, GPT-2 "
+            f"{g['gpt2']['max_logit_error']:.1e} (float32); KI loss on bf16 logits vs float32: relative "
+            f"error {checks['ki_bf16']['rel_error']:.1e}."
+        )
     for r in rows:
         if r.get("top_kernels"):
-            lines += ["", f"Top kernels, {r['model']} {r['variant']} ({r['batch']} x {r['seq_len']}):", "",
-                      "| kernel | ms/step | share | calls/step |", "|---|---|---|---|"]
-            lines += [f"| `{k['name']}` | {k['ms_per_step']:.2f} | {k['share']:.1%} | {k['calls_per_step']:.0f} |"
-                      for k in r["top_kernels"]]
+            lines += [
+                "",
+                f"Top kernels, {r['model']} {r['variant']} ({r['batch']} x {r['seq_len']}):",
+                "",
+                "| kernel | ms/step | share | calls/step |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| `{k['name']}` | {k['ms_per_step']:.2f} | {k['share']:.1%} | {k['calls_per_step']:.0f} |"
+                for k in r["top_kernels"]
+            ]
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

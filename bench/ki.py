@@ -1,4 +1,4 @@
-"""Knowledge Inheritance benchmark (issue 4): compute KI saves on real text, for BERT and GPT-2.
+"""Knowledge Inheritance benchmark: compute KI saves on real text, for BERT and GPT-2.
 
     python bench/ki.py [--arch bert gpt2] [--teacher-steps 3000] [--student-steps 1000] [--work DIR]
 
@@ -54,8 +54,10 @@ def n_ki_rule(baseline: list[dict], teacher_loss: float, steps: int) -> int:
 
 
 def savings(baseline: list[dict], ki: list[dict]) -> dict:
-    """Step- and FLOP-matched savings of KI to reach the baseline's final loss (ray_lifelong.savings's rule; where
-    KI never gets there, ``saved_*`` is the bound 1 - its whole run / the baseline's cost, ``reached_*`` False)."""
+    """Step- and FLOP-matched savings of KI to reach the baseline's final loss (ray_lifelong.savings's rule;
+    where
+    KI never gets there, ``saved_*`` is the bound 1 - its whole run / the baseline's cost, ``reached_*``
+    False)."""
     out = rule.savings(baseline, ki)
     out.pop("target_loss")
     return out
@@ -66,9 +68,13 @@ def teacher_context(teacher: list[dict], baseline: list[dict], ki: list[dict]) -
     (distillation from a stronger model, not the paper's smaller teacher that the student overtakes), what the
     teacher alone saves by the same rule, and how the saving moves with the target (+-0.02 nats)."""
     target = baseline[-1]["valid_loss"]
-    return {"teacher_better_than_baseline": teacher[-1]["valid_loss"] < target,
-            "teacher_alone_saved_flops": rule.saved_to_reach(teacher, baseline, target, "flops"),
-            "saved_steps_target_moved": {f"{d:+.2f}": v for d, v in rule.target_sensitivity(baseline, ki).items()}}
+    return {
+        "teacher_better_than_baseline": teacher[-1]["valid_loss"] < target,
+        "teacher_alone_saved_flops": rule.saved_to_reach(teacher, baseline, target, "flops"),
+        "saved_steps_target_moved": {
+            f"{d:+.2f}": v for d, v in rule.target_sensitivity(baseline, ki).items()
+        },
+    }
 
 
 def cache_key(arch: str, role: str, steps: int, args) -> str:
@@ -76,8 +82,12 @@ def cache_key(arch: str, role: str, steps: int, args) -> str:
     changed code or settings trains it again instead of reusing an older run."""
     import hashlib
 
-    h = hashlib.sha256(json.dumps({k: getattr(args, k) for k in ("batch", "lr", "vocab", "valid_rows", "eval_every",
-                                                                  "threads")}, sort_keys=True).encode())
+    h = hashlib.sha256(
+        json.dumps(
+            {k: getattr(args, k) for k in ("batch", "lr", "vocab", "valid_rows", "eval_every", "threads")},
+            sort_keys=True,
+        ).encode()
+    )
     for path in sorted((REPO / "ray_lifelong").rglob("*.py")) + [REPO / "bench/common.py"]:
         h.update(path.read_bytes())
     return f"{arch}-{role}-{steps}-{h.hexdigest()[:12]}"
@@ -102,8 +112,9 @@ def run_arch(arch: str, args, out: Path) -> dict:
         teacher.load_state_dict(blob["state"])
         t_curve = blob["curve"]
     else:
-        t_curve, _ = train_curve(teacher, rows, valid, masker, steps=args.teacher_steps,
-                                 label=f"{arch} teacher", **kw)
+        t_curve, _ = train_curve(
+            teacher, rows, valid, masker, steps=args.teacher_steps, label=f"{arch} teacher", **kw
+        )
         if t_file is not None:
             torch.save({"state": teacher.state_dict(), "curve": t_curve}, t_file)
     teacher_loss = t_curve[-1]["valid_loss"]
@@ -112,38 +123,69 @@ def run_arch(arch: str, args, out: Path) -> dict:
     if b_file is not None and b_file.exists():
         base_curve = json.loads(b_file.read_text())
     else:
-        base_curve, _ = train_curve(copy.deepcopy(init), rows, valid, masker, steps=args.student_steps,
-                                    label=f"{arch} baseline", **kw)
+        base_curve, _ = train_curve(
+            copy.deepcopy(init), rows, valid, masker, steps=args.student_steps, label=f"{arch} baseline", **kw
+        )
         if b_file is not None:
             b_file.write_text(json.dumps(base_curve))
     n_ki = n_ki_rule(base_curve, teacher_loss, args.student_steps)
-    ki_curve, _ = train_curve(copy.deepcopy(init), rows, valid, masker, steps=args.student_steps,
-                              ki=KISetting(teacher, "linear", n_ki, args.alpha0, args.temperature, args.top_k),
-                              label=f"{arch} KI", **kw)
-    result = {"teacher_final_loss": teacher_loss, "baseline_final_loss": base_curve[-1]["valid_loss"],
-              "ki_final_loss": ki_curve[-1]["valid_loss"], **savings(base_curve, ki_curve),
-              **teacher_context(t_curve, base_curve, ki_curve), "n_ki": n_ki,
-              "params": {"teacher": sum(p.numel() for p in teacher.parameters()),
-                         "student": sum(p.numel() for p in init.parameters())},
-              "curves": {"teacher": t_curve, "baseline": base_curve, "ki": ki_curve}}
+    ki_curve, _ = train_curve(
+        copy.deepcopy(init),
+        rows,
+        valid,
+        masker,
+        steps=args.student_steps,
+        ki=KISetting(teacher, "linear", n_ki, args.alpha0, args.temperature, args.top_k),
+        label=f"{arch} KI",
+        **kw,
+    )
+    result = {
+        "teacher_final_loss": teacher_loss,
+        "baseline_final_loss": base_curve[-1]["valid_loss"],
+        "ki_final_loss": ki_curve[-1]["valid_loss"],
+        **savings(base_curve, ki_curve),
+        **teacher_context(t_curve, base_curve, ki_curve),
+        "n_ki": n_ki,
+        "params": {
+            "teacher": sum(p.numel() for p in teacher.parameters()),
+            "student": sum(p.numel() for p in init.parameters()),
+        },
+        "curves": {"teacher": t_curve, "baseline": base_curve, "ki": ki_curve},
+    }
 
     if args.sweep_steps and arch in args.sweep_arch:
         steps = args.sweep_steps
         n_sweep = max(1, int(n_ki * steps / args.student_steps))
         # the baseline's first `steps` steps use a longer LR schedule; rerun it at the sweep's length
-        sweep_base, _ = train_curve(copy.deepcopy(init), rows, valid, masker, steps=steps,
-                                    label=f"{arch} sweep baseline", **{**kw, "eval_every": args.sweep_eval_every})
+        sweep_base, _ = train_curve(
+            copy.deepcopy(init),
+            rows,
+            valid,
+            masker,
+            steps=steps,
+            label=f"{arch} sweep baseline",
+            **{**kw, "eval_every": args.sweep_eval_every},
+        )
         sweep = {"baseline": {"final_loss": sweep_base[-1]["valid_loss"]}}
         for schedule in ("linear", "step", "constant", "cosine"):
             for top_k in (None, 10):
                 # the comparison uses the main run's alpha0 and T; ki.md: the paper's constant run is 1:1
                 alpha0 = min(args.alpha0, 0.5) if schedule == "constant" else args.alpha0
-                curve, _ = train_curve(copy.deepcopy(init), rows, valid, masker, steps=steps,
-                                       ki=KISetting(teacher, schedule, n_sweep, alpha0, args.temperature, top_k),
-                                       label=f"{arch} {schedule} top_k={top_k}",
-                                       **{**kw, "eval_every": args.sweep_eval_every})
-                sweep[f"{schedule}/top_k={top_k}"] = {"final_loss": curve[-1]["valid_loss"], "alpha0": alpha0,
-                                                      **savings(sweep_base, curve)}
+                curve, _ = train_curve(
+                    copy.deepcopy(init),
+                    rows,
+                    valid,
+                    masker,
+                    steps=steps,
+                    ki=KISetting(teacher, schedule, n_sweep, alpha0, args.temperature, top_k),
+                    label=f"{arch} {schedule} top_k={top_k}",
+                    **{**kw, "eval_every": args.sweep_eval_every},
+                )
+                sweep[f"{schedule}/top_k={top_k}"] = {
+                    "final_loss": curve[-1]["valid_loss"],
+                    "alpha0": alpha0,
+                    **savings(sweep_base, curve),
+                }
         result["schedules"] = {"steps": steps, "n_ki": n_sweep, "runs": sweep}
     return result
 
@@ -190,48 +232,84 @@ def _pct(r: dict, kind: str) -> str:
 
 
 def table(results: dict, args) -> str:
-    lines = ["# Knowledge Inheritance benchmark", "",
-             (f"corpus/wb, seq 128, batch {args.batch}, lr {args.lr} (6% warmup, linear decay), vocab {args.vocab}; "
-             f"teacher {TEACHER[0]}x{TEACHER[1]} trained {args.teacher_steps} steps; student {STUDENT[0]}x{STUDENT[1]} "
-             f"{args.student_steps} steps with and without KI (linear, alpha0 {args.alpha0}, T {args.temperature}, "
-             f"top_k {args.top_k}, N_KI = step where the "
-             f"baseline reaches the teacher's loss, the whole run if never), same init, batches and masks. Saved = 1 - C_KI(L*) / "
-             f"C_baseline(L*), L* = the baseline's final validation loss."), "",
-             ("| arch | params teacher / student | teacher loss | baseline loss | KI loss | N_KI | saved (steps) "
-             "| saved (FLOPs, teacher charged) |"), "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Knowledge Inheritance benchmark",
+        "",
+        (
+            f"corpus/wb, seq 128, batch {args.batch}, lr {args.lr} (6% warmup, linear decay), vocab "
+            f"{args.vocab}; "
+            f"teacher {TEACHER[0]}x{TEACHER[1]} trained {args.teacher_steps} steps; student "
+            f"{STUDENT[0]}x{STUDENT[1]} "
+            f"{args.student_steps} steps with and without KI (linear, alpha0 {args.alpha0}, T "
+            f"{args.temperature}, "
+            f"top_k {args.top_k}, N_KI = step where the "
+            "baseline reaches the teacher's loss, the whole run if never), same init, batches and masks. "
+            "Saved = 1 - C_KI(L*) / "
+            f"C_baseline(L*), L* = the baseline's final validation loss."
+        ),
+        "",
+        (
+            "| arch | params teacher / student | teacher loss | baseline loss | KI loss | N_KI | saved "
+            "(steps) "
+            "| saved (FLOPs, teacher charged) |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for arch, r in results.items():
-        lines.append(f"| {arch} | {r['params']['teacher'] / 1e6:.2f}M / {r['params']['student'] / 1e6:.2f}M | "
-                     f"{r['teacher_final_loss']:.3f} | {r['baseline_final_loss']:.3f} | {r['ki_final_loss']:.3f} | "
-                     f"{r['n_ki']} | {_pct(r, 'step_matched')} | {_pct(r, 'flop_matched')} |")
+        lines.append(
+            f"| {arch} | {r['params']['teacher'] / 1e6:.2f}M / {r['params']['student'] / 1e6:.2f}M | "
+            f"{r['teacher_final_loss']:.3f} | {r['baseline_final_loss']:.3f} | {r['ki_final_loss']:.3f} | "
+            f"{r['n_ki']} | {_pct(r, 'step_matched')} | {_pct(r, 'flop_matched')} |"
+        )
     lines += ["", "Read the savings with these beside them (same rule, same target):", ""]
     for arch, r in results.items():
         if "teacher_alone_saved_flops" not in r:
             continue
-        moved = ", ".join(f"{d} nats: {moved_text(r, float(d), v)}" for d, v in r["saved_steps_target_moved"].items())
-        stronger = (f"the teacher ({args.teacher_steps} steps, {args.teacher_steps / args.student_steps:.0f}x the "
-                    f"student's) ends better than the student baseline ({r['teacher_final_loss']:.3f} vs. "
-                    f"{r['baseline_final_loss']:.3f}): this is distillation from a stronger model, not the paper's "
-                    f"setting of a smaller teacher that the student overtakes"
-                    if r["teacher_better_than_baseline"] else "the teacher ends worse than the student baseline")
-        lines.append(f"- {arch}: {stronger}; the teacher alone reaches the baseline's final loss with "
-                     f"{_frac(r['teacher_alone_saved_flops'])} less compute than the baseline (its own training "
-                     f"FLOPs, not charged to KI above); the step-matched saving with the target moved: {moved} "
-                     f"(one seed, {args.valid_rows} validation rows).")
+        moved = ", ".join(
+            f"{d} nats: {moved_text(r, float(d), v)}" for d, v in r["saved_steps_target_moved"].items()
+        )
+        stronger = (
+            f"the teacher ({args.teacher_steps} steps, {args.teacher_steps / args.student_steps:.0f}x the "
+            f"student's) ends better than the student baseline ({r['teacher_final_loss']:.3f} vs. "
+            f"{r['baseline_final_loss']:.3f}): this is distillation from a stronger model, not the paper's "
+            f"setting of a smaller teacher that the student overtakes"
+            if r["teacher_better_than_baseline"]
+            else "the teacher ends worse than the student baseline"
+        )
+        lines.append(
+            f"- {arch}: {stronger}; the teacher alone reaches the baseline's final loss with "
+            f"{_frac(r['teacher_alone_saved_flops'])} less compute than the baseline (its own training "
+            f"FLOPs, not charged to KI above); the step-matched saving with the target moved: {moved} "
+            f"(one seed, {args.valid_rows} validation rows)."
+        )
     for arch, r in results.items():
         if "schedules" not in r:
             continue
         s = r["schedules"]
-        note = (" With N_KI = the whole run, `step` keeps alpha0 throughout and equals `constant`."
-                if s["n_ki"] >= s["steps"] else "")
-        lines += ["", (f"## {arch}: schedules and top_k ({s['steps']} steps, N_KI {s['n_ki']}, T {args.temperature}; "
-                      f"baseline final loss {s['runs']['baseline']['final_loss']:.3f}).{note}"), "",
-                  "| schedule | top_k | alpha0 | final loss | saved (steps) | saved (FLOPs) |", "|---|---|---|---|---|---|"]
+        note = (
+            " With N_KI = the whole run, `step` keeps alpha0 throughout and equals `constant`."
+            if s["n_ki"] >= s["steps"]
+            else ""
+        )
+        lines += [
+            "",
+            (
+                f"## {arch}: schedules and top_k ({s['steps']} steps, N_KI {s['n_ki']}, T "
+                f"{args.temperature}; "
+                f"baseline final loss {s['runs']['baseline']['final_loss']:.3f}).{note}"
+            ),
+            "",
+            "| schedule | top_k | alpha0 | final loss | saved (steps) | saved (FLOPs) |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, v in s["runs"].items():
             if name == "baseline":
                 continue
             sched, k = name.split("/top_k=")
-            lines.append(f"| {sched} | {k} | {v['alpha0']} | {v['final_loss']:.3f} | {_pct(v, 'step_matched')} | "
-                         f"{_pct(v, 'flop_matched')} |")
+            lines.append(
+                f"| {sched} | {k} | {v['alpha0']} | {v['final_loss']:.3f} | {_pct(v, 'step_matched')} | "
+                f"{_pct(v, 'flop_matched')} |"
+            )
     lines += ["", "![curves](ki_curves.png)"]
     return "\n".join(lines)
 

@@ -94,43 +94,83 @@ def bench_config(arch: str, work: Path, domains: list[str], extra: list[str]):
     cfg = load_config(REPO / f"configs/elle_stream_{arch}.yaml", [f"output_dir={work}", *extra])
     cfg.data.domains = [d for name in domains for d in cfg.data.domains if d.name == name]
     for d in cfg.data.domains:
-        d.train, d.valid = [str(CORPUS / d.name / "train.jsonl.gz")], [str(CORPUS / d.name / "valid.jsonl.gz")]
+        d.train, d.valid = (
+            [str(CORPUS / d.name / "train.jsonl.gz")],
+            [str(CORPUS / d.name / "valid.jsonl.gz")],
+        )
     cfg.data.domains[0].grow = None
     return cfg
 
 
 def table(r: dict) -> str:
     s = r["stream"]
-    lines = [(f"# data.pretokenize on the CPU ({r['arch']}, vocab {r['vocab_size']}, seq {r['seq_len']}; "
-             f"{r['ray_cpus']} Ray CPUs on {r['machine_cpus']} cores)"), "",
-             (f"## Stream: domain `{s['domain']}` ({s['rows']} sequences, {s['tokens'] / 1e6:.2f} M tokens), "
-             "read like a worker (batches of 64), two epochs"), "",
-             "| source | epoch 1 (s) | epoch 2 (s) | first batch, epoch 1 / 2 (s) | tokens/s |", "|---|---|---|---|---|"]
+    lines = [
+        (
+            f"# data.pretokenize on the CPU ({r['arch']}, vocab {r['vocab_size']}, seq {r['seq_len']}; "
+            f"{r['ray_cpus']} Ray CPUs on {r['machine_cpus']} cores)"
+        ),
+        "",
+        (
+            f"## Stream: domain `{s['domain']}` ({s['rows']} sequences, {s['tokens'] / 1e6:.2f} M tokens), "
+            "read like a worker (batches of 64), two epochs"
+        ),
+        "",
+        "| source | epoch 1 (s) | epoch 2 (s) | first batch, epoch 1 / 2 (s) | tokens/s |",
+        "|---|---|---|---|---|",
+    ]
     for name, key in (("text files (tokenizer actors)", "text"), ("packed Parquet", "packed")):
         e = s[key]
-        lines.append(f"| {name} | {e[0]['epoch_s']} | {e[1]['epoch_s']} | {e[0]['first_batch_s']} / "
-                     f"{e[1]['first_batch_s']} | {s[key + '_tokens_per_s']:,} |")
-    lines += ["", (f"Packing once took {s['pack_once_s']} s; each later epoch is **{s['epoch_speedup']}x** "
-                  "faster to read."), ""]
-    lines += [f"## Pipeline: {' -> '.join(r['domains'])}, {r['steps']} steps per stage", "",
-              ("ELLE: growth before each new domain, FRW 10 steps (inside the grown stage's Ray Train run), memory sampled after each stage, replay. "
-              "Joint: every stage trains on all domains so far, fully shuffled (so the text stream tokenizes all "
-              "of them before its first batch). The pretokenized runs' wall time includes packing each domain once."),
-              "", ("| method | stream | wall (s) | in stages (s) | outside stages (s) | data wait (s) | Ray Train runs "
-                  "| final AP |"), "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {name} | {e[0]['epoch_s']} | {e[1]['epoch_s']} | {e[0]['first_batch_s']} / "
+            f"{e[1]['first_batch_s']} | {s[key + '_tokens_per_s']:,} |"
+        )
+    lines += [
+        "",
+        (
+            f"Packing once took {s['pack_once_s']} s; each later epoch is **{s['epoch_speedup']}x** "
+            "faster to read."
+        ),
+        "",
+    ]
+    lines += [
+        f"## Pipeline: {' -> '.join(r['domains'])}, {r['steps']} steps per stage",
+        "",
+        (
+            "ELLE: growth before each new domain, FRW 10 steps (inside the grown stage's Ray Train run), "
+            "memory sampled after each stage, replay. "
+            "Joint: every stage trains on all domains so far, fully shuffled (so the text stream tokenizes "
+            "all "
+            "of them before its first batch). The pretokenized runs' wall time includes packing each domain "
+            "once."
+        ),
+        "",
+        (
+            "| method | stream | wall (s) | in stages (s) | outside stages (s) | data wait (s) | Ray Train "
+            "runs "
+            "| final AP |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for method, p in r["pipeline"].items():
         for mode in ("text", "pretokenized"):
             m = p[mode]
-            lines.append(f"| {method} | {mode} | {m['wall_s']} | {m['in_stages_s']} | {m['outside_stages_s']} "
-                         f"| {m['data_wait_s']} | {m['ray_train_runs']} | {m['final_AP']} |")
+            lines.append(
+                f"| {method} | {mode} | {m['wall_s']} | {m['in_stages_s']} | {m['outside_stages_s']} "
+                f"| {m['data_wait_s']} | {m['ray_train_runs']} | {m['final_AP']} |"
+            )
         lines.append(f"| {method} | ratio text / pretokenized | **{p['wall_ratio']}x** | | | | | |")
-    lines += ["", ("Reading: packing costs about one read of the domain's text, so it pays back only where a domain "
-                  "is read more than once: later epochs, a joint run's later stages (less data wait above), "
-                  "the trials of a sweep or the methods of a benchmark sharing one `packed_path`. A run that "
-                  "reads each domain once, for a fraction of an epoch (these 30-step stages read under 4% of "
-                  "each domain), gains nothing in wall time. What stays per read is Ray Data's own start "
-                  "(a couple of seconds per execution here, the packed epoch's first-batch time above), against "
-                  "a Parquet read of the whole domain in well under a second.")]
+    lines += [
+        "",
+        (
+            "Reading: packing costs about one read of the domain's text, so it pays back only where a domain "
+            "is read more than once: later epochs, a joint run's later stages (less data wait above), "
+            "the trials of a sweep or the methods of a benchmark sharing one `packed_path`. A run that "
+            "reads each domain once, for a fraction of an epoch (these 30-step stages read under 4% of "
+            "each domain), gains nothing in wall time. What stays per read is Ray Data's own start "
+            "(a couple of seconds per execution here, the packed epoch's first-batch time above), against "
+            "a Parquet read of the whole domain in well under a second."
+        ),
+    ]
     return "\n".join(lines)
 
 
@@ -148,7 +188,7 @@ def main() -> None:
     import ray
 
     from ray_lifelong.data.stream import quiet_ray_data
-    from ray_lifelong.pipeline import prepare_tokenizer
+    from ray_lifelong.data.tokenizer import prepare_tokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -156,13 +196,21 @@ def main() -> None:
     tok_dir = prepare_tokenizer(cfg, args.work / f"tokenizer-{args.arch}")
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     quiet_ray_data()
-    result = {"arch": args.arch, "vocab_size": cfg.tokenizer.vocab_size, "seq_len": cfg.data.seq_len,
-              "ray_cpus": args.num_cpus, "machine_cpus": os.cpu_count(), "domains": args.domains,
-              "steps": args.steps, "tokenize_actors": cfg.data.tokenize_actors}
+    result = {
+        "arch": args.arch,
+        "vocab_size": cfg.tokenizer.vocab_size,
+        "seq_len": cfg.data.seq_len,
+        "ray_cpus": args.num_cpus,
+        "machine_cpus": os.cpu_count(),
+        "domains": args.domains,
+        "steps": args.steps,
+        "tokenize_actors": cfg.data.tokenize_actors,
+    }
     result["stream"] = stream_part(cfg, tok_dir, args.work, args.domains[0])
     print(result["stream"])
-    result["pipeline"] = {m: pipeline_part(args.arch, args.work, args.steps, tok_dir, args.domains, m)
-                          for m in args.methods}
+    result["pipeline"] = {
+        m: pipeline_part(args.arch, args.work, args.steps, tok_dir, args.domains, m) for m in args.methods
+    }
     write("pretokenize", result, table(result))
 
 

@@ -36,20 +36,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rows", type=int, default=12000)
-    ap.add_argument("--write-reps", type=int, default=3, help="repetitions of packing the whole domain (0: none)")
+    ap.add_argument(
+        "--write-reps", type=int, default=3, help="repetitions of packing the whole domain (0: none)"
+    )
     args = ap.parse_args()
 
     import ray
     import ray.data
 
     from ray_lifelong.config import load_config
+    from ray_lifelong.data.demo import prepare_demo
     from ray_lifelong.data.markers import write_in_order
     from ray_lifelong.data.stream import StreamOptions, files_dataset, quiet_ray_data
-    from ray_lifelong.pipeline import prepare_demo, prepare_tokenizer
+    from ray_lifelong.data.tokenizer import prepare_tokenizer
 
     shipped = ray.data.ActorPoolStrategy
 
-    def ray_default(*a, **kw):  # the strategy as Ray Data builds it when nothing is said about tasks in flight
+    def ray_default(
+        *a, **kw
+    ):  # the strategy as Ray Data builds it when nothing is said about tasks in flight
         kw.pop("max_tasks_in_flight_per_actor", None)
         return shipped(*a, **kw)
 
@@ -59,8 +64,10 @@ def main() -> None:
     quiet_ray_data()
 
     def config(actors: int):
-        return load_config(REPO / "configs/demo.yaml", base_overrides(out, 10, 2) + w.overrides
-                           + [f"data.tokenize_actors={actors}"])
+        return load_config(
+            REPO / "configs/demo.yaml",
+            base_overrides(out, 10, 2) + w.overrides + [f"data.tokenize_actors={actors}"],
+        )
 
     prepare_demo(config(1))
     tok_dir = prepare_tokenizer(config(1), out / "tok")
@@ -76,11 +83,16 @@ def main() -> None:
             print(f"[rep {rep}] {name}: {rates[name][-1]:,.0f} tokens/s", flush=True)
     # packing the whole domain (data.pretokenize): Ray's parallel write_parquet (order not kept) against
     # the driver writing in stream order, both from the shipped one-actor stream
-    writes: dict[str, list[float]] = {"write_parquet (Ray, parallel)": [], "write_in_order (driver, shipped)": []}
+    writes: dict[str, list[float]] = {
+        "write_parquet (Ray, parallel)": [],
+        "write_in_order (driver, shipped)": [],
+    }
     for rep in range(args.write_reps):
         for name, times in writes.items():
             dest = str(out / f"w{rep}-{len(times)}-{name[:5]}")
-            ds = files_dataset([(0, config(1).data.domains[0])], "train", StreamOptions(tok_dir, "bert", config(1).data))
+            ds = files_dataset(
+                [(0, config(1).data.domains[0])], "train", StreamOptions(tok_dir, "bert", config(1).data)
+            )
             t0 = time.perf_counter()
             if name.startswith("write_parquet"):
                 ds.write_parquet(dest)
@@ -90,23 +102,43 @@ def main() -> None:
             print(f"[pack {rep}] {name}: {times[-1]:.1f} s", flush=True)
     ray.shutdown()
     ref = statistics.median(rates[list(VARIANTS)[1]])
-    rows = [{"variant": name, "median_tokens_per_s": statistics.median(r), "runs": r,
-             "vs_ray_default": statistics.median(r) / ref} for name, r in rates.items()]
-    table = ("# Tokenizer actors: stream order vs Ray's default\n\n"
-             f"Workload: {w.name}; supply of the read -> tokenize -> pack pipeline alone ({args.rows:,} rows, "
-             f"start-up included, as in `data_throughput.md`), {args.reps} repetitions alternating the variants "
-             "in one Ray session on this machine.\n\n"
-             "| variant | median tokens/s | runs (k tokens/s) | vs Ray's default |\n|---|---|---|---|\n"
-             + "\n".join(f"| {r['variant']} | {r['median_tokens_per_s']:,.0f} | "
-                         f"{', '.join(f'{x / 1e3:.0f}' for x in r['runs'])} | {r['vs_ray_default']:.2f} |"
-                         for r in rows) + "\n")
+    rows = [
+        {
+            "variant": name,
+            "median_tokens_per_s": statistics.median(r),
+            "runs": r,
+            "vs_ray_default": statistics.median(r) / ref,
+        }
+        for name, r in rates.items()
+    ]
+    table = (
+        "# Tokenizer actors: stream order vs Ray's default\n\n"
+        f"Workload: {w.name}; supply of the read -> tokenize -> pack pipeline alone ({args.rows:,} rows, "
+        f"start-up included, as in `data_throughput.md`), {args.reps} repetitions alternating the variants "
+        "in one Ray session on this machine.\n\n"
+        "| variant | median tokens/s | runs (k tokens/s) | vs Ray's default |\n|---|---|---|---|\n"
+        + "\n".join(
+            f"| {r['variant']} | {r['median_tokens_per_s']:,.0f} | "
+            f"{', '.join(f'{x / 1e3:.0f}' for x in r['runs'])} | {r['vs_ray_default']:.2f} |"
+            for r in rows
+        )
+        + "\n"
+    )
     packs = [{"writer": name, "median_s": statistics.median(t), "runs_s": t} for name, t in writes.items()]
     if args.write_reps:
-        table += ("\nPacking the whole domain once (`data.pretokenize`), the shipped one-actor stream into Parquet, "
-                  f"{args.write_reps} alternating repetitions:\n\n| writer | median s | runs s |\n|---|---|---|\n"
-                  + "\n".join(f"| {p['writer']} | {p['median_s']:.1f} | {', '.join(f'{x:.1f}' for x in p['runs_s'])} |"
-                               for p in packs) + "\n")
-    write("tokenize_order", {"workload": w.name, "rows": args.rows, "variants": rows, "packing": packs}, table)
+        table += (
+            "\nPacking the whole domain once (`data.pretokenize`), the shipped one-actor stream into "
+            "Parquet, "
+            f"{args.write_reps} alternating repetitions:\n\n| writer | median s | runs s |\n|---|---|---|\n"
+            + "\n".join(
+                f"| {p['writer']} | {p['median_s']:.1f} | {', '.join(f'{x:.1f}' for x in p['runs_s'])} |"
+                for p in packs
+            )
+            + "\n"
+        )
+    write(
+        "tokenize_order", {"workload": w.name, "rows": args.rows, "variants": rows, "packing": packs}, table
+    )
     print(table)
 
 

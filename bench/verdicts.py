@@ -4,7 +4,8 @@
 
 Prints, from the JSON files alone and by the same rules the benchmarks use (ray_lifelong.savings, the goal
 checks of elle_stream.py and downstream.py):
-- KI (ki.json, ki_paper_setting.json): the savings, whether the teacher ends better than the student baseline, what the teacher alone
+- KI (ki.json, ki_paper_setting.json): the savings, whether the teacher ends better than the student
+baseline, what the teacher alone
   saves, and the saving with the target moved by +-0.02 nats;
 - the KI sweep (ki_sweep.json): the step- and FLOP-matched savings (teacher charged), N_KI as it acted;
 - growth (growth.json with growth_small400.json, growth_per_phase_lr.json): every run's saving, the small
@@ -49,13 +50,17 @@ def ki_lines(path: Path) -> list[str]:
         c = r["curves"]
         s = rule.savings(c["baseline"], c["ki"])
         t = teacher_context(c["teacher"], c["baseline"], c["ki"])
-        moved = ", ".join(f"{k} nats {moved_text(r, float(k), v)}" for k, v in t["saved_steps_target_moved"].items())
-        lines.append(f"- {arch}: saved steps {_bound(s, 'step_matched')}, FLOPs (teacher charged) "
-                     f"{_bound(s, 'flop_matched')}; teacher {r['teacher_final_loss']:.3f} vs. baseline "
-                     f"{r['baseline_final_loss']:.3f} ({'better' if t['teacher_better_than_baseline'] else 'worse'}); "
-                     f"teacher alone saves {_pct(t['teacher_alone_saved_flops'])} of the FLOPs; "
-                     f"steps saved with the target moved: "
-                     f"{moved}")
+        moved = ", ".join(
+            f"{k} nats {moved_text(r, float(k), v)}" for k, v in t["saved_steps_target_moved"].items()
+        )
+        lines.append(
+            f"- {arch}: saved steps {_bound(s, 'step_matched')}, FLOPs (teacher charged) "
+            f"{_bound(s, 'flop_matched')}; teacher {r['teacher_final_loss']:.3f} vs. baseline "
+            f"{r['baseline_final_loss']:.3f} ({'better' if t['teacher_better_than_baseline'] else 'worse'}); "
+            f"teacher alone saves {_pct(t['teacher_alone_saved_flops'])} of the FLOPs; "
+            f"steps saved with the target moved: "
+            f"{moved}"
+        )
     return lines
 
 
@@ -64,8 +69,12 @@ def ki_sweep_lines(path: Path) -> list[str]:
 
     d = json.loads(path.read_text())
     steps = d["steps"]
-    paper = {"ki.inherit.schedule": "linear", "ki.inherit.steps": max(1, round(0.3 * steps)),
-             "ki.inherit.alpha0": 1.0, "ki.inherit.temperature": 2.0}
+    paper = {
+        "ki.inherit.schedule": "linear",
+        "ki.inherit.steps": max(1, round(0.3 * steps)),
+        "ki.inherit.alpha0": 1.0,
+        "ki.inherit.temperature": 2.0,
+    }
     values = {"best": d["verdict"]["best_values"], "paper": paper, "no_ki": {}}
     curves = {n: with_flops(r["curve"], r, steps, values[n]) for n, r in d["runs"].items()}
     target = curves["no_ki"][-1]["valid_loss"]
@@ -73,11 +82,18 @@ def ki_sweep_lines(path: Path) -> list[str]:
     lines = [f"## {path.name}"]
     for n, c in curves.items():
         v = values[n]
-        shown = (f"{v['ki.inherit.schedule']}, N_KI {n_ki_shown(v, steps)}, alpha0 {v['ki.inherit.alpha0']:.2f}, "
-                 f"T {v['ki.inherit.temperature']}" if v else "no teacher")
-        lines.append(f"- {n} ({shown}): final {c[-1]['valid_loss']:.4f}; saved to no_ki's final loss: steps "
-                     f"{_pct(rule.saved_fraction(rule.cost_to_reach(c, target, 'step'), ref['step']))}, FLOPs "
-                     f"(teacher charged) {_pct(rule.saved_fraction(rule.cost_to_reach(c, target, 'flops'), ref['flops']))}")
+        shown = (
+            f"{v['ki.inherit.schedule']}, N_KI {n_ki_shown(v, steps)}, alpha0 {v['ki.inherit.alpha0']:.2f}, "
+            f"T {v['ki.inherit.temperature']}"
+            if v
+            else "no teacher"
+        )
+        lines.append(
+            f"- {n} ({shown}): final {c[-1]['valid_loss']:.4f}; saved to no_ki's final loss: steps "
+            f"{_pct(rule.saved_fraction(rule.cost_to_reach(c, target, 'step'), ref['step']))}, FLOPs "
+            "(teacher charged) "
+            f"{_pct(rule.saved_fraction(rule.cost_to_reach(c, target, 'flops'), ref['flops']))}"
+        )
     return lines
 
 
@@ -126,17 +142,30 @@ def backbone_lines() -> list[str]:
     o = RESULTS / "ray_overhead.json"
     if o.exists():
         d = json.loads(o.read_text())
-        ratios = {f"{w['workload']} {kind}": w[key] for w in d["workloads"]
-                  for kind, key in (("pre-tokenized", "ray_vs_torch_steps_ratio"),
-                                    ("streaming", "ray_streaming_vs_torch_steps_ratio"))}
+        ratios = {
+            f"{w['workload']} {kind}": w[key]
+            for w in d["workloads"]
+            for kind, key in (
+                ("pre-tokenized", "ray_vs_torch_steps_ratio"),
+                ("streaming", "ray_streaming_vs_torch_steps_ratio"),
+            )
+        }
         worst = min(ratios.values())
-        lines += ["## ray_overhead.json", f"- goal {d['goal']}: {'met' if worst >= 0.95 else 'missed'}; "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items())]
+        lines += [
+            "## ray_overhead.json",
+            f"- goal {d['goal']}: {'met' if worst >= 0.95 else 'missed'}; "
+            + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()),
+        ]
     t = RESULTS / "data_throughput.json"
     if t.exists():
         d = json.loads(t.read_text())
-        lines += ["## data_throughput.json", (f"- goal {d['goal']}: {'met' if d['wait_fraction'] < 0.05 else 'missed'} "
-                  f"(highest wait fraction {d['wait_fraction']:.3f})")]
+        lines += [
+            "## data_throughput.json",
+            (
+                f"- goal {d['goal']}: {'met' if d['wait_fraction'] < 0.05 else 'missed'} "
+                f"(highest wait fraction {d['wait_fraction']:.3f})"
+            ),
+        ]
     return lines
 
 
@@ -149,7 +178,9 @@ def write_meta(name: str, goals: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--write-meta", action="store_true", help="write the recomputed goals into the *.meta.json files")
+    ap.add_argument(
+        "--write-meta", action="store_true", help="write the recomputed goals into the *.meta.json files"
+    )
     args = ap.parse_args()
     lines: list[str] = []
     for name in ("ki.json", "ki_paper_setting.json"):

@@ -1,8 +1,13 @@
-"""``ray-lifelong`` / ``python -m ray_lifelong``: run a lifelong pipeline, train a tokenizer, write demo data."""
+"""``ray-lifelong`` / ``python -m ray_lifelong``: run a lifelong pipeline, train a tokenizer, write demo
+data.
+
+Each command imports what it needs inside its function: ``tokenizer`` and ``demo-data`` start in a second
+without importing Ray, and a config error is reported before Ray starts."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -15,27 +20,45 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML config (see configs/)")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50 run_name=x")
     run.add_argument("--resume", action="store_true", help="skip finished stages, resume the unfinished one")
-    ki = sub.add_parser("ki", help="Knowledge Inheritance: teacher, student with KI, student without (baseline)")
+    ki = sub.add_parser(
+        "ki", help="Knowledge Inheritance: teacher, student with KI, student without (baseline)"
+    )
     ki.add_argument("config")
     ki.add_argument("overrides", nargs="*")
     ki.add_argument("--resume", action="store_true", help="reuse finished runs of the experiment")
-    tune = sub.add_parser("tune", help="Ray Tune sweep over config fields (the config's tune: section); each "
-                          "trial is a real run on Ray Train")
+    tune = sub.add_parser(
+        "tune",
+        help="Ray Tune sweep over config fields (the config's tune: section); each "
+        "trial is a real run on Ray Train",
+    )
     tune.add_argument("config")
     tune.add_argument("overrides", nargs="*")
     tune.add_argument("--resume", action="store_true", help="restore an interrupted sweep and finish it")
-    ft = sub.add_parser("finetune", help="fine-tune a pre-trained model on the config's downstream tasks "
-                                         "(finetune: section), every task and seed a Ray Train run")
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune a pre-trained model on the config's downstream tasks "
+        "(finetune: section), every task and seed a Ray Train run",
+    )
     ft.add_argument("config")
     ft.add_argument("overrides", nargs="*")
-    ft.add_argument("--model", default=None, help="model to fine-tune (default: finetune.model, else the run's "
-                                                   "final_model); a run dir, checkpoint or HF model dir")
-    pack = sub.add_parser("pack", help="tokenize and pack the config's domains once (data.pretokenize) before the "
-                                       "runs that read them: later runs, or several side by side")
+    ft.add_argument(
+        "--model",
+        default=None,
+        help="model to fine-tune (default: finetune.model, else the run's "
+        "final_model); a run dir, checkpoint or HF model dir",
+    )
+    pack = sub.add_parser(
+        "pack",
+        help="tokenize and pack the config's domains once (data.pretokenize) before the "
+        "runs that read them: later runs, or several side by side",
+    )
     pack.add_argument("config")
     pack.add_argument("overrides", nargs="*")
-    pack.add_argument("--both-prompts", action="store_true",
-                      help="pack each domain with and without its prompt token (runs that differ in continual.prompts)")
+    pack.add_argument(
+        "--both-prompts",
+        action="store_true",
+        help="pack each domain with and without its prompt token (runs that differ in continual.prompts)",
+    )
     tok = sub.add_parser("tokenizer", help="train a tokenizer on a sample of the config's domains")
     tok.add_argument("config")
     tok.add_argument("overrides", nargs="*")
@@ -48,120 +71,118 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A user's mistake (config, data, paths, a run that exists) exits 2 with one line
+    naming the key, file or line; a failure while running exits 1 with its cause."""
     args = _parser().parse_args(argv)
-    from ray_lifelong.config import ConfigError, load_config
+    from ray_lifelong.config import ConfigError
     from ray_lifelong.data.sources import DataError
 
     try:
-        if args.command == "demo-data":
-            from ray_lifelong.data.demo import DEMO_DOMAINS, write_demo_corpus
-
-            paths = write_demo_corpus(args.out, DEMO_DOMAINS, train_docs=args.train_docs,
-                                      valid_docs=args.valid_docs)
-            print(f"demo corpus in {args.out}: {', '.join(paths)}")
-            return 0
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "tokenizer":
-            return _tokenizer(cfg, args.out)
-        if args.command == "tune":
-            return _tune(cfg, args.resume, args.config)
-        if args.command == "finetune":
-            return _finetune(cfg, args.model)
-        if args.command == "pack":
-            return _pack(cfg, args.both_prompts)
-        return _run(cfg, args.resume, ki=args.command == "ki")
+        return COMMANDS[args.command](args)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (RuntimeError, ValueError, OSError) as e:  # a stage, trial or job failed: its cause, in one line
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
-def _tokenizer(cfg, out: str) -> int:
+def _config(args):
+    from ray_lifelong.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _demo_data(args) -> int:
+    from ray_lifelong.data.demo import DEMO_DOMAINS, write_demo_corpus
+
+    paths = write_demo_corpus(args.out, DEMO_DOMAINS, train_docs=args.train_docs, valid_docs=args.valid_docs)
+    print(f"demo corpus in {args.out}: {', '.join(paths)}")
+    return 0
+
+
+def _tokenizer(args) -> int:
     from ray_lifelong.data.demo import prepare_demo
     from ray_lifelong.data.tokenizer import train_config_tokenizer
 
+    cfg = _config(args)
     prepare_demo(cfg)
-    tok = train_config_tokenizer(cfg, Path(out))
-    print(f"tokenizer with {len(tok)} tokens written to {out}")
+    tok = train_config_tokenizer(cfg, Path(args.out))
+    print(f"tokenizer with {len(tok)} tokens written to {args.out}")
     return 0
 
 
-def _pack(cfg, both_prompts: bool) -> int:
+@contextlib.contextmanager
+def ray_session(cfg):
+    """Ray for one command: joined or started (:func:`init_ray`), shut down however the command ends."""
     import ray
 
+    init_ray(cfg)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _pack(args) -> int:
     from ray_lifelong.pipeline import check_pretokenize, pack_domains
 
+    cfg = _config(args)
     check_pretokenize(cfg)  # before starting Ray
-    init_ray(cfg)
-    try:
-        for rec in pack_domains(cfg, (True, False) if both_prompts else None):
+    with ray_session(cfg):
+        for rec in pack_domains(cfg, (True, False) if args.both_prompts else None):
             print(f"{rec['domain']}: {rec['rows']} sequences ({rec['tokens']:,} tokens) in {rec['uri']}")
-    finally:
-        ray.shutdown()
     return 0
 
 
-def _run(cfg, resume: bool, ki: bool = False) -> int:
-    import ray
+def _run(args) -> int:
+    from ray_lifelong.pipeline import check_run_start, run_lifelong
 
-    from ray_lifelong.pipeline import RunExistsError, check_run_start, run_lifelong
-    from ray_lifelong.stage.run import StageFailedError
+    cfg = _config(args)
+    check_run_start(cfg, args.resume)  # before starting Ray
+    with ray_session(cfg):
+        summary = run_lifelong(cfg, resume=args.resume)
+        if cfg.finetune.tasks:  # downstream evaluation of the final model, when the config lists tasks
+            from ray_lifelong.downstream.run import run_finetune
 
-    try:
-        if not ki:
-            check_run_start(cfg, resume)  # before starting Ray
-    except RunExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    init_ray(cfg)
-    try:
-        if ki:
-            from ray_lifelong.ki import run_ki_experiment
-
-            summary = run_ki_experiment(cfg, resume=resume)
-            print("KI saved (step-matched, FLOP-matched):", summary.get("saved_step_matched"),
-                  summary.get("saved_flop_matched"))
-            return 0
-        summary = run_lifelong(cfg, resume=resume)
-    except (RunExistsError, StageFailedError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        ray.shutdown()
+            summary["downstream"] = run_finetune(cfg)
     print("AP (geometric) per stage:", ", ".join(f"{x:.2f}" for x in summary["AP"]))
     return 0
 
 
-def _tune(cfg, resume: bool, where: str) -> int:
-    import ray
+def _ki(args) -> int:
+    from ray_lifelong.ki import run_ki_experiment
 
+    cfg = _config(args)
+    with ray_session(cfg):
+        summary = run_ki_experiment(cfg, resume=args.resume)
+    print("KI saved (step-matched, FLOP-matched):", summary.get("saved_step_matched"),
+          summary.get("saved_flop_matched"))
+    return 0
+
+
+def _tune(args) -> int:
     from ray_lifelong.sweep import check_sweep_start, run_sweep
 
-    check_sweep_start(cfg, resume, where)  # before starting Ray
-    init_ray(cfg)
-    try:
-        run_sweep(cfg, resume=resume, where=where)
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        ray.shutdown()
+    cfg = _config(args)
+    check_sweep_start(cfg, args.resume, args.config)  # before starting Ray
+    with ray_session(cfg):
+        run_sweep(cfg, resume=args.resume, where=args.config)
     return 0
 
 
-def _finetune(cfg, model: str | None) -> int:
-    import ray
-
+def _finetune(args) -> int:
     from ray_lifelong.downstream.run import run_finetune
 
-    init_ray(cfg)
-    try:
-        run_finetune(cfg, model=model)
-    except (RuntimeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        ray.shutdown()
+    cfg = _config(args)
+    with ray_session(cfg):
+        run_finetune(cfg, model=args.model)
     return 0
+
+
+COMMANDS = {"run": _run, "ki": _ki, "tune": _tune, "finetune": _finetune, "pack": _pack,
+            "tokenizer": _tokenizer, "demo-data": _demo_data}
+"""Subcommand -> the function that runs it (the parser above lists their arguments)."""
 
 
 def init_ray(cfg) -> None:
@@ -170,8 +191,13 @@ def init_ray(cfg) -> None:
 
     import ray
 
-    quiet = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
-             "TOKENIZERS_PARALLELISM": "false"}
+    quiet = {
+        "RAY_DATA_LOG_LEVEL": "WARNING",
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     for k, v in quiet.items():
         os.environ.setdefault(k, v)
     if ray.is_initialized():
@@ -179,8 +205,12 @@ def init_ray(cfg) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     # The package dir travels to the workers when running from a source checkout without install.
     pkg_root = str(Path(__file__).resolve().parent.parent)
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")])),
-                        **{k: os.environ[k] for k in quiet}}}
+    env = {
+        "env_vars": {
+            "PYTHONPATH": os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")])),
+            **{k: os.environ[k] for k in quiet},
+        }
+    }
     job_env = _job_runtime_env()
     if job_env is not None:  # a `ray job submit` driver: Ray refuses to merge keys the job already sets
         if job_env.get("working_dir") or job_env.get("py_modules"):
@@ -190,14 +220,20 @@ def init_ray(cfg) -> None:
     address = address or _running_cluster()
     if address:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=env)
-        print(f"[ray] joined the running cluster at {address} ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
-              f"{ray.cluster_resources().get('GPU', 0):g} GPUs)", flush=True)
+        print(
+            f"[ray] joined the running cluster at {address} ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
+            f"{ray.cluster_resources().get('GPU', 0):g} GPUs)",
+            flush=True,
+        )
     else:
         # the local cluster's processes inherit this process's environment: no runtime_env, so Ray starts
         # its workers directly (a runtime_env routes every worker start through an extra setup process)
         os.environ.update(env["env_vars"])
         ray.init(num_cpus=cfg.ray.num_cpus, logging_level=logging.WARNING)
-        print("[ray] started a local cluster (no ray.address, RAY_ADDRESS or `ray start` cluster found)", flush=True)
+        print(
+            "[ray] started a local cluster (no ray.address, RAY_ADDRESS or `ray start` cluster found)",
+            flush=True,
+        )
 
 
 def _job_runtime_env() -> dict | None:

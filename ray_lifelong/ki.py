@@ -16,14 +16,21 @@ import json
 import math
 from pathlib import Path
 
+from ray_lifelong.config import plan
 from ray_lifelong.config.schema import LifelongConfig
-from ray_lifelong.flops import forward_flops_per_sequence, logit_positions, train_flops_per_sequence
-from ray_lifelong.pipeline import prepare_demo, prepare_tokenizer, run_dir, run_lifelong
+from ray_lifelong.data.demo import prepare_demo
+from ray_lifelong.data.tokenizer import load_tokenizer, prepare_tokenizer
+from ray_lifelong.distill import inheritance_rate
+from ray_lifelong.flops import sequence_flops
+from ray_lifelong.layout import run_layout
+from ray_lifelong.pipeline import run_lifelong
+from ray_lifelong.report import markdown_table
+from ray_lifelong.savings import cost_to_reach as rule
 
 
 def variants(cfg: LifelongConfig, tokenizer_dir: str) -> dict[str, LifelongConfig]:
     """The teacher, KI-student and baseline configs derived from one experiment config."""
-    base = Path(cfg.output_dir) / cfg.run_name
+    base = run_layout(cfg).root
     out = {}
     teacher = copy.deepcopy(cfg)
     teacher.model = copy.deepcopy(cfg.ki.teacher_model)
@@ -46,15 +53,16 @@ def variants(cfg: LifelongConfig, tokenizer_dir: str) -> dict[str, LifelongConfi
 
 
 def run_ki_experiment(cfg: LifelongConfig, *, resume: bool = False) -> dict:
-    base = run_dir(cfg)
+    base = run_layout(cfg).root
     base.mkdir(parents=True, exist_ok=True)
     prepare_demo(cfg)
     tok_dir = prepare_tokenizer(cfg, base / "tokenizer")
     results = {}
     for name, c in variants(cfg, tok_dir).items():
-        done = (run_dir(c) / "results.json").exists()
-        print(f"[ki] {name}: {'already finished' if done and resume else 'training'} ({run_dir(c)})")
-        results[name] = json.loads((run_dir(c) / "results.json").read_text()) if done and resume else \
+        lay = run_layout(c)
+        done = lay.results.exists()
+        print(f"[ki] {name}: {'already finished' if done and resume else 'training'} ({lay.root})")
+        results[name] = json.loads(lay.results.read_text()) if done and resume else \
             run_lifelong(c, resume=resume)
     summary = compare(cfg, results, tok_dir)
     (base / "ki_results.json").write_text(json.dumps(summary, indent=1))
@@ -80,27 +88,20 @@ def curve(result: dict, per_step_flops: float, teacher_per_step: float = 0.0, ki
 
 
 def cost_to_reach(points: list[dict], target: float, key: str) -> float | None:
-    """``key`` (steps or FLOPs) at the first evaluation at or below ``target``, interpolated from the one before
+    """``key`` (steps or FLOPs) at the first evaluation at or below ``target``, interpolated from the one
+    before
     it; the first evaluation's own cost if it is already there (``ray_lifelong.savings`` states the rule)."""
-    from ray_lifelong.savings import cost_to_reach as rule
-
     return rule(points, target, key)
 
 
 def compare(cfg: LifelongConfig, results: dict, tok_dir: str) -> dict:
-    from ray_lifelong.data.tokenizer import load_tokenizer
-    from ray_lifelong.distill import inheritance_rate
-
     vocab, m, tm = len(load_tokenizer(tok_dir)), cfg.model, cfg.ki.teacher_model
     S, bs = cfg.data.seq_len, cfg.train.batch_size
-    pos = logit_positions(m.arch, S, cfg.data.mlm_probability)
-    student_step = bs * train_flops_per_sequence(num_layers=m.num_layers, hidden=m.hidden_size,
-                                                 ffn=m.intermediate_size, vocab=vocab, seq_len=S, logit_positions=pos)
-    teacher_step = bs * forward_flops_per_sequence(num_layers=tm.num_layers, hidden=tm.hidden_size,
-                                                   ffn=tm.intermediate_size, vocab=vocab, seq_len=S, logit_positions=pos)
+    per_token = {"vocab": vocab, "seq_len": S, "arch": m.arch, "mlm_probability": cfg.data.mlm_probability}
+    student_step = bs * sequence_flops(m, **per_token)
+    teacher_step = bs * sequence_flops(tm, train=False, **per_token)
     inh = cfg.ki.inherit
-    steps0 = cfg.data.domains[0].steps or cfg.train.steps
-    n_ki = inh.steps or max(1, int(0.3 * steps0))
+    n_ki = plan.ki_steps(inh, plan.stage_plans(cfg)[0].steps)
 
     def active(k: int) -> bool:
         return inheritance_rate(k, schedule=inh.schedule, steps=n_ki, alpha0=inh.alpha0) > 0
@@ -108,39 +109,51 @@ def compare(cfg: LifelongConfig, results: dict, tok_dir: str) -> dict:
     curves = {"ki": curve(results["ki"], student_step, teacher_step, active)}
     if "baseline" in results:
         curves["baseline"] = curve(results["baseline"], student_step)
-    curves["teacher"] = curve(results["teacher"], bs * train_flops_per_sequence(
-        num_layers=tm.num_layers, hidden=tm.hidden_size, ffn=tm.intermediate_size, vocab=vocab, seq_len=S,
-        logit_positions=pos))
-    out = {"arch": m.arch, "curves": curves, "n_ki": n_ki, "schedule": inh.schedule, "alpha0": inh.alpha0,
-           "temperature": inh.temperature, "top_k": inh.top_k,
-           "final_loss": {k: v[-1]["valid_loss"] for k, v in curves.items() if v}}
+    curves["teacher"] = curve(results["teacher"], bs * sequence_flops(tm, **per_token))
+    out = {
+        "arch": m.arch,
+        "curves": curves,
+        "n_ki": n_ki,
+        "schedule": inh.schedule,
+        "alpha0": inh.alpha0,
+        "temperature": inh.temperature,
+        "top_k": inh.top_k,
+        "final_loss": {k: v[-1]["valid_loss"] for k, v in curves.items() if v},
+    }
     if "baseline" in curves and curves["baseline"]:
         target = curves["baseline"][-1]["valid_loss"]
         base_steps = cost_to_reach(curves["baseline"], target, "step")
         base_flops = cost_to_reach(curves["baseline"], target, "flops")
         ki_steps = cost_to_reach(curves["ki"], target, "step")
         ki_flops = cost_to_reach(curves["ki"], target, "flops")
-        out.update({
-            "target_loss": target,
-            "saved_step_matched": None if ki_steps is None else 1 - ki_steps / base_steps,
-            "saved_flop_matched": None if ki_flops is None else 1 - ki_flops / base_flops,
-        })
+        out.update(
+            {
+                "target_loss": target,
+                "saved_step_matched": None if ki_steps is None else 1 - ki_steps / base_steps,
+                "saved_flop_matched": None if ki_flops is None else 1 - ki_flops / base_flops,
+            }
+        )
     return out
 
 
 def write_ki_report(summary: dict, out: Path) -> None:
-    from ray_lifelong.report import markdown_table
-
     rows = [[k, v] for k, v in summary["final_loss"].items()]
-    lines = ["# Knowledge Inheritance", "",
-             f"{summary['arch']}: schedule {summary['schedule']}, N_KI {summary['n_ki']}, alpha0 "
-             f"{summary['alpha0']}, T {summary['temperature']}, top_k {summary['top_k']}.", "",
-             markdown_table(["run", "final validation loss (mean ln PPL)"], rows)]
+    lines = [
+        "# Knowledge Inheritance",
+        "",
+        f"{summary['arch']}: schedule {summary['schedule']}, N_KI {summary['n_ki']}, alpha0 "
+        f"{summary['alpha0']}, T {summary['temperature']}, top_k {summary['top_k']}.",
+        "",
+        markdown_table(["run", "final validation loss (mean ln PPL)"], rows),
+    ]
     if "target_loss" in summary:
         fmt = lambda x: "not reached" if x is None else f"{x:.1%}"  # noqa: E731
-        lines += ["", f"Compute KI saves to reach the baseline's final loss {summary['target_loss']:.3f}: "
-                      f"step-matched {fmt(summary['saved_step_matched'])}, FLOP-matched (teacher forward charged) "
-                      f"{fmt(summary['saved_flop_matched'])}."]
+        lines += [
+            "",
+            f"Compute KI saves to reach the baseline's final loss {summary['target_loss']:.3f}: "
+            f"step-matched {fmt(summary['saved_step_matched'])}, FLOP-matched (teacher forward charged) "
+            f"{fmt(summary['saved_flop_matched'])}.",
+        ]
     try:
         import matplotlib
 

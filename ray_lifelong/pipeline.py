@@ -1,18 +1,7 @@
 """The lifelong pipeline: one Ray Train stage per domain, in order, each from the previous checkpoint.
 
-This issue's pipeline is plain sequential continual pre-training (the "naive" baseline). Later methods
-plug in at the stage boundary (growth, teacher) and in the stream (replay, prompts).
-
-Run directory ``<output_dir>/<run_name>/``::
-
-    config.yaml         resolved config
-    tokenizer/          the HF tokenizer (trained here unless ``tokenizer.path`` is given)
-    packed/             with ``data.pretokenize``: each domain's packed rows (``data.packed_path`` moves it)
-    memory/             with replay: each finished domain's memory (``continual.replay.memory_path``)
-    checkpoints/        Ray Train storage: one run per stage, ``<run>-stage<i>-<domain>/checkpoint_*``
-    stages/<ii>-<domain>/stage.json  completion marker + the stage's record (and its warmup's, under ``frw``)
-    results.json  report.md  ppl_matrix_and_loss.png
-    final_model/        HF model + tokenizer of the last stage (AutoModelFor...from_pretrained)
+Growth, teachers and the function-recovering warmup act at the stage boundary; replay and prompts in the
+stream. What a run writes, and where: :mod:`ray_lifelong.layout`.
 """
 
 from __future__ import annotations
@@ -25,51 +14,50 @@ from pathlib import Path
 
 import ray.train
 
-from ray_lifelong.config.load import save_config, to_yaml
+from ray_lifelong.config.load import ConfigError, save_config, to_yaml
+from ray_lifelong.config.plan import stage_plans
 from ray_lifelong.config.schema import LifelongConfig
 from ray_lifelong.data.demo import prepare_demo
-from ray_lifelong.data.tokenizer import prepare_tokenizer
 from ray_lifelong.data.memory import keyed_shuffle, memory_uri, read_marker, write_memory
-from ray_lifelong.data.packed import training_rows
+from ray_lifelong.data.packed import pack_domain, training_rows
 from ray_lifelong.data.stream import StreamOptions, bad_record_log, quiet_ray_data, validation_dataset
+from ray_lifelong.data.tokenizer import prepare_tokenizer
 from ray_lifelong.eval.metrics import average_increased_perplexity, average_perplexity
+from ray_lifelong.layout import run_layout
+from ray_lifelong.report import write_report
 from ray_lifelong.stage.run import run_stage
 from ray_lifelong.stage.spec import StageResult, StageSpec, read_tokenizer_files
 
 
-class RunExistsError(RuntimeError):
-    pass
-
-
-def run_dir(cfg: LifelongConfig) -> Path:
-    return Path(cfg.output_dir) / cfg.run_name
+class RunExistsError(ConfigError):
+    """The run directory already holds finished stages and ``--resume`` was not given."""
 
 
 def check_run_start(cfg: LifelongConfig, resume: bool) -> None:
     """Refuse to start over a run with finished stages unless resuming (the CLI asks before starting Ray)."""
-    rdir = run_dir(cfg).resolve()
-    if not resume and any((rdir / "stages").glob("*/stage.json")):
-        raise RunExistsError(f"{rdir} already holds finished stages: pass --resume to continue it, or choose "
-                             f"another run_name=/output_dir=")
+    lay = run_layout(cfg)
+    if not resume and lay.has_finished_stages():
+        raise RunExistsError(
+            f"{lay.root} already holds finished stages: pass --resume to continue it, or choose "
+            f"another run_name=/output_dir="
+        )
 
 
 def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -> dict:
     """Run every stage (skipping finished ones when ``resume``) and write the results; return them.
 
-    ``callbacks``: Ray Train ``UserCallback``s given to every stage (``ray-lifelong tune`` reports through them).
+    ``callbacks``: Ray Train ``UserCallback``s given to every stage (``ray-lifelong tune`` reports through
+    them).
     """
     check_run_start(cfg, resume)
-    rdir = run_dir(cfg).resolve()
-    marker_dir = rdir / "stages"
-    saved = rdir / "config.yaml"
-    if resume and saved.exists() and saved.read_text() != to_yaml(cfg):
-        print(f"[run] note: config differs from the one saved in {saved}; the new one is used and saved")
-    rdir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, saved)
+    lay = run_layout(cfg)
+    if resume and lay.config.exists() and lay.config.read_text() != to_yaml(cfg):
+        print(f"[run] note: config differs from the one saved in {lay.config}; the new one is used and saved")
+    lay.root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, lay.config)
     prepare_demo(cfg)
-    tok_dir = prepare_tokenizer(cfg, rdir / "tokenizer")
+    tok_dir = prepare_tokenizer(cfg, lay.tokenizer)
     tok_files = read_tokenizer_files(tok_dir)
-    storage = cfg.ray.storage_path or str(rdir / "checkpoints")
     names = [d.name for d in cfg.data.domains]
     quiet_ray_data()
     bad_log = bad_record_log()
@@ -78,14 +66,12 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
     results: list[StageResult] = []
     frw_results: dict[int, StageResult] = {}
     memories: list[dict] = []
-    schedules = stage_schedules(cfg)
+    plans = stage_plans(cfg)
     replay = cfg.continual.replay
-    memory_root = replay.memory_path or str(rdir / "memory")
-    packed = packed_root(cfg)
     prev_ckpt = None
 
     def finished(label: str) -> StageResult | None:
-        marker = marker_dir / label / "stage.json"
+        marker = lay.stage_marker(label)
         if not marker.exists():
             return None
         rec = json.loads(marker.read_text())
@@ -93,23 +79,47 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
         return StageResult(**rec, frw=StageResult(**frw) if frw else None)
 
     for i, dom in enumerate(cfg.data.domains):
-        lr = dom.lr or cfg.train.lr
+        plan = plans[i]
         earlier = [m["uri"] for m in memories]
-        spec = StageSpec(cfg=cfg, index=i, domain=dom.name, eval_domains=names, tokenizer_files=tok_files,
-                         batch_size=dom.batch_size or cfg.train.batch_size, steps=dom.steps or cfg.train.steps,
-                         lr=lr, init_checkpoint=prev_ckpt, schedule=schedules[i],
-                         replay_uris=earlier if replay.enabled else [])
-        # ELLE: a stage that grows first recovers the old function on the earlier domains' memory (spec.frw_steps)
+        spec = StageSpec(
+            cfg=cfg,
+            index=i,
+            domain=dom.name,
+            eval_domains=names,
+            tokenizer_files=tok_files,
+            batch_size=plan.batch_size,
+            steps=plan.steps,
+            lr=plan.lr,
+            init_checkpoint=prev_ckpt,
+            schedule=plan.schedule,
+            replay_uris=earlier if replay.enabled else [],
+        )
+        # ELLE: a stage that grows first recovers the old function on the earlier domains' memory
+        # (spec.frw_steps)
         res = finished(spec.label)
         if res is not None:
             print(f"[run] stage {spec.label} already finished: skipped")
         else:
-            stream = stage_stream(cfg, i, opts, bad_log, packed)  # with data.pretokenize this may pack the domain
-            print(f"[run] stage {spec.label}: " + (f"function-recovering warmup on the memory ({spec.frw_steps} "
-                                                   f"steps), then " if spec.frw_steps else "") + f"{spec.steps} steps")
-            res = run_stage(spec, tokenizer_dir=tok_dir, storage_path=storage, valid_ds=valid_ds, bad_log=bad_log,
-                            train_ds=stream, callbacks=callbacks)
-            marker = marker_dir / spec.label / "stage.json"
+            stream = stage_stream(cfg, i, opts, bad_log)  # with data.pretokenize this may pack the domain
+            print(
+                f"[run] stage {spec.label}: "
+                + (
+                    f"function-recovering warmup on the memory ({spec.frw_steps} steps), then "
+                    if spec.frw_steps
+                    else ""
+                )
+                + f"{spec.steps} steps"
+            )
+            res = run_stage(
+                spec,
+                tokenizer_dir=tok_dir,
+                storage_path=lay.storage,
+                valid_ds=valid_ds,
+                bad_log=bad_log,
+                train_ds=stream,
+                callbacks=callbacks,
+            )
+            marker = lay.stage_marker(spec.label)
             marker.parent.mkdir(parents=True, exist_ok=True)
             tmp = marker.with_suffix(".tmp")
             tmp.write_text(json.dumps(asdict(res), indent=1))  # the warmup's record inside the stage's
@@ -122,32 +132,37 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
         results.append(res)
         prev_ckpt = ray.train.Checkpoint(res.checkpoint_path)
         if replay.enabled and i < len(cfg.data.domains) - 1:
-            uri = memory_uri(memory_root, i, dom.name)
-            memories.append(read_marker(uri) or write_memory(
-                training_rows([(i, dom)], opts, prompts=cfg.continual.prompts, packed_root=packed, log=bad_log),
-                uri, fraction=replay.memory_fraction, max_sequences=replay.memory_max_sequences,
-                seed=cfg.train.seed + i))
-            print(f"[run] memory of {dom.name!r}: {memories[-1]['sequences']} sequences -> {memories[-1]['uri']}")
-    summary = summarize(names, results, frw_results, memories)
-    (rdir / "results.json").write_text(json.dumps(summary, indent=1))
-    export_final_model(prev_ckpt, rdir / "final_model")
-    from ray_lifelong.report import write_report
-
-    write_report(summary, rdir)
-    print(f"[run] done: {rdir}/results.json, report.md, final_model/")
-    if cfg.finetune.tasks:  # downstream evaluation of the final model, when the config lists tasks
-        from ray_lifelong.downstream.run import run_finetune
-
-        summary["downstream"] = run_finetune(cfg)
+            uri = memory_uri(lay.memory, i, dom.name)
+            memories.append(
+                read_marker(uri)
+                or write_memory(
+                    training_rows(
+                        [(i, dom)], opts, prompts=cfg.continual.prompts, packed_root=lay.packed, log=bad_log
+                    ),
+                    uri,
+                    fraction=replay.memory_fraction,
+                    max_sequences=replay.memory_max_sequences,
+                    seed=cfg.train.seed + i,
+                )
+            )
+            print(
+                f"[run] memory of {dom.name!r}: {memories[-1]['sequences']} sequences -> "
+                f"{memories[-1]['uri']}"
+            )
+    summary = results_summary(names, results, frw_results, memories)
+    lay.results.write_text(json.dumps(summary, indent=1))
+    export_final_model(prev_ckpt, lay.final_model)
+    write_report(summary, lay.root)
+    print(f"[run] done: {lay.results}, report.md, final_model/")
     return summary
 
 
 def check_pretokenize(cfg: LifelongConfig) -> None:
-    from ray_lifelong.config.load import ConfigError
-
     if not cfg.data.pretokenize:
-        raise ConfigError("data.pretokenize is false: its runs stream the text files and would not read packed "
-                          "domains (set data.pretokenize=true)")
+        raise ConfigError(
+            "data.pretokenize is false: its runs stream the text files and would not read packed "
+            "domains (set data.pretokenize=true)"
+        )
 
 
 def pack_domains(cfg: LifelongConfig, prompts: tuple[bool, ...] | None = None) -> list[dict]:
@@ -156,54 +171,63 @@ def pack_domains(cfg: LifelongConfig, prompts: tuple[bool, ...] | None = None) -
     find them packed. The tokenizer is prepared as a run prepares it (``tokenizer.path`` or trained into
     the run directory). ``prompts``: the variants to pack (default: the config's ``continual.prompts``;
     ``(True, False)`` for runs that differ in prompts). Returns the packed domains' records."""
-    from ray_lifelong.data.packed import pack_domain
-
     check_pretokenize(cfg)
-    rdir = run_dir(cfg).resolve()
-    rdir.mkdir(parents=True, exist_ok=True)
+    lay = run_layout(cfg)
+    lay.root.mkdir(parents=True, exist_ok=True)
     prepare_demo(cfg)
-    tok_dir = prepare_tokenizer(cfg, rdir / "tokenizer")
+    tok_dir = prepare_tokenizer(cfg, lay.tokenizer)
     quiet_ray_data()
     opts = StreamOptions(tok_dir, cfg.model.arch, cfg.data)
-    return [pack_domain(i, dom, opts, packed_root(cfg), prompts=p)
-            for p in (prompts or (cfg.continual.prompts,)) for i, dom in enumerate(cfg.data.domains)]
+    return [
+        pack_domain(i, dom, opts, lay.packed, prompts=p)
+        for p in (prompts or (cfg.continual.prompts,))
+        for i, dom in enumerate(cfg.data.domains)
+    ]
 
 
-def stage_schedules(cfg: LifelongConfig) -> list[tuple[int, int] | None]:
-    """Per stage ``(offset, total)`` of the run-wide LR schedule (``train.lr_scope: run``), else ``None``."""
-    steps = [d.steps or cfg.train.steps for d in cfg.data.domains]
-    if cfg.train.lr_scope != "run":
-        return [None] * len(steps)
-    return [(sum(steps[:i]), sum(steps)) for i in range(len(steps))]
-
-
-def packed_root(cfg: LifelongConfig) -> str:
-    """Where ``data.pretokenize`` packs the domains: ``data.packed_path`` or ``<run dir>/packed``."""
-    return cfg.data.packed_path or str(run_dir(cfg).resolve() / "packed")
-
-
-def stage_stream(cfg: LifelongConfig, index: int, opts: StreamOptions, log=None, packed: str | None = None):
+def stage_stream(cfg: LifelongConfig, index: int, opts: StreamOptions, log=None):
     """The training stream of stage ``index``: its domain (prompted when ``continual.prompts``), or for
     ``continual.joint`` every domain so far, shuffled together; packed rows under ``data.pretokenize``."""
     doms = list(enumerate(cfg.data.domains))
     chosen = doms[: index + 1] if cfg.continual.joint else [doms[index]]
-    ds = training_rows(chosen, opts, prompts=cfg.continual.prompts, packed_root=packed or packed_root(cfg), log=log)
+    ds = training_rows(
+        chosen, opts, prompts=cfg.continual.prompts, packed_root=run_layout(cfg).packed, log=log
+    )
     # a full shuffle, not randomize_block_order: a domain's file packs into few large blocks, so a block
     # shuffle still trains on one domain at a time and a stage that ends early never sees the later ones;
     # keyed by row, so the order is the same from the text stream and from packed domains
     return keyed_shuffle(ds, seed=cfg.train.seed + index) if len(chosen) > 1 else ds
 
 
-def _record(r: StageResult) -> dict:
-    return {"domain": r.domain, "phase": r.phase, "steps": r.steps, "tokens": r.tokens,
-            "train_flops": r.train_flops, "teacher_flops": r.teacher_flops, "teacher_s": r.teacher_s,
-            "wall_time_s": r.wall_time_s, "data_wait_s": r.data_wait_s, "restarts": r.restarts,
-            "bad_records": r.bad_records, "checkpoint": r.checkpoint_path, "model_sizes": r.model_sizes,
-            "growth": r.growth, "replayed_sequences": r.replayed_sequences, "nodes": r.nodes, "history": r.history, "evals": r.evals}
+def stage_record(r: StageResult) -> dict:
+    return {
+        "domain": r.domain,
+        "phase": r.phase,
+        "steps": r.steps,
+        "tokens": r.tokens,
+        "train_flops": r.train_flops,
+        "teacher_flops": r.teacher_flops,
+        "teacher_s": r.teacher_s,
+        "wall_time_s": r.wall_time_s,
+        "data_wait_s": r.data_wait_s,
+        "restarts": r.restarts,
+        "bad_records": r.bad_records,
+        "checkpoint": r.checkpoint_path,
+        "model_sizes": r.model_sizes,
+        "growth": r.growth,
+        "replayed_sequences": r.replayed_sequences,
+        "nodes": r.nodes,
+        "history": r.history,
+        "evals": r.evals,
+    }
 
 
-def summarize(domains: list[str], results: list[StageResult], frw: dict[int, StageResult] | None = None,
-              memories: list[dict] | None = None) -> dict:
+def results_summary(
+    domains: list[str],
+    results: list[StageResult],
+    frw: dict[int, StageResult] | None = None,
+    memories: list[dict] | None = None,
+) -> dict:
     """``results.json``: the PPL matrix (rows = after stage i, columns = domains), AP, AP+ and costs.
 
     A stage's FLOPs and wall time include its function-recovering warmup (recorded under ``frw``).
@@ -216,10 +240,12 @@ def summarize(domains: list[str], results: list[StageResult], frw: dict[int, Sta
         parts = [r] + ([frw[i]] if i in frw else [])
         flops = sum(p.train_flops + p.teacher_flops for p in parts)
         cum_flops += flops
-        rec = _record(r)
-        rec.update(stage_flops=flops, cumulative_flops=cum_flops, stage_wall_time_s=sum(p.wall_time_s for p in parts))
+        rec = stage_record(r)
+        rec.update(
+            stage_flops=flops, cumulative_flops=cum_flops, stage_wall_time_s=sum(p.wall_time_s for p in parts)
+        )
         if i in frw:
-            rec["frw"] = _record(frw[i])
+            rec["frw"] = stage_record(frw[i])
             rec["growth"] = frw[i].growth  # the warmup phase is where the model grew
         stages.append(rec)
     everything = results + list(frw.values())

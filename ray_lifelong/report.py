@@ -21,32 +21,96 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def write_report(summary: dict, out_dir: Path) -> None:
     doms = summary["domains"]
-    parts = ["# Lifelong pre-training report", "",
-             "## Perplexity matrix (row: after stage i; column: validation domain)", "",
-             markdown_table(["after stage"] + doms,
-                            [[f"{i} ({s['domain']})"] + row for i, (s, row) in
-                             enumerate(zip(summary["stages"], summary["ppl_matrix"]))]),
-             "", "## Lifelong metrics", "",
-             "AP: geometric mean PPL over the domains seen so far (arithmetic mean beside it). "
-             "AP+: mean increase of earlier domains' PPL since they were learned (forgetting).", "",
-             markdown_table(["stage", "domain", "AP (geo)", "AP (arith)", "AP+"],
-                            [[i, s["domain"], summary["AP"][i], summary["AP_arithmetic"][i], summary["AP_plus"][i]]
-                             for i, s in enumerate(summary["stages"])]),
-             "", "## Cost", "",
-             markdown_table(["stage", "domain", "steps", "tokens", "train FLOPs", "cum. FLOPs (+teacher)", "wall s",
-                             "data wait s", "restarts", "bad records"],
-                            [[i, s["domain"], s["steps"], s["tokens"], s["train_flops"], s["cumulative_flops"],
-                              s["wall_time_s"], s["data_wait_s"], s["restarts"], s["bad_records"].get("count", 0)]
-                             for i, s in enumerate(summary["stages"])])]
+    parts = [
+        "# Lifelong pre-training report",
+        "",
+        "## Perplexity matrix (row: after stage i; column: validation domain)",
+        "",
+        markdown_table(
+            ["after stage"] + doms,
+            [
+                [f"{i} ({s['domain']})"] + row
+                for i, (s, row) in enumerate(zip(summary["stages"], summary["ppl_matrix"]))
+            ],
+        ),
+        "",
+        "## Lifelong metrics",
+        "",
+        "AP: geometric mean PPL over the domains seen so far (arithmetic mean beside it). "
+        "AP+: mean increase of earlier domains' PPL since they were learned (forgetting).",
+        "",
+        markdown_table(
+            ["stage", "domain", "AP (geo)", "AP (arith)", "AP+"],
+            [
+                [i, s["domain"], summary["AP"][i], summary["AP_arithmetic"][i], summary["AP_plus"][i]]
+                for i, s in enumerate(summary["stages"])
+            ],
+        ),
+        "",
+        "## Cost",
+        "",
+        markdown_table(
+            [
+                "stage",
+                "domain",
+                "steps",
+                "tokens",
+                "train FLOPs",
+                "cum. FLOPs (+teacher)",
+                "wall s",
+                "data wait s",
+                "restarts",
+                "bad records",
+            ],
+            [
+                [
+                    i,
+                    s["domain"],
+                    s["steps"],
+                    s["tokens"],
+                    s["train_flops"],
+                    s["cumulative_flops"],
+                    s["wall_time_s"],
+                    s["data_wait_s"],
+                    s["restarts"],
+                    s["bad_records"].get("count", 0),
+                ]
+                for i, s in enumerate(summary["stages"])
+            ],
+        ),
+    ]
     grown = [(i, s) for i, s in enumerate(summary["stages"]) if s.get("growth")]
     if grown:
-        parts += ["", "## Growth events", "",
-                  markdown_table(["stage", "domain", "before (L/d/heads/ffn)", "after", "params", "max logit error",
-                                  "optimizer", "seconds"],
-                                 [[i, s["domain"], _sizes(s["growth"]["before"]), _sizes(s["growth"]["after"]),
-                                   f"{s['growth']['params_before']:,} -> {s['growth']['params_after']:,}",
-                                   f"{s['growth']['max_logit_error']:.2e}", s["growth"]["optimizer"],
-                                   s["growth"]["expand_seconds"]] for i, s in grown])]
+        parts += [
+            "",
+            "## Growth events",
+            "",
+            markdown_table(
+                [
+                    "stage",
+                    "domain",
+                    "before (L/d/heads/ffn)",
+                    "after",
+                    "params",
+                    "max logit error",
+                    "optimizer",
+                    "seconds",
+                ],
+                [
+                    [
+                        i,
+                        s["domain"],
+                        _sizes(s["growth"]["before"]),
+                        _sizes(s["growth"]["after"]),
+                        f"{s['growth']['params_before']:,} -> {s['growth']['params_after']:,}",
+                        f"{s['growth']['max_logit_error']:.2e}",
+                        s["growth"]["optimizer"],
+                        s["growth"]["expand_seconds"],
+                    ]
+                    for i, s in grown
+                ],
+            ),
+        ]
     bad = [e for s in summary["stages"] for e in s["bad_records"].get("examples", [])]
     if bad:
         parts += ["", "## Skipped bad records (first examples)", ""] + [f"- {e}" for e in bad[:10]]
@@ -80,7 +144,9 @@ def write_plots(summary: dict, out_dir: Path) -> list[Path]:
     ax1.set_yticks(range(len(m)), [f"after {s['domain']}" for s in summary["stages"]])
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
-            ax1.text(j, i, f"{summary['ppl_matrix'][i][j]:.0f}", ha="center", va="center", color="w", fontsize=8)
+            ax1.text(
+                j, i, f"{summary['ppl_matrix'][i][j]:.0f}", ha="center", va="center", color="w", fontsize=8
+            )
     ax1.set_title("validation perplexity (colour: log PPL)")
     fig.colorbar(im, ax=ax1)
     offset = 0

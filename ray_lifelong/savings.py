@@ -1,4 +1,5 @@
-"""Compute saved to reach a loss: the one rule behind every saving this project reports (shared/specs/flops.md).
+"""Compute saved to reach a loss: the one rule behind every saving this project reports
+(docs/design.md, "Compute").
 
 A curve is a list of evaluations in training order, each a dict with ``valid_loss`` and the cumulative cost
 ``step`` and ``flops`` at that evaluation (a teacher's forward FLOPs included where it ran). Pure: no Ray, no
@@ -11,7 +12,8 @@ The rule, ``cost_to_reach(curve, L*)``:
 2. If that evaluation has an earlier one (which was above L*), the cost is interpolated linearly between the
    two, in the unit asked for (steps or FLOPs).
 3. If it is the curve's **first point**, its own cost is the answer: nothing was evaluated before it, so no
-   earlier crossing is credited. A curve that starts with an evaluation before training (step 0, cost 0, or the
+   earlier crossing is credited. A curve that starts with an evaluation before training (step 0, cost 0, or
+   the
    cost already spent, e.g. a grown model's small phase) therefore costs that start; a curve whose first
    evaluation comes after some training (``ray-lifelong ki``'s, from step ``eval_every`` on) costs that
    evaluation's step and FLOPs, never an interpolation towards an origin that was not evaluated.
@@ -29,7 +31,8 @@ KEYS = ("step", "flops")
 
 
 def cost_to_reach(curve: Sequence[Mapping], target: float, key: str = "flops") -> float | None:
-    """Cumulative ``key`` (``step`` or ``flops``) at the first evaluation with ``valid_loss <= target``, linearly
+    """Cumulative ``key`` (``step`` or ``flops``) at the first evaluation with ``valid_loss <= target``,
+    linearly
     interpolated from the evaluation before it; the first point's own cost if it is already there; ``None`` if
     no evaluation gets there (the module docstring states the rule)."""
     if key not in KEYS:
@@ -49,15 +52,18 @@ def cost_to_reach(curve: Sequence[Mapping], target: float, key: str = "flops") -
 
 
 def saved_fraction(method_cost: float | None, baseline_cost: float | None) -> float | None:
-    """1 - method / baseline; ``None`` where either did not reach the target (or the baseline cost nothing)."""
+    """1 - method / baseline; ``None`` where either did not reach the target (or the baseline cost
+    nothing)."""
     if method_cost is None or baseline_cost is None or baseline_cost <= 0:
         return None
     return 1.0 - method_cost / baseline_cost
 
 
-def saved_to_reach(method: Sequence[Mapping], baseline: Sequence[Mapping], target: float,
-                   key: str = "flops") -> float | None:
-    """The share of the baseline's compute to ``target`` that ``method`` does not need (``None``: one never got
+def saved_to_reach(
+    method: Sequence[Mapping], baseline: Sequence[Mapping], target: float, key: str = "flops"
+) -> float | None:
+    """The share of the baseline's compute to ``target`` that ``method`` does not need (``None``: one never
+    got
     there)."""
     return saved_fraction(cost_to_reach(method, target, key), cost_to_reach(baseline, target, key))
 
@@ -86,8 +92,9 @@ def savings(baseline: Sequence[Mapping], method: Sequence[Mapping], target: floa
     return out
 
 
-def saved_against(curves: Mapping[str, Sequence[Mapping]], reference: str, target: float | None = None,
-                  key: str = "flops") -> dict[str, float | None]:
+def saved_against(
+    curves: Mapping[str, Sequence[Mapping]], reference: str, target: float | None = None, key: str = "flops"
+) -> dict[str, float | None]:
     """For every curve but ``reference``: the share of the reference's compute to ``target`` (default: the
     reference's final validation loss) it does not need; ``None`` where it never gets there. Growth's table:
     the grown runs and the small model alone against the large model from scratch, by one rule."""
@@ -95,13 +102,21 @@ def saved_against(curves: Mapping[str, Sequence[Mapping]], reference: str, targe
     if target is None:
         target = ref[-1]["valid_loss"]
     c_ref = cost_to_reach(ref, target, key)
-    return {name: saved_fraction(cost_to_reach(c, target, key), c_ref) for name, c in curves.items()
-            if name != reference}
+    return {
+        name: saved_fraction(cost_to_reach(c, target, key), c_ref)
+        for name, c in curves.items()
+        if name != reference
+    }
 
 
-def target_sensitivity(baseline: Sequence[Mapping], method: Sequence[Mapping], deltas: Sequence[float] = (-0.02, 0.02),
-                       key: str = "step") -> dict[float, float | None]:
+def target_sensitivity(
+    baseline: Sequence[Mapping],
+    method: Sequence[Mapping],
+    deltas: Sequence[float] = (-0.02, 0.02),
+    key: str = "step",
+) -> dict[float, float | None]:
     """The saving to reach the baseline's final loss moved by each delta (nats): how much a headline saving
-    depends on where one noisy final evaluation happened to land. ``None`` where one of them never gets there."""
+    depends on where one noisy final evaluation happened to land. ``None`` where one of them never gets
+    there."""
     final = baseline[-1]["valid_loss"]
     return {d: saved_to_reach(method, baseline, final + d, key) for d in deltas}

@@ -3,7 +3,7 @@
 A sweep is a lifelong config plus a ``tune:`` section (:class:`SweepConfig`): a search space over dotted
 config paths, a scheduler (ASHA, FIFO or PBT), a search algorithm (random/grid or Optuna) and the trials'
 resources. Each trial is a Tune *function trainable* that runs :func:`run_lifelong` on the config with
-its sampled values (Train V2 inside Tune, shared/specs/ray.md §4.2); every validation of every stage is
+its sampled values (Ray Train V2 inside a Tune trial); every validation of every stage is
 forwarded to Tune as one iteration, so ASHA can stop a poor trial between evaluations. Under PBT a trial
 runs its one stage in segments (:func:`_pbt_trial`) and reports a Tune checkpoint after each, which PBT
 clones into the worst trials.
@@ -22,8 +22,17 @@ import math
 from pathlib import Path
 
 from ray_lifelong.config import ConfigError, LifelongConfig, to_yaml, validate, with_values
+from ray_lifelong.config.plan import stage_plans
 from ray_lifelong.config.schema import SearchDim
+from ray_lifelong.data.demo import prepare_demo
 from ray_lifelong.data.sources import join_uri
+from ray_lifelong.data.stream import StreamOptions, bad_record_log, validation_dataset
+from ray_lifelong.data.tokenizer import prepare_tokenizer
+from ray_lifelong.ki import variants
+from ray_lifelong.layout import run_layout
+from ray_lifelong.pipeline import results_summary, run_lifelong
+from ray_lifelong.stage.run import run_stage
+from ray_lifelong.stage.spec import StageSpec, read_tokenizer_files
 
 TRIALS = "trials"
 
@@ -64,8 +73,15 @@ def check_space(cfg: LifelongConfig, where: str = "<config>") -> None:
     for path, dim in cfg.tune.space.items():
         vals = edge_values(dim)
         for v in vals:  # the trial's own config, so that KI's inherit values are checked as the student's
-            c = trial_config(cfg, {path: v}, run_name="check", output_dir=cfg.output_dir,
-                             tokenizer_dir="<tokenizer>", teacher_dir="<teacher>", where=f"{where}: tune.space")
+            c = trial_config(
+                cfg,
+                {path: v},
+                run_name="check",
+                output_dir=cfg.output_dir,
+                tokenizer_dir="<tokenizer>",
+                teacher_dir="<teacher>",
+                where=f"{where}: tune.space",
+            )
             validate(c, f"{where}: tune.space.{path}={v!r}")
 
 
@@ -81,7 +97,10 @@ def absolute_paths(cfg: LifelongConfig) -> LifelongConfig:
     c = copy.deepcopy(cfg)
     c.output_dir, c.demo.dir, c.tokenizer.path = fix(c.output_dir), fix(c.demo.dir), fix(c.tokenizer.path)
     c.ray.storage_path, c.tune.storage_path = fix(c.ray.storage_path), fix(c.tune.storage_path)
-    c.continual.replay.memory_path, c.data.packed_path = fix(c.continual.replay.memory_path), fix(c.data.packed_path)
+    c.continual.replay.memory_path, c.data.packed_path = (
+        fix(c.continual.replay.memory_path),
+        fix(c.data.packed_path),
+    )
     for dom in c.data.domains:
         dom.train, dom.valid = [fix(p) for p in dom.train], [fix(p) for p in dom.valid]
         if dom.teacher is not None:
@@ -93,11 +112,7 @@ def absolute_paths(cfg: LifelongConfig) -> LifelongConfig:
 def max_reports(cfg: LifelongConfig) -> int:
     """Validations a trial reports: one per ``eval_every`` steps of each stage, the last at its end."""
     every = cfg.train.eval_every or 0
-    total = 0
-    for dom in cfg.data.domains:
-        steps = dom.steps or cfg.train.steps
-        total += math.ceil(steps / every) if every else 1
-    return total
+    return sum(math.ceil(p.steps / every) if every else 1 for p in stage_plans(cfg))
 
 
 def trial_demand(cfg: LifelongConfig) -> dict[str, float]:
@@ -106,10 +121,14 @@ def trial_demand(cfg: LifelongConfig) -> dict[str, float]:
     GPUs for its workers (of its largest stage, where domains set their own ``scaling``)."""
     d = cfg.data
     stages = [dom.scaling or cfg.scaling for dom in d.domains] or [cfg.scaling]
-    tokenize = 0.0 if d.pretokenize else max(1, d.tokenize_actors) * d.tokenize_num_cpus  # packed rows: reads only
-    return {"driver": cfg.tune.trial_cpus, "workers": max(s.num_workers * s.cpus_per_worker for s in stages),
-            "data": d.read_num_cpus + tokenize,
-            "gpus": max(s.num_workers * s.gpus_per_worker if s.use_gpu else 0.0 for s in stages)}
+    # packed rows: reads only
+    tokenize = 0.0 if d.pretokenize else max(1, d.tokenize_actors) * d.tokenize_num_cpus
+    return {
+        "driver": cfg.tune.trial_cpus,
+        "workers": max(s.num_workers * s.cpus_per_worker for s in stages),
+        "data": d.read_num_cpus + tokenize,
+        "gpus": max(s.num_workers * s.gpus_per_worker if s.use_gpu else 0.0 for s in stages),
+    }
 
 
 def trials_that_fit(demand: dict[str, float], cpus: float, gpus: float) -> int:
@@ -135,30 +154,46 @@ def concurrency(cfg: LifelongConfig, cpus: float, gpus: float, where: str = "<co
         return want
     d = trial_demand(cfg)
     per = d["driver"] + d["workers"] + d["data"]
-    parts = (f"{per:g} CPUs (driver {d['driver']:g} tune.trial_cpus, workers {d['workers']:g} scaling.*, data "
-             f"{d['data']:g} data.read_num_cpus/tokenize_*)" + (f" and {d['gpus']:g} GPUs" if d["gpus"] else ""))
+    parts = (
+        f"{per:g} CPUs (driver {d['driver']:g} tune.trial_cpus, workers {d['workers']:g} scaling.*, data "
+        f"{d['data']:g} data.read_num_cpus/tokenize_*)" + (f" and {d['gpus']:g} GPUs" if d["gpus"] else "")
+    )
     have = f"the cluster has {cpus:g} CPUs" + (f" and {gpus:g} GPUs" if d["gpus"] else "")
     fit = trials_that_fit(d, cpus, gpus)
     if fit < 1:
-        raise ConfigError(f"{where}: one trial needs {parts} but {have}: lower those keys or add nodes "
-                          f"(tune.fit_to_cluster=false on a cluster that autoscales)")
+        raise ConfigError(
+            f"{where}: one trial needs {parts} but {have}: lower those keys or add nodes "
+            f"(tune.fit_to_cluster=false on a cluster that autoscales)"
+        )
     if tu.scheduler == "pbt" and fit < tu.num_samples:
-        raise ConfigError(f"{where}: tune.scheduler=pbt runs its {tu.num_samples} trials together, each needing {parts}, "
-                          f"but {have} ({fit} fit): lower tune.num_samples or the trial's resources")
+        raise ConfigError(
+            f"{where}: tune.scheduler=pbt runs its {tu.num_samples} trials together, each needing {parts}, "
+            f"but {have} ({fit} fit): lower tune.num_samples or the trial's resources"
+        )
     if fit < want:
-        print(f"[tune] running {fit} trials at a time, not tune.max_concurrent_trials={want}: each needs "
-              f"{parts} and {have}", flush=True)
+        print(
+            f"[tune] running {fit} trials at a time, not tune.max_concurrent_trials={want}: each needs "
+            f"{parts} and {have}",
+            flush=True,
+        )
     return min(fit, want)
 
 
 # ------------------------------------------------------------------------------------------ the trial
 
-def trial_config(cfg: LifelongConfig, params: dict, *, run_name: str, output_dir: str,
-                 tokenizer_dir: str, teacher_dir: str | None, where: str = "trial") -> LifelongConfig:
+
+def trial_config(
+    cfg: LifelongConfig,
+    params: dict,
+    *,
+    run_name: str,
+    output_dir: str,
+    tokenizer_dir: str,
+    teacher_dir: str | None,
+    where: str = "trial",
+) -> LifelongConfig:
     """The run one trial trains: the base config with the sampled values, its own run directory, the
     sweep's tokenizer and (``tune.base: ki``) the KI student distilling from the sweep's teacher."""
-    from ray_lifelong.ki import variants
-
     c = with_values(cfg, params, where)
     if cfg.tune.base == "ki":
         c = variants(c, tokenizer_dir)["ki"]
@@ -189,20 +224,34 @@ def _callback(metric: str, last_stage: int):
     return ValidationToTune()
 
 
-def _trial(params: dict, *, cfg: LifelongConfig, tokenizer_dir: str, teacher_dir: str | None, trials_dir: str) -> None:
+def _trial(
+    params: dict, *, cfg: LifelongConfig, tokenizer_dir: str, teacher_dir: str | None, trials_dir: str
+) -> None:
     from ray import tune
 
-    from ray_lifelong.pipeline import run_lifelong
 
     # the trial id names the run: a restored sweep finds the trial's finished stages and checkpoints
     run_name = tune.get_context().get_trial_id()
-    c = trial_config(cfg, params["params"], run_name=run_name, output_dir=trials_dir,
-                     tokenizer_dir=tokenizer_dir, teacher_dir=teacher_dir)
+    c = trial_config(
+        cfg,
+        params["params"],
+        run_name=run_name,
+        output_dir=trials_dir,
+        tokenizer_dir=tokenizer_dir,
+        teacher_dir=teacher_dir,
+    )
     last = len(c.data.domains) - 1
     summary = run_lifelong(c, resume=True, callbacks=[_callback(cfg.tune.metric, last)])
     ppl = summary["ppl_matrix"][-1]
-    tune.report({"valid_loss": math.log(ppl[last]), "stage": last, "step": summary["stages"][-1]["steps"],
-                 "final": True, **{f"ppl/{d}": p for d, p in zip(summary["domains"], ppl)}})
+    tune.report(
+        {
+            "valid_loss": math.log(ppl[last]),
+            "stage": last,
+            "step": summary["stages"][-1]["steps"],
+            "final": True,
+            **{f"ppl/{d}": p for d, p in zip(summary["domains"], ppl)},
+        }
+    )
 
 
 def segment_ends(steps: int, interval: int) -> list[int]:
@@ -211,12 +260,13 @@ def segment_ends(steps: int, interval: int) -> list[int]:
 
 
 def pbt_interval(cfg: LifelongConfig) -> int:
-    steps = cfg.data.domains[0].steps or cfg.train.steps
+    steps = stage_plans(cfg)[0].steps
     return cfg.tune.perturbation_interval or cfg.train.eval_every or max(1, steps // 4)
 
 
-def _pbt_trial(params: dict, *, cfg: LifelongConfig, tokenizer_dir: str, teacher_dir: str | None,
-               trials_dir: str) -> None:
+def _pbt_trial(
+    params: dict, *, cfg: LifelongConfig, tokenizer_dir: str, teacher_dir: str | None, trials_dir: str
+) -> None:
     """A PBT trial: the one stage in segments, each its own Ray Train run continuing the last segment's
     checkpoint. The Tune checkpoint after a segment is a pointer to that Train checkpoint, so a trial that
     PBT makes clone another continues from the other's weights, optimizer and data position, with the
@@ -226,19 +276,19 @@ def _pbt_trial(params: dict, *, cfg: LifelongConfig, tokenizer_dir: str, teacher
     import ray.train
     from ray import tune
 
-    from ray_lifelong.data.stream import StreamOptions, bad_record_log, validation_dataset
-    from ray_lifelong.pipeline import run_dir, summarize
-    from ray_lifelong.stage.run import run_stage
-    from ray_lifelong.stage.spec import StageSpec, read_tokenizer_files
-
     trial_id = tune.get_context().get_trial_id()
-    c = trial_config(cfg, params["params"], run_name=trial_id, output_dir=trials_dir,
-                     tokenizer_dir=tokenizer_dir, teacher_dir=teacher_dir)
-    rdir = run_dir(c).resolve()
-    rdir.mkdir(parents=True, exist_ok=True)
-    dom = c.data.domains[0]
-    steps = dom.steps or c.train.steps
-    ends = segment_ends(steps, pbt_interval(c))
+    c = trial_config(
+        cfg,
+        params["params"],
+        run_name=trial_id,
+        output_dir=trials_dir,
+        tokenizer_dir=tokenizer_dir,
+        teacher_dir=teacher_dir,
+    )
+    lay = run_layout(c)
+    lay.root.mkdir(parents=True, exist_ok=True)
+    dom, plan = c.data.domains[0], stage_plans(c)[0]
+    ends = segment_ends(plan.steps, pbt_interval(c))
     start, resume_from = 0, None
     pointer = tune.get_checkpoint()
     if pointer is not None:  # after a pause, a clone or a restored sweep
@@ -248,23 +298,45 @@ def _pbt_trial(params: dict, *, cfg: LifelongConfig, tokenizer_dir: str, teacher
         print(f"[pbt] {trial_id}: segment {start} continues {last['checkpoint']} ({last['trial_id']})")
     log = bad_record_log()
     valid = validation_dataset(c.data.domains, StreamOptions(tokenizer_dir, c.model.arch, c.data), log)
-    storage = c.ray.storage_path or str(rdir / "checkpoints")
     for k in range(start, len(ends)):
-        spec = StageSpec(cfg=c, index=0, domain=dom.name, eval_domains=[dom.name], steps=steps,
-                         batch_size=dom.batch_size or c.train.batch_size, lr=dom.lr or c.train.lr,
-                         tokenizer_files=read_tokenizer_files(tokenizer_dir), segment=k,
-                         resume_from=resume_from, stop_at=ends[k])
-        res = run_stage(spec, tokenizer_dir=tokenizer_dir, storage_path=storage, valid_ds=valid, bad_log=log)
+        spec = StageSpec(
+            cfg=c,
+            index=0,
+            domain=dom.name,
+            eval_domains=[dom.name],
+            steps=plan.steps,
+            batch_size=plan.batch_size,
+            lr=plan.lr,
+            schedule=plan.schedule,
+            tokenizer_files=read_tokenizer_files(tokenizer_dir),
+            segment=k,
+            resume_from=resume_from,
+            stop_at=ends[k],
+        )
+        res = run_stage(
+            spec, tokenizer_dir=tokenizer_dir, storage_path=lay.storage, valid_ds=valid, bad_log=log
+        )
         resume_from = ray.train.Checkpoint(res.checkpoint_path)
         final = k == len(ends) - 1
         if final:  # the trial ran to the end: the same results.json as a run's
-            (rdir / "results.json").write_text(json.dumps(summarize([dom.name], [res]), indent=1))
+            lay.results.write_text(json.dumps(results_summary([dom.name], [res]), indent=1))
         with tempfile.TemporaryDirectory() as d:
-            (Path(d) / "segment.json").write_text(json.dumps(
-                {"segment": k, "checkpoint": res.checkpoint_path, "trial_id": trial_id, "step": res.steps}))
-            tune.report({"valid_loss": math.log(res.ppl[dom.name]), "stage": 0, "step": res.steps, "segment": k,
-                         "final": final, f"ppl/{dom.name}": res.ppl[dom.name]},
-                        checkpoint=tune.Checkpoint.from_directory(d))
+            (Path(d) / "segment.json").write_text(
+                json.dumps(
+                    {"segment": k, "checkpoint": res.checkpoint_path, "trial_id": trial_id, "step": res.steps}
+                )
+            )
+            tune.report(
+                {
+                    "valid_loss": math.log(res.ppl[dom.name]),
+                    "stage": 0,
+                    "step": res.steps,
+                    "segment": k,
+                    "final": final,
+                    f"ppl/{dom.name}": res.ppl[dom.name],
+                },
+                checkpoint=tune.Checkpoint.from_directory(d),
+            )
 
 
 def _scheduler(cfg: LifelongConfig, reports: int):
@@ -272,28 +344,35 @@ def _scheduler(cfg: LifelongConfig, reports: int):
 
     tu = cfg.tune
     if tu.scheduler == "asha":
-        return ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=tu.grace_period,
-                             reduction_factor=tu.reduction_factor)
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=reports,
+            grace_period=tu.grace_period,
+            reduction_factor=tu.reduction_factor,
+        )
     if tu.scheduler == "pbt":  # one iteration per segment; synchronous, so every boundary compares all trials
         return PopulationBasedTraining(
-            time_attr="training_iteration", perturbation_interval=1, synch=True,
+            time_attr="training_iteration",
+            perturbation_interval=1,
+            synch=True,
             hyperparam_mutations={"params": {p: dimension(d) for p, d in tu.space.items()}},
-            quantile_fraction=tu.quantile_fraction, resample_probability=tu.resample_probability)
+            quantile_fraction=tu.quantile_fraction,
+            resample_probability=tu.resample_probability,
+        )
     return FIFOScheduler()
 
 
 # ------------------------------------------------------------------------------------------ the sweep
 
-def storage_root(cfg: LifelongConfig) -> str:
-    """Ray Tune's storage: ``tune.storage_path`` (made absolute) or else the run directory."""
-    from ray_lifelong.pipeline import run_dir
 
-    return absolute_paths(cfg).tune.storage_path or str(run_dir(cfg).resolve())
+def storage_last_error_line(cfg: LifelongConfig) -> str:
+    """Ray Tune's storage: ``tune.storage_path`` (made absolute) or else the run directory."""
+    return absolute_paths(cfg).tune.storage_path or str(run_layout(cfg).root)
 
 
 def experiment_path(cfg: LifelongConfig) -> str:
     """Where Ray Tune keeps the sweep's state: ``<storage root>/tune``."""
-    return join_uri(storage_root(cfg), "tune")
+    return join_uri(storage_last_error_line(cfg), "tune")
 
 
 def check_sweep_start(cfg: LifelongConfig, resume: bool, where: str = "<config>") -> None:
@@ -303,8 +382,10 @@ def check_sweep_start(cfg: LifelongConfig, resume: bool, where: str = "<config>"
 
     exp_path = experiment_path(cfg)
     if not resume and tune.Tuner.can_restore(exp_path):
-        raise ConfigError(f"{where}: a sweep already exists in {exp_path}: pass --resume to finish it, or "
-                          f"choose another run_name=/tune.storage_path=")
+        raise ConfigError(
+            f"{where}: a sweep already exists in {exp_path}: pass --resume to finish it, or "
+            f"choose another run_name=/tune.storage_path="
+        )
 
 
 def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<config>") -> dict:
@@ -312,7 +393,6 @@ def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<confi
     import ray
     from ray import tune
 
-    from ray_lifelong.pipeline import prepare_demo, prepare_tokenizer, run_dir, run_lifelong
 
     check_space(cfg, where)
     check_sweep_start(cfg, resume, where)
@@ -320,7 +400,7 @@ def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<confi
     limit = concurrency(cfg, resources.get("CPU", 0.0), resources.get("GPU", 0.0), where)
     cfg = absolute_paths(cfg)
     tu = cfg.tune
-    base = run_dir(cfg).resolve()
+    base = run_layout(cfg).root
     base.mkdir(parents=True, exist_ok=True)
     if cfg.data.pretokenize and not cfg.data.packed_path:  # every trial (and the teacher) reads one packing
         cfg.data.packed_path = str(base / "packed")
@@ -328,29 +408,43 @@ def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<confi
     tok_dir = prepare_tokenizer(cfg, base / "tokenizer")
     teacher_dir = None
     if tu.base == "ki":  # one teacher for every trial, trained first (or found finished)
-        from ray_lifelong.ki import variants
 
         teacher_cfg = variants(cfg, tok_dir)["teacher"]
         teacher_cfg.tune.space = {}
-        teacher_dir = str(run_dir(teacher_cfg).resolve())
-        if (Path(teacher_dir) / "results.json").exists():
+        teacher = run_layout(teacher_cfg)
+        teacher_dir = str(teacher.root)
+        if teacher.results.exists():
             print(f"[tune] teacher already trained: {teacher_dir}")
         else:
             print(f"[tune] training the KI teacher once for every trial: {teacher_dir}")
             run_lifelong(teacher_cfg, resume=True)
 
     trainable = tune.with_resources(
-        tune.with_parameters(_pbt_trial if tu.scheduler == "pbt" else _trial, cfg=cfg, tokenizer_dir=tok_dir, teacher_dir=teacher_dir,
-                             trials_dir=str(base / TRIALS)),
-        {"cpu": tu.trial_cpus})
-    storage = storage_root(cfg)
+        tune.with_parameters(
+            _pbt_trial if tu.scheduler == "pbt" else _trial,
+            cfg=cfg,
+            tokenizer_dir=tok_dir,
+            teacher_dir=teacher_dir,
+            trials_dir=str(base / TRIALS),
+        ),
+        {"cpu": tu.trial_cpus},
+    )
+    storage = storage_last_error_line(cfg)
     exp_path = join_uri(storage, "tune")
     if resume and tune.Tuner.can_restore(exp_path):
         print(f"[tune] restoring the sweep in {exp_path}")
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        reports = max_reports(trial_config(cfg, {}, run_name="probe", output_dir=str(base), tokenizer_dir=tok_dir,
-                                           teacher_dir=teacher_dir))
+        reports = max_reports(
+            trial_config(
+                cfg,
+                {},
+                run_name="probe",
+                output_dir=str(base),
+                tokenizer_dir=tok_dir,
+                teacher_dir=teacher_dir,
+            )
+        )
         tuner = new_tuner(cfg, trainable, reports=reports, max_concurrent=limit, storage=storage)
     grid = tuner.fit()
     return write_sweep_results(cfg, grid, base, tokenizer_dir=tok_dir, teacher_dir=teacher_dir)
@@ -365,10 +459,19 @@ def new_tuner(cfg: LifelongConfig, trainable, *, reports: int, max_concurrent: i
     return tune.Tuner(
         trainable,
         param_space={"params": {path: dimension(dim) for path, dim in tu.space.items()}},
-        tune_config=tune.TuneConfig(metric=tu.metric, mode=tu.mode, scheduler=_scheduler(cfg, reports),
-                                    search_alg=_searcher(tu, max_concurrent), num_samples=tu.num_samples),
-        run_config=tune.RunConfig(name="tune", storage_path=storage,
-                                  failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)))
+        tune_config=tune.TuneConfig(
+            metric=tu.metric,
+            mode=tu.mode,
+            scheduler=_scheduler(cfg, reports),
+            search_alg=_searcher(tu, max_concurrent),
+            num_samples=tu.num_samples,
+        ),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
+        ),
+    )
 
 
 def _searcher(tu, max_concurrent: int):
@@ -379,17 +482,20 @@ def _searcher(tu, max_concurrent: int):
 
         return BasicVariantGenerator(random_state=tu.seed, max_concurrent=max_concurrent)
     try:
-        from ray.tune.search.optuna import OptunaSearch
         import optuna  # noqa: F401
+        from ray.tune.search.optuna import OptunaSearch
     except ImportError:
-        raise ConfigError("tune.search=optuna needs the optuna package (pip install optuna, or the [tune] extra)") from None
+        raise ConfigError(
+            "tune.search=optuna needs the optuna package (pip install optuna, or the [tune] extra)"
+        ) from None
     from ray.tune.search import ConcurrencyLimiter
 
     return ConcurrencyLimiter(OptunaSearch(seed=tu.seed), max_concurrent=max_concurrent)
 
 
-def write_sweep_results(cfg: LifelongConfig, grid, base: Path, *, tokenizer_dir: str,
-                        teacher_dir: str | None) -> dict:
+def write_sweep_results(
+    cfg: LifelongConfig, grid, base: Path, *, tokenizer_dir: str, teacher_dir: str | None
+) -> dict:
     """Every trial's values and metrics (CSV, Markdown), the best config as a runnable YAML, the curves."""
     tu = cfg.tune
     paths = list(tu.space)
@@ -401,46 +507,87 @@ def write_sweep_results(cfg: LifelongConfig, grid, base: Path, *, tokenizer_dir:
         values = history[tu.metric].dropna().tolist() if history is not None and tu.metric in history else []
         curves[trial_id] = values
         best_seen = (min(values) if tu.mode == "min" else max(values)) if values else None
-        error = _root(result.error) if result.error else ""
+        error = _last_error_line(result.error) if result.error else ""
         # a trial's run writes results.json after its last stage: ASHA's stopped trials have none
         finished = (base / TRIALS / trial_id / "results.json").exists()
-        rows.append({"trial_id": trial_id, **{p: result.config["params"].get(p) for p in paths},
-                     tu.metric: m.get(tu.metric), f"best_{tu.metric}": best_seen, "stage": m.get("stage"),
-                     "step": m.get("step"), "evaluations": len(values), "finished": finished,
-                     "stopped_early": not finished and not error, "error": error})
+        rows.append(
+            {
+                "trial_id": trial_id,
+                **{p: result.config["params"].get(p) for p in paths},
+                tu.metric: m.get(tu.metric),
+                f"best_{tu.metric}": best_seen,
+                "stage": m.get("stage"),
+                "step": m.get("step"),
+                "evaluations": len(values),
+                "finished": finished,
+                "stopped_early": not finished and not error,
+                "error": error,
+            }
+        )
     done = [r for r in rows if r["finished"] and r[tu.metric] is not None]
     if not done:
         errors = [r["error"] for r in rows if r["error"]]
-        raise RuntimeError(f"no trial of the sweep ran to the end (see {base / 'tune'})"
-                           + (f"; first error: {errors[0]}" if errors else ""))
+        raise RuntimeError(
+            f"no trial of the sweep ran to the end (see {base / 'tune'})"
+            + (f"; first error: {errors[0]}" if errors else "")
+        )
     # finished trials first, best first (ties by trial id); the best is the first one: among the trials that
     # ran to the end, since a stopped trial ends on an earlier, higher loss
-    rows.sort(key=lambda r: (not r["finished"], r[tu.metric] is None,
-                             r[tu.metric] if tu.mode == "min" else -(r[tu.metric] or 0), r["trial_id"]))
+    rows.sort(
+        key=lambda r: (
+            not r["finished"],
+            r[tu.metric] is None,
+            r[tu.metric] if tu.mode == "min" else -(r[tu.metric] or 0),
+            r["trial_id"],
+        )
+    )
     best = rows[0]
 
     best_params = {p: best[p] for p in paths}
-    best_cfg = trial_config(cfg, best_params, run_name=f"{cfg.run_name}-best", output_dir=str(base),
-                            tokenizer_dir=tokenizer_dir, teacher_dir=teacher_dir)
+    best_cfg = trial_config(
+        cfg,
+        best_params,
+        run_name=f"{cfg.run_name}-best",
+        output_dir=str(base),
+        tokenizer_dir=tokenizer_dir,
+        teacher_dir=teacher_dir,
+    )
     (base / "best_config.yaml").write_text(
         f"# best trial {best['trial_id']} of the sweep {base}: {tu.metric} {best[tu.metric]:.4f}\n"
-        f"# ray-lifelong run {base / 'best_config.yaml'}\n" + to_yaml(best_cfg))
+        f"# ray-lifelong run {base / 'best_config.yaml'}\n" + to_yaml(best_cfg)
+    )
     fields = list(rows[0])
     with open(base / "sweep_results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    lines = [f"# Sweep {cfg.run_name}: {len(rows)} trials, {tu.scheduler}, {tu.search} search, "
-             f"{tu.mode} {tu.metric}", "", "| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+    lines = [
+        f"# Sweep {cfg.run_name}: {len(rows)} trials, {tu.scheduler}, {tu.search} search, "
+        f"{tu.mode} {tu.metric}",
+        "",
+        "| " + " | ".join(fields) + " |",
+        "|" + "---|" * len(fields),
+    ]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r[k]) for k in fields) + " |")
-    lines += ["", f"Best (ran to the end): trial {best['trial_id']}, "
-              + ", ".join(f"{p}={_fmt(v)}" for p, v in best_params.items()) + f": {tu.metric} {best[tu.metric]:.4f}. "
-              f"Run it: `ray-lifelong run {base / 'best_config.yaml'}`.", "", "![curves](sweep_curves.png)"]
+    lines += [
+        "",
+        f"Best (ran to the end): trial {best['trial_id']}, "
+        + ", ".join(f"{p}={_fmt(v)}" for p, v in best_params.items())
+        + f": {tu.metric} {best[tu.metric]:.4f}. "
+        f"Run it: `ray-lifelong run {base / 'best_config.yaml'}`.",
+        "",
+        "![curves](sweep_curves.png)",
+    ]
     (base / "sweep_results.md").write_text("\n".join(lines) + "\n")
     _plot(curves, best["trial_id"], tu.metric, base / "sweep_curves.png")
-    summary = {"trials": rows, "best": best, "best_params": best_params, "best_config": str(base / "best_config.yaml"),
-               "results_csv": str(base / "sweep_results.csv")}
+    summary = {
+        "trials": rows,
+        "best": best,
+        "best_params": best_params,
+        "best_config": str(base / "best_config.yaml"),
+        "results_csv": str(base / "sweep_results.csv"),
+    }
     (base / "sweep_results.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"[tune] best trial {best['trial_id']}: {best_params} -> {tu.metric} {best[tu.metric]:.4f}")
     print(f"[tune] results: {base / 'sweep_results.md'}, best config: {base / 'best_config.yaml'}")
@@ -456,7 +603,7 @@ def _trial_id(path: str) -> str | None:
     return found.group(1) if found else None
 
 
-def _root(error: BaseException) -> str:
+def _last_error_line(error: BaseException) -> str:
     """The last line of the innermost error (Tune wraps the trial's exception in its own)."""
     lines = [ln for ln in str(error).strip().splitlines() if ln.strip()]
     return lines[-1].strip() if lines else type(error).__name__
@@ -478,8 +625,14 @@ def _plot(curves: dict[str, list[float]], best: str, metric: str, path: Path) ->
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for trial, values in curves.items():
-        ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, lw=2.5 if trial == best else 1,
-                label=trial + (" (best)" if trial == best else ""))
+        ax.plot(
+            range(1, len(values) + 1),
+            values,
+            marker="o",
+            ms=3,
+            lw=2.5 if trial == best else 1,
+            label=trial + (" (best)" if trial == best else ""),
+        )
     ax.set_xlabel("evaluation (Tune iteration)")
     ax.set_ylabel(metric)
     ax.legend(fontsize=7)

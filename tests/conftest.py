@@ -62,19 +62,30 @@ def one_domain(root: Path) -> str:
 
 def elle_overrides(root, out, *extra) -> list[str]:
     """Two demo domains with ELLE's pieces on: growth before the second, FRW, replay and prompts."""
-    doms = (f"[{{name: sports, train: ['{root}/sports/train-*.jsonl.gz'], valid: ['{root}/sports/valid-*.jsonl.gz']}}, "
-            f"{{name: astronomy, train: ['{root}/astronomy/train-*.jsonl.gz'], "
-            f"valid: ['{root}/astronomy/valid-*.jsonl.gz'], "
-            f"grow: {{num_layers: 2, hidden_size: 64, intermediate_size: 128}}}}]")
+    doms = (
+        f"[{{name: sports, train: ['{root}/sports/train-*.jsonl.gz'], "
+        f"valid: ['{root}/sports/valid-*.jsonl.gz']}}, "
+        f"{{name: astronomy, train: ['{root}/astronomy/train-*.jsonl.gz'], "
+        f"valid: ['{root}/astronomy/valid-*.jsonl.gz'], "
+        f"grow: {{num_layers: 2, hidden_size: 64, intermediate_size: 128}}}}]"
+    )
     return tiny_overrides(root, out, steps=8) + [
-        f"data.domains={doms}", "continual.prompts=true", "continual.replay.enabled=true",
-        "continual.replay.memory_fraction=0.3", "continual.replay.ratio=0.25", "continual.frw.steps=3",
-        "continual.frw.warmup_steps=1", "run_name=elle", *extra]
+        f"data.domains={doms}",
+        "continual.prompts=true",
+        "continual.replay.enabled=true",
+        "continual.replay.memory_fraction=0.3",
+        "continual.replay.ratio=0.25",
+        "continual.frw.steps=3",
+        "continual.frw.warmup_steps=1",
+        "run_name=elle",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def ray_4cpus():
-    """One local Ray instance per test module (logical CPUs oversubscribe the 2 cores on purpose). Its processes
+    """One local Ray instance per test module (logical CPUs oversubscribe the 2 cores on purpose). Its
+    processes
     inherit the environment set above (no runtime_env: workers then start without a setup process)."""
     import ray
 
@@ -101,8 +112,11 @@ def moto_server():
     processes started afterwards inherit); yields its ``host:port``."""
     pytest.importorskip("moto")  # an extra of [test]; always installed by .ci/run
     (port,) = free_ports(1)
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     # ready once it answers HTTP (a refused connection returns at once, so wait on a deadline, not a count)
     deadline = time.monotonic() + 90
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an HTTP(S)_PROXY
@@ -120,8 +134,12 @@ def moto_server():
                 pytest.fail(f"moto server on port {port} did not answer within 90 s")
             time.sleep(0.2)
     mp = pytest.MonkeyPatch()
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
         mp.setenv(k, v)
     try:
         yield f"127.0.0.1:{port}"

@@ -17,7 +17,22 @@ from ray_lifelong.config.schema import (
 )
 
 __all__ = [
-    "ConfigError", "DataConfig", "DebugConfig", "DemoConfig", "DomainConfig", "GrowthConfig", "LifelongConfig",
-    "ModelConfig", "RayConfig", "ScalingConfig", "TeacherConfig", "TokenizerConfig", "TrainConfig",
-    "load_config", "save_config", "to_yaml", "validate", "with_values",
+    "ConfigError",
+    "DataConfig",
+    "DebugConfig",
+    "DemoConfig",
+    "DomainConfig",
+    "GrowthConfig",
+    "LifelongConfig",
+    "ModelConfig",
+    "RayConfig",
+    "ScalingConfig",
+    "TeacherConfig",
+    "TokenizerConfig",
+    "TrainConfig",
+    "load_config",
+    "save_config",
+    "to_yaml",
+    "validate",
+    "with_values",
 ]

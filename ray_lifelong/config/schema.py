@@ -10,7 +10,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from ray_lifelong.data.memory import WEIGHTINGS
+from ray_lifelong.data.sources import FORMATS, ON_BAD_RECORD
+from ray_lifelong.distill.schedule import SCHEDULES
+from ray_lifelong.eval.classification import METRICS
+from ray_lifelong.growth.depth import DEPTH_INITS, DEPTH_PLACEMENTS
+from ray_lifelong.stage.schedule import LR_DECAYS
+
 ARCHS = ("bert", "gpt2")
+TOKENIZER_KINDS = ("auto", "wordpiece", "bpe")
+PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+"""Ray's placement strategies for a stage's workers."""
+SEARCH_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+def _failed(key: str, checks: list[tuple[bool, str, str]]) -> list[str]:
+    """``"<key>.<field>: <message>"`` for every check ``(ok, field, message)`` that failed."""
+    return [f"{key}.{name}: {msg}" if name else f"{key}: {msg}" for ok, name, msg in checks if not ok]
 
 
 @dataclass
@@ -36,10 +52,19 @@ class GrowthConfig:
     optimizer: str = "reset"
     """``carry``: map AdamW's moments onto the grown parameters; ``reset``: a fresh optimizer (ELLE)."""
 
+    def problems(self, key: str) -> list[str]:
+        return _failed(key, [
+            (self.depth_init in DEPTH_INITS, "depth_init", f"must be one of {DEPTH_INITS}"),
+            (self.depth_placement in DEPTH_PLACEMENTS, "depth_placement",
+             f"must be one of {DEPTH_PLACEMENTS}"),
+            (self.optimizer in ("carry", "reset"), "optimizer", "must be carry or reset"),
+            (self.noise_std >= 0, "noise_std", "must be >= 0"),
+        ])
+
 
 @dataclass
 class TeacherConfig:
-    """Knowledge Inheritance for a stage: distil from smaller trained teacher(s) (shared/specs/ki.md)."""
+    """Knowledge Inheritance for a stage: distil from smaller trained teacher(s) (Qin et al., NAACL 2022)."""
 
     path: Optional[str] = None
     """Teacher model: a run directory (its final_model/), a stage checkpoint, or a local HF model dir."""
@@ -54,6 +79,16 @@ class TeacherConfig:
     top_k: Optional[int] = None
     """Keep only the teacher's top-k probabilities, renormalised (the paper: k=10 is nearly lossless)."""
 
+    def problems(self, key: str) -> list[str]:
+        return _failed(key, [
+            (bool(self.path) or bool(self.per_domain), "path", "a teacher needs a path or per_domain"),
+            (self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}"),
+            (0 <= self.alpha0 <= 1, "alpha0", "must be in [0, 1]"),
+            (self.temperature > 0, "temperature", "must be positive"),
+            (self.top_k is None or self.top_k > 0, "top_k", "must be positive"),
+            (self.steps >= 0, "steps", "must be >= 0 (0: 30% of the stage's steps)"),
+        ])
+
 
 @dataclass
 class ReplayConfig:
@@ -65,12 +100,22 @@ class ReplayConfig:
     memory_max_sequences: Optional[int] = None
     """Cap on a domain's memory in sequences (``None``: only the fraction)."""
     ratio: float = 0.1
-    """Share of each optimizer step's sequences drawn from the memories of earlier domains (the paper: 0.1)."""
+    """Share of each optimizer step's sequences drawn from the memories of earlier domains (the paper:
+    0.1)."""
     weighting: str = "uniform"
     """``uniform`` across earlier domains, or ``proportional`` to their memory sizes."""
     memory_path: Optional[str] = None
     """Where memories are written as Parquet (``None``: ``<run dir>/memory``). On a multi-node cluster use
     storage every node reads (NFS or ``s3://``): the stage's Ray Data tasks read it on any node."""
+
+    def problems(self, key: str) -> list[str]:
+        return _failed(key, [
+            (0 < self.memory_fraction <= 1, "memory_fraction", "must be in (0, 1]"),
+            (self.memory_max_sequences is None or self.memory_max_sequences > 0, "memory_max_sequences",
+             "must be positive"),
+            (0 <= self.ratio < 1, "ratio", "must be in [0, 1)"),
+            (self.weighting in WEIGHTINGS, "weighting", f"must be one of {WEIGHTINGS}"),
+        ])
 
 
 @dataclass
@@ -84,6 +129,9 @@ class FRWConfig:
     lr: Optional[float] = None
     """Peak LR of the phase (``None``: the stage's)."""
 
+    def problems(self, key: str) -> list[str]:
+        return _failed(key, [(self.steps >= 0 and self.warmup_steps >= 0, "steps", "must be >= 0")])
+
 
 @dataclass
 class LogitKDConfig:
@@ -93,6 +141,10 @@ class LogitKDConfig:
     """Weight of T^2 * KL(previous || current) on the replayed positions (0: off); the CE on every
     position keeps weight 1."""
     temperature: float = 2.0
+
+    def problems(self, key: str) -> list[str]:
+        return _failed(key, [(self.weight >= 0, "weight", "must be >= 0"),
+                             (self.temperature > 0, "temperature", "must be positive")])
 
 
 @dataclass
@@ -112,6 +164,22 @@ class ContinualConfig:
     (``scratch_large``). Applied when the config is loaded; the saved config holds the result."""
     growth_optimizer: Optional[str] = None
     """Override every ``grow.optimizer`` (``carry`` or ``reset``), for the carry-vs-reset ablation."""
+
+    def problems(self, key: str = "continual") -> list[str]:
+        replay = self.replay.enabled
+        return (self.replay.problems(f"{key}.replay") + self.frw.problems(f"{key}.frw")
+                + self.logit_kd.problems(f"{key}.logit_kd") + _failed(key, [
+                    (self.frw.steps == 0 or replay, "frw.steps",
+                     "the warmup trains on the replay memory: set continual.replay.enabled=true"),
+                    (self.growth in ("schedule", "fixed", "final"), "growth",
+                     "must be schedule, fixed or final"),
+                    (self.growth_optimizer in (None, "carry", "reset"), "growth_optimizer",
+                     "must be carry or reset"),
+                    (self.logit_kd.weight == 0 or replay, "logit_kd.weight",
+                     "logit KD distils on replayed rows: set continual.replay.enabled=true"),
+                    (not (self.joint and replay), "joint",
+                     "joint training sees every domain already; replay would only repeat data"),
+                ]))
 
 
 @dataclass
@@ -140,6 +208,22 @@ class DomainConfig:
     """Knowledge Inheritance from a frozen teacher during this stage."""
     scaling: Optional["ScalingConfig"] = None
     """This stage's workers, replacing the run's ``scaling`` (e.g. more GPUs once the model has grown)."""
+
+    def problems(self, key: str) -> list[str]:
+        out = _failed(key, [
+            (self.name not in ("", "???") and self.name.replace("_", "").replace("-", "").isalnum(), "name",
+             f"must be a short alphanumeric name, got {self.name!r}"),
+            (bool(self.train), "train", f"domain {self.name!r} lists no training sources"),
+            (self.format in ("auto", *FORMATS), "format", f"must be auto or one of {FORMATS}"),
+            (self.steps is None or self.steps > 0, "steps", "must be positive"),
+        ])
+        if self.grow is not None:
+            out += self.grow.problems(f"{key}.grow")
+        if self.teacher is not None:
+            out += self.teacher.problems(f"{key}.teacher")
+        if self.scaling is not None:
+            out += self.scaling.problems(f"{key}.scaling")
+        return out
 
 
 @dataclass
@@ -176,6 +260,15 @@ class DataConfig:
     directory is named by a hash of its sources, tokenizer, ``seq_len``, layout and prompt, so runs that
     agree on those can share one ``packed_path`` (pack it before starting them side by side)."""
 
+    def problems(self, key: str = "data") -> list[str]:
+        names = [d.name for d in self.domains]
+        return _failed(key, [
+            (self.seq_len >= 8, "seq_len", "must be at least 8"),
+            (0 < self.mlm_probability < 1, "mlm_probability", "must be in (0, 1)"),
+            (self.on_bad_record in ON_BAD_RECORD, "on_bad_record", f"must be one of {ON_BAD_RECORD}"),
+            (len(set(names)) == len(names), "domains", f"domain names repeat: {names}"),
+        ]) + [p for i, d in enumerate(self.domains) for p in d.problems(f"{key}.domains[{i}]")]
+
 
 @dataclass
 class TokenizerConfig:
@@ -189,6 +282,9 @@ class TokenizerConfig:
     """Documents read from each domain's training sources to train the tokenizer."""
     reserved_prompt_tokens: int = 4
     """Extra unused ``<dom:reserved_i>`` tokens, so later domains get a prompt without a new vocabulary."""
+
+    def problems(self, key: str = "tokenizer") -> list[str]:
+        return _failed(key, [(self.kind in TOKENIZER_KINDS, "kind", f"must be one of {TOKENIZER_KINDS}")])
 
 
 @dataclass
@@ -204,6 +300,13 @@ class ModelConfig:
     vocab_multiple: int = 64
     """Embedding rows are the tokenizer's size rounded up to this multiple (1: exact). An odd vocabulary
     (GPT-2's 50257) sends the output layer to a slow unaligned GEMM: 1.55x on a GPT-2-small step (H200)."""
+
+    def problems(self, key: str = "model") -> list[str]:
+        return _failed(key, [
+            (self.arch in ARCHS, "arch", f"must be one of {ARCHS}, got {self.arch!r}"),
+            (self.hidden_size % max(self.num_heads, 1) == 0, "hidden_size",
+             f"{self.hidden_size} is not divisible by model.num_heads={self.num_heads}"),
+        ])
 
 
 @dataclass
@@ -242,6 +345,15 @@ class TrainConfig:
     torch_threads: int = 0
     """torch intra-op threads per worker (0 leaves Ray's default, one per logical CPU of the worker)."""
 
+    def problems(self, key: str = "train") -> list[str]:
+        return _failed(key, [
+            (self.lr_decay in LR_DECAYS, "lr_decay", f"must be one of {LR_DECAYS}"),
+            (self.steps > 0, "steps", "must be positive"),
+            (self.lr_scope in ("stage", "run"), "lr_scope", "must be stage or run"),
+            (self.micro_batch_size > 0, "micro_batch_size", "must be positive"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)"),
+        ])
+
 
 @dataclass
 class ScalingConfig:
@@ -256,6 +368,14 @@ class ScalingConfig:
     """PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one worker per node), as Ray placement groups."""
     resources: Dict[str, float] = field(default_factory=dict)
     """Extra custom resources per worker (e.g. ``{trainer: 1}`` to keep workers on labelled nodes)."""
+
+    def problems(self, key: str = "scaling") -> list[str]:
+        return _failed(key, [
+            (self.num_workers >= 1, "num_workers", "must be >= 1"),
+            (self.placement_strategy in PLACEMENT, "placement_strategy", f"must be one of {PLACEMENT}"),
+            (all(v >= 0 for v in self.resources.values()) and not {"CPU", "GPU"} & set(self.resources),
+             "resources", "custom resources must be >= 0 (CPU and GPU are cpus_per_worker/gpus_per_worker)"),
+        ])
 
 
 @dataclass
@@ -275,6 +395,10 @@ class RayConfig:
     num_to_keep: int = 2
     """Checkpoints kept per stage."""
 
+    def problems(self, key: str = "ray") -> list[str]:
+        return _failed(key, [(self.startup_failures >= -1, "startup_failures",
+                              "must be -1 (wait for ever) or >= 0")])
+
 
 @dataclass
 class DemoConfig:
@@ -292,10 +416,11 @@ class DemoConfig:
 @dataclass
 class KIExperimentConfig:
     """``ray-lifelong ki``: train a small teacher, then the configured (larger) student with KI and, as the
-    baseline, without it: same tokenizer, data order and seed (shared/specs/ki.md)."""
+    baseline, without it: same tokenizer, data order and seed (Qin et al., NAACL 2022)."""
 
-    teacher_model: ModelConfig = field(default_factory=lambda: ModelConfig(num_layers=2, hidden_size=64,
-                                                                            num_heads=2, intermediate_size=256))
+    teacher_model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(num_layers=2, hidden_size=64, num_heads=2, intermediate_size=256)
+    )
     teacher_steps: int = 200
     """Steps of the teacher's own training on each domain."""
     teacher_lr: Optional[float] = None
@@ -319,6 +444,18 @@ class SearchDim:
     """``[low, high]``, both positive; sampled uniformly in log space (learning rates)."""
     randint: Optional[List[int]] = None
     """``[low, high]``: an integer in ``low <= x < high``."""
+
+    def problems(self, key: str) -> list[str]:
+        kinds = [k for k in SEARCH_KINDS if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            return [f"{key}: set exactly one of {', '.join(SEARCH_KINDS)} (got {kinds})"]
+        kind, vals = kinds[0], getattr(self, kinds[0])
+        if kind in ("choice", "grid"):
+            return _failed(key, [(len(vals) >= 1, "", f"{kind} needs at least one value")])
+        return _failed(key, [
+            (len(vals) == 2 and vals[0] < vals[1], "", f"{kind} needs [low, high] with low < high"),
+            (kind != "loguniform" or (len(vals) == 2 and vals[0] > 0), "", "loguniform needs low > 0"),
+        ])
 
 
 @dataclass
@@ -359,9 +496,44 @@ class SweepConfig:
     trial_cpus: float = 0.25
     """CPU of a trial's driver (it only orchestrates; the stage's workers take ``scaling.*``)."""
     storage_path: Optional[str] = None
-    """Where Tune keeps the sweep's state (local, NFS or ``s3://``); default ``<output_dir>/<run_name>/tune``."""
+    """Where Tune keeps the sweep's state (local, NFS or ``s3://``); default
+    ``<output_dir>/<run_name>/tune``."""
     seed: int = 0
     """Seeds the search (random sampling or Optuna): the same config samples the same trials."""
+
+    def problems(self, key: str = "tune") -> list[str]:
+        pbt = self.scheduler == "pbt"
+        out = _failed(key, [
+            (self.base in ("run", "ki"), "base", "must be run or ki"),
+            (self.mode in ("min", "max"), "mode", "must be min or max"),
+            (self.scheduler in ("asha", "fifo", "pbt"), "scheduler", "must be asha, fifo or pbt"),
+            (self.search in ("random", "optuna"), "search", "must be random or optuna"),
+            (self.num_samples >= 1 and self.max_concurrent_trials >= 1, "num_samples",
+             "num_samples and max_concurrent_trials must be >= 1"),
+            (self.grace_period >= 1 and self.reduction_factor >= 2, "grace_period",
+             "grace_period must be >= 1 and reduction_factor >= 2"),
+            (not pbt or self.search == "random", "search", "pbt draws its own values: use search=random"),
+            (not pbt or self.max_concurrent_trials >= self.num_samples, "max_concurrent_trials",
+             f"pbt compares all its trials at every boundary: run all {self.num_samples} (tune.num_samples) "
+             "at once"),
+            (not pbt or (self.perturbation_interval >= 0 and 0 < self.quantile_fraction <= 0.5),
+             "quantile_fraction", "perturbation_interval must be >= 0 and quantile_fraction in (0, 0.5]"),
+        ])
+        if pbt:
+            # a clone continues the same weights, optimizer and data position: only values a running stage
+            # can take up change between segments
+            fixed = [p for p in self.space if not (p.startswith("ki.inherit.") or ".teacher." in p
+                                                   or p in ("train.lr", "train.grad_clip"))]
+            out += _failed(key, [(not fixed, "space", f"pbt cannot change {fixed} in the middle of a stage "
+                                  "(model, data and batch shapes are fixed): use asha or fifo for them")])
+        for path, dim in self.space.items():
+            out += dim.problems(f"{key}.space.{path}")
+            grid = dim.grid is not None
+            out += _failed(f"{key}.space.{path}", [
+                (not (grid and self.search == "optuna"), "", "grid dimensions need tune.search=random"),
+                (not (grid and pbt), "", "pbt perturbs values: use choice, not grid"),
+            ])
+        return out
 
 
 @dataclass
@@ -381,6 +553,13 @@ class TaskConfig:
     max_train_examples: Optional[int] = None
     """Fine-tune on the first N training records only (the files' own order); the classes still come from
     the whole training split."""
+
+    def problems(self, key: str) -> list[str]:
+        return _failed(key, [
+            (self.name not in ("", "???"), "name", "every task needs a name"),
+            (self.metric in METRICS, "metric", f"must be one of {tuple(METRICS)}"),
+        ] + [(bool(getattr(self, split)), split, f"task {self.name!r} lists no {split} files")
+             for split in ("train", "valid", "test")])
 
 
 @dataclass
@@ -407,6 +586,17 @@ class FinetuneConfig:
     """Workers of each fine-tuning run (``None``: the run's ``scaling``)."""
     output: str = "downstream"
     """Results directory, under the run directory."""
+
+    def problems(self, key: str = "finetune") -> list[str]:
+        names = [t.name for t in self.tasks]
+        return _failed(key, [
+            (self.epochs >= 1 and self.lr > 0 and self.max_length >= 8 and self.max_concurrent >= 1, "",
+             "epochs and max_concurrent must be >= 1, lr > 0, max_length >= 8"),
+            (self.micro_batch_size > 0 and self.batch_size % self.micro_batch_size == 0, "batch_size",
+             f"must be a multiple of finetune.micro_batch_size ({self.micro_batch_size})"),
+            (bool(self.seeds), "seeds", "name at least one seed"),
+            (len(set(names)) == len(names), "tasks", f"task names repeat: {names}"),
+        ]) + [p for i, t in enumerate(self.tasks) for p in t.problems(f"{key}.tasks[{i}]")]
 
 
 @dataclass

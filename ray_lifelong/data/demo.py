@@ -19,34 +19,55 @@ _FUNCTION = ["the", "a", "of", "and", "to", "in", "with", "for", "on", "at", "by
 _LEXICON = {
     "sports": dict(
         nouns="team match goal coach season league player striker referee stadium final trophy keeper "
-              "pitch fans title injury transfer derby squad".split(),
+        "pitch fans title injury transfer derby squad".split(),
         verbs="scored won lost defended passed tackled signed trained celebrated equalised".split(),
         adjs="late decisive home away young unbeaten fierce top tired brilliant".split(),
-        syllables="ta ro ki bal go la mun dor vic ster".split(), zipf=1.1, sent=(6, 12), sents=(4, 9)),
+        syllables="ta ro ki bal go la mun dor vic ster".split(),
+        zipf=1.1,
+        sent=(6, 12),
+        sents=(4, 9),
+    ),
     "cooking": dict(
         nouns="pan oven sauce garlic onion butter recipe dough flour pepper salt broth basil "
-              "skillet knife simmer lemon cream crust spoon".split(),
+        "skillet knife simmer lemon cream crust spoon".split(),
         verbs="chopped stirred baked roasted whisked seasoned simmered folded grated served".split(),
         adjs="golden crisp fresh tender creamy smoky sweet bitter warm fragrant".split(),
-        syllables="mi sa pe lo cha ru fen oli gar bri".split(), zipf=1.0, sent=(5, 10), sents=(3, 7)),
+        syllables="mi sa pe lo cha ru fen oli gar bri".split(),
+        zipf=1.0,
+        sent=(5, 10),
+        sents=(3, 7),
+    ),
     "astronomy": dict(
         nouns="star galaxy orbit planet telescope nebula comet photon spectrum redshift quasar "
-              "pulsar moon eclipse cluster halo flux dust sky observatory".split(),
+        "pulsar moon eclipse cluster halo flux dust sky observatory".split(),
         verbs="observed emitted orbited collapsed measured detected expanded rotated absorbed mapped".split(),
         adjs="distant bright massive faint stellar dark cosmic radial infrared compact".split(),
-        syllables="xe qua zor neb ion thal pri kep vul cyg".split(), zipf=1.3, sent=(8, 16), sents=(5, 10)),
+        syllables="xe qua zor neb ion thal pri kep vul cyg".split(),
+        zipf=1.3,
+        sent=(8, 16),
+        sents=(5, 10),
+    ),
     "finance": dict(
         nouns="market bond equity yield stock dividend investor bank loan rate inflation asset "
-              "fund portfolio credit earnings margin risk debt quarter".split(),
+        "fund portfolio credit earnings margin risk debt quarter".split(),
         verbs="rose fell hedged traded borrowed invested priced rallied slumped issued".split(),
         adjs="volatile fiscal quarterly liquid bullish bearish net annual steady leveraged".split(),
-        syllables="fin cap tra dex mon ore vest lev arb quo".split(), zipf=1.2, sent=(7, 14), sents=(4, 8)),
+        syllables="fin cap tra dex mon ore vest lev arb quo".split(),
+        zipf=1.2,
+        sent=(7, 14),
+        sents=(4, 8),
+    ),
     "medicine": dict(
         nouns="patient dose trial symptom therapy tumor protein cell gene lesion biopsy cohort "
-              "vaccine enzyme receptor plasma tissue clinic diagnosis antibody".split(),
-        verbs="treated reduced induced diagnosed inhibited expressed infused screened enrolled relapsed".split(),
+        "vaccine enzyme receptor plasma tissue clinic diagnosis antibody".split(),
+        verbs=("treated reduced induced diagnosed inhibited expressed infused screened enrolled "
+               "relapsed").split(),
         adjs="chronic acute clinical randomized benign systemic renal cardiac viral elevated".split(),
-        syllables="cyt ase ome lip hep neu ost myo derm hem".split(), zipf=1.15, sent=(9, 18), sents=(4, 9)),
+        syllables="cyt ase ome lip hep neu ost myo derm hem".split(),
+        zipf=1.15,
+        sent=(9, 18),
+        sents=(4, 9),
+    ),
 }
 DEMO_DOMAINS = tuple(_LEXICON)
 
@@ -118,8 +139,10 @@ def write_demo_corpus(
         ddir = Path(root) / domain
         ddir.mkdir(parents=True, exist_ok=True)
         docs = generate_documents(domain, train_docs + valid_docs, seed)
-        splits = {"valid": [docs[:valid_docs]],
-                  "train": [docs[valid_docs + i::shards] for i in range(shards)]}
+        splits = {
+            "valid": [docs[:valid_docs]],
+            "train": [docs[valid_docs + i :: shards] for i in range(shards)],
+        }
         out[domain] = {}
         for split, parts in splits.items():
             paths = []
@@ -137,7 +160,14 @@ def write_demo_corpus(
 
 
 def prepare_demo(cfg) -> None:
-    """Write the config's demo corpus (``demo.enabled``) where its domains read it; an existing one is kept."""
+    """Write the config's demo corpus (``demo.enabled``) where its domains read it; an existing one is
+    kept."""
     if cfg.demo.enabled:
-        write_demo_corpus(cfg.demo.dir, cfg.demo.domains, train_docs=cfg.demo.train_docs,
-                          valid_docs=cfg.demo.valid_docs, shards=cfg.demo.shards, seed=cfg.demo.seed)
+        write_demo_corpus(
+            cfg.demo.dir,
+            cfg.demo.domains,
+            train_docs=cfg.demo.train_docs,
+            valid_docs=cfg.demo.valid_docs,
+            shards=cfg.demo.shards,
+            seed=cfg.demo.seed,
+        )

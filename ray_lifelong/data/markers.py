@@ -42,7 +42,9 @@ def write_in_order(ds, uri: str, rows_per_file: int = 16384, each=None) -> int:
     ``each(table)``, if given, sees every table written (a caller's statistics in the same pass)."""
     import pyarrow.parquet as pq
 
-    ds.context.execution_options.preserve_order = True  # this dataset's blocks in order, whatever the caller set
+    ds.context.execution_options.preserve_order = (
+        True  # this dataset's blocks in order, whatever the caller set
+    )
     fs, path = _fs(uri)
     fs.create_dir(path, recursive=True)
     rows = 0
@@ -72,10 +74,13 @@ def move_dir(src: str, dst: str, name: str) -> bool:
             return False
         fs.delete_dir(d)  # left by an older, cut-short write
     if not isinstance(fs, pafs.LocalFileSystem):  # object stores move no directory: copy, marker last
-        files = [i.path for i in fs.get_file_info(pafs.FileSelector(s, recursive=True))
-                 if i.type == pafs.FileType.File]
+        files = [
+            i.path
+            for i in fs.get_file_info(pafs.FileSelector(s, recursive=True))
+            if i.type == pafs.FileType.File
+        ]
         for f in sorted(files, key=lambda f: f.endswith(f"/{name}")):
-            fs.copy_file(f, d + f[len(s):])
+            fs.copy_file(f, d + f[len(s) :])
         fs.delete_dir(s)
         return True
     fs.create_dir(d.rsplit("/", 1)[0], recursive=True)

@@ -4,15 +4,16 @@
   included; a stage shorter than one epoch trains on only a part of them, as in ELLE, whose memory is
   a sample of the domain's corpus) with Ray Data and writes them as Parquet with a completion marker,
   so a resumed run finds the memory and never samples twice. Whether a row is kept depends only on its
-  tokens and the seed (:func:`select_rows`), not on how Ray Data cut the stream into blocks, so the same config and seed
+  tokens and the seed (:func:`select_rows`), not on how Ray Data cut the stream into blocks, so the same
+  config and seed
   give the same memory from the text stream or the packed domain, on any cluster size.
 - :func:`memory_dataset` reads the memories of earlier domains back as one Ray dataset.
 - :func:`replay_count` and :func:`replay_draw` are the pure per-micro-batch mixing rules the training
   loop uses: how many rows of a micro-batch to replace, and from which memory rows; :func:`memory_epoch`
   deals the memories to the workers as the function-recovering warmup's data.
 
-ELLE replaces whole micro-batches of an accumulation group (shared/specs/elle.md section 8.2); replacing
-rows of every micro-batch is the same mix in expectation and works for any accumulation, including none.
+ELLE (Qin et al., Findings of ACL 2022) replaces whole micro-batches of an accumulation group; replacing rows
+of every micro-batch is the same mix in expectation and works for any accumulation, including none.
 The draws are seeded by (seed, stage, rank, step, micro-batch), so a resumed stage replays exactly
 what it would have.
 """
@@ -26,6 +27,9 @@ import torch
 
 from ray_lifelong.data import markers
 from ray_lifelong.data.sources import DataError, join_uri
+
+WEIGHTINGS = ("uniform", "proportional")
+"""How a replayed row picks its memory: each memory alike, or in proportion to its size."""
 
 MARKER = "_memory.json"
 
@@ -43,9 +47,17 @@ def row_keys(ids: np.ndarray, seed: int) -> np.ndarray:
     """A pseudo-random number in [0, 1) per row of ``ids`` (rows x tokens), from the row's tokens and
     ``seed`` alone (a keyed BLAKE2b hash)."""
     key = str(seed).encode()
-    return np.fromiter((int.from_bytes(hashlib.blake2b(np.ascontiguousarray(r).tobytes(), digest_size=8,
-                                                       key=key).digest(), "little") / 2.0**64 for r in ids),
-                       dtype=np.float64, count=len(ids))
+    return np.fromiter(
+        (
+            int.from_bytes(
+                hashlib.blake2b(np.ascontiguousarray(r).tobytes(), digest_size=8, key=key).digest(), "little"
+            )
+            / 2.0**64
+            for r in ids
+        ),
+        dtype=np.float64,
+        count=len(ids),
+    )
 
 
 def select_rows(batch: dict, *, fraction: float, seed: int) -> dict:
@@ -64,7 +76,11 @@ def keyed_shuffle(ds, seed: int):
     """``ds``'s rows in the order of their keyed hash: a pseudo-random permutation that depends on the rows
     and ``seed`` alone. ``random_shuffle(seed)`` permutes by block, so its order changes with the block
     layout (text stream vs packed domain, the files a memory was written in); this one does not."""
-    return ds.map_batches(_with_key, batch_format="numpy", fn_kwargs={"seed": seed}).sort("_key").drop_columns(["_key"])
+    return (
+        ds.map_batches(_with_key, batch_format="numpy", fn_kwargs={"seed": seed})
+        .sort("_key")
+        .drop_columns(["_key"])
+    )
 
 
 def write_memory(ds, uri: str, *, fraction: float, max_sequences: int | None, seed: int) -> dict:
@@ -86,8 +102,10 @@ def write_memory(ds, uri: str, *, fraction: float, max_sequences: int | None, se
         n = max_sequences
     sample = sample.drop_columns(["_key"])
     if n == 0:
-        raise ValueError(f"memory {uri}: sampling {fraction:.1%} of the domain kept no sequence; raise "
-                         f"continual.replay.memory_fraction")
+        raise ValueError(
+            f"memory {uri}: sampling {fraction:.1%} of the domain kept no sequence; raise "
+            f"continual.replay.memory_fraction"
+        )
     counts: dict[str, int] = {}
 
     def count(table) -> None:
@@ -102,7 +120,8 @@ def write_memory(ds, uri: str, *, fraction: float, max_sequences: int | None, se
 
 
 def memory_dataset(uris: list[str], num_cpus: float = 1.0):
-    """The rows ``{input_ids, domain_id}`` of the given memories, as one dataset (``num_cpus`` per read task)."""
+    """The rows ``{input_ids, domain_id}`` of the given memories, as one dataset (``num_cpus`` per read
+    task)."""
     import ray.data
 
     missing = [u for u in uris if read_marker(u) is None]
@@ -121,8 +140,9 @@ def replay_count(rows: int, ratio: float, gen: torch.Generator) -> int:
     return min(rows, base + int(torch.rand((), generator=gen).item() < want - base))
 
 
-def replay_draw(pool_sizes: list[int], k: int, gen: torch.Generator,
-                weighting: str = "uniform") -> tuple[torch.Tensor, torch.Tensor]:
+def replay_draw(
+    pool_sizes: list[int], k: int, gen: torch.Generator, weighting: str = "uniform"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``k`` replayed rows: for each, a memory (``uniform`` across memories, or ``proportional`` to their
     sizes) and a row of it, uniformly. Returns ``(pool index (k,), row index (k,))``."""
     sizes = torch.tensor(pool_sizes, dtype=torch.float64)
@@ -172,10 +192,12 @@ def memory_epoch(memory, *, seed: int, rank: int, world: int, batch_size: int):
     domains = torch.cat([torch.full((len(p),), d, dtype=torch.long) for p, d in zip(pools, pool_domains)])
     share = len(rows) // world
     if share < batch_size:
-        raise DataError(f"the replay memories hold {len(rows)} sequences: fewer than one micro-batch "
-                        f"({batch_size}) per worker ({world}) for the function-recovering warmup")
+        raise DataError(
+            f"the replay memories hold {len(rows)} sequences: fewer than one micro-batch "
+            f"({batch_size}) per worker ({world}) for the function-recovering warmup"
+        )
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[: share * world]
     mine = order[rank::world]
     for s in range(0, len(mine) - batch_size + 1, batch_size):
-        idx = mine[s: s + batch_size]
+        idx = mine[s : s + batch_size]
         yield {"input_ids": rows[idx], "domain_id": domains[idx]}

@@ -48,10 +48,19 @@ def packing_key(dom: DomainConfig, opts: StreamOptions, prompts: bool) -> dict:
         sources.append([path, info.size, info.mtime_ns if info.type == pafs.FileType.File else None])
     tok = Path(opts.tokenizer_dir)
     tok_files = sorted(tok.glob("*.json")) + sorted(tok.glob("*.txt"))
-    return {"sources": sources, "format": dom.format, "text_field": dom.text_field,
-            "tokenizer": hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in tok_files)).hexdigest(),
-            "seq_len": opts.data.seq_len, "arch": opts.arch, "carry": carries_tokens(opts.data),
-            "prompt": prompt_token(dom.name) if prompts else None, "layout": LAYOUT_VERSION}
+    return {
+        "sources": sources,
+        "format": dom.format,
+        "text_field": dom.text_field,
+        "tokenizer": hashlib.sha256(
+            b"".join(f.name.encode() + f.read_bytes() for f in tok_files)
+        ).hexdigest(),
+        "seq_len": opts.data.seq_len,
+        "arch": opts.arch,
+        "carry": carries_tokens(opts.data),
+        "prompt": prompt_token(dom.name) if prompts else None,
+        "layout": LAYOUT_VERSION,
+    }
 
 
 def packed_name(index: int, dom: DomainConfig, key: dict) -> str:
@@ -60,8 +69,9 @@ def packed_name(index: int, dom: DomainConfig, key: dict) -> str:
     return f"{index:02d}-{dom.name}-{digest}"
 
 
-def pack_domain(index: int, dom: DomainConfig, opts: StreamOptions, root: str, *, prompts: bool,
-                log=None) -> dict:
+def pack_domain(
+    index: int, dom: DomainConfig, opts: StreamOptions, root: str, *, prompts: bool, log=None
+) -> dict:
     """Pack ``dom``'s training split (domain id ``index``) into Parquet under ``root`` unless it is there.
 
     Returns the record ``{uri, rows, tokens, ...}`` that :func:`packed_dataset` reads.
@@ -81,16 +91,27 @@ def pack_domain(index: int, dom: DomainConfig, opts: StreamOptions, root: str, *
     t0 = time.perf_counter()
     print(f"[data] packing domain {dom.name!r} once -> {uri}")
     try:
-        rows = markers.write_in_order(files_dataset([(index, dom)], "train", opts, log=log, prompts=prompts), tmp)
+        rows = markers.write_in_order(
+            files_dataset([(index, dom)], "train", opts, log=log, prompts=prompts), tmp
+        )
     except Exception as e:  # a bad record surfaces wrapped in Ray Data's task errors
         markers.remove_dir(tmp)
         raise DataError(f"packing domain {dom.name!r}: {root_cause(e)}") from e
     if rows == 0:
         markers.remove_dir(tmp)
-        raise DataError(f"domain {dom.name!r}: its training sources {dom.train} hold no sequence of "
-                        f"{opts.data.seq_len} tokens")
-    record = {"uri": uri, "domain": dom.name, "index": index, "rows": rows, "tokens": rows * opts.data.seq_len,
-              "pack_s": round(time.perf_counter() - t0, 2), "key": key}
+        raise DataError(
+            f"domain {dom.name!r}: its training sources {dom.train} hold no sequence of "
+            f"{opts.data.seq_len} tokens"
+        )
+    record = {
+        "uri": uri,
+        "domain": dom.name,
+        "index": index,
+        "rows": rows,
+        "tokens": rows * opts.data.seq_len,
+        "pack_s": round(time.perf_counter() - t0, 2),
+        "key": key,
+    }
     markers.write_marker(tmp, MARKER, record)
     if not markers.move_dir(tmp, uri, MARKER):  # another driver finished first: use its rows
         markers.remove_dir(tmp)
@@ -110,11 +131,14 @@ def packed_dataset(records: list[dict], num_cpus: float = 1.0):
     return ray.data.read_parquet([r["uri"] for r in records], file_extensions=["parquet"], num_cpus=num_cpus)
 
 
-def training_rows(domains: list[tuple[int, DomainConfig]], opts: StreamOptions, *, prompts: bool,
-                  packed_root: str, log=None):
+def training_rows(
+    domains: list[tuple[int, DomainConfig]], opts: StreamOptions, *, prompts: bool, packed_root: str, log=None
+):
     """The training rows of ``domains``: streamed from the text files, or, with ``data.pretokenize``,
     from the packed domains under ``packed_root`` (each packed on first use)."""
     if not opts.data.pretokenize:
         return files_dataset(domains, "train", opts, log=log, prompts=prompts)
-    return packed_dataset([pack_domain(i, dom, opts, packed_root, prompts=prompts, log=log) for i, dom in domains],
-                          num_cpus=opts.data.read_num_cpus)
+    return packed_dataset(
+        [pack_domain(i, dom, opts, packed_root, prompts=prompts, log=log) for i, dom in domains],
+        num_cpus=opts.data.read_num_cpus,
+    )

@@ -33,7 +33,9 @@ class PackSpec:
         return self.seq_len - len(self.prefix) - len(self.suffix)
 
 
-def pack(docs: Sequence[Sequence[int]], spec: PackSpec, carry: Sequence[int] = ()) -> tuple[np.ndarray, list[int]]:
+def pack(
+    docs: Sequence[Sequence[int]], spec: PackSpec, carry: Sequence[int] = ()
+) -> tuple[np.ndarray, list[int]]:
     """Pack token lists into rows of ``spec.seq_len``.
 
     Args:
@@ -60,7 +62,7 @@ def pack(docs: Sequence[Sequence[int]], spec: PackSpec, carry: Sequence[int] = (
     if spec.suffix:
         parts.append(np.broadcast_to(np.asarray(spec.suffix, dtype=np.int32), (n, len(spec.suffix))))
     rows = np.concatenate(parts, axis=1) if len(parts) > 1 else body
-    return np.ascontiguousarray(rows), stream[n * spec.body_len:]
+    return np.ascontiguousarray(rows), stream[n * spec.body_len :]
 
 
 def mlm_mask(
@@ -111,7 +113,3 @@ def mlm_mask_fixed(input_ids: torch.Tensor, *, seed: int, **kwargs) -> tuple[tor
         labels.append(y)
     return torch.cat(inputs), torch.cat(labels)
 
-
-def causal_labels(input_ids: torch.Tensor) -> torch.Tensor:
-    """Labels of a causal LM batch: the inputs themselves (the model shifts by one)."""
-    return input_ids.clone()

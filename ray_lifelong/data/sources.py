@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 FORMATS = ("jsonl", "parquet", "text")
+ON_BAD_RECORD = ("error", "skip")
+"""A bad record stops the run naming its file and line, or is skipped and reported."""
 _EXTENSIONS = {
     ".jsonl": "jsonl", ".json": "jsonl", ".jsonl.gz": "jsonl", ".json.gz": "jsonl",
     ".parquet": "parquet", ".txt": "text", ".txt.gz": "text", ".text": "text",
@@ -205,7 +207,8 @@ def _open_binary(path: str):
 
 
 def _decoded_lines(path: str, bad: Callable[[int, str], None]) -> Iterator[tuple[int, str]]:
-    """``(line number, text)`` of the non-blank lines of a (gzipped) text file; unreadable ones go to ``bad``."""
+    """``(line number, text)`` of the non-blank lines of a (gzipped) text file; unreadable ones go to
+    ``bad``."""
     stream = _open_binary(path)
     lineno = 0
     try:
@@ -320,8 +323,9 @@ def _iter_parquet(path: str, text_field: str, bad: Callable[[int, str], None]) -
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: not a readable Parquet file ({e})") from None
     if text_field not in pfile.schema_arrow.names:
-        raise DataError(f"{path}: Parquet file has no column {text_field!r} "
-                        f"(columns: {pfile.schema_arrow.names})")
+        raise DataError(
+            f"{path}: Parquet file has no column {text_field!r} (columns: {pfile.schema_arrow.names})"
+        )
     row = 0
     for batch in pfile.iter_batches(columns=[text_field], batch_size=1024):
         for value in batch.column(0).to_pylist():

@@ -15,7 +15,7 @@ import ray
 from ray_lifelong.config.schema import DataConfig, DomainConfig
 from ray_lifelong.data.packing import PackSpec, pack
 from ray_lifelong.data.sources import BadRecord, DataError, iter_documents, resolve_sources
-from ray_lifelong.data.tokenizer import prompt_token
+from ray_lifelong.data.tokenizer import load_tokenizer, prompt_token
 
 
 @ray.remote(num_cpus=0)
@@ -80,8 +80,6 @@ class TokenizePack:
 
     def __init__(self, tokenizer_dir: str, seq_len: int, arch: str, prompts: dict[int, str] | None = None,
                  carry: bool = True) -> None:
-        from ray_lifelong.data.tokenizer import load_tokenizer
-
         self.tok = load_tokenizer(tokenizer_dir)
         self.spec = pack_spec(self.tok, seq_len, arch)
         # ELLE domain prompts: each domain's rows start with its own prompt token
@@ -101,7 +99,10 @@ class TokenizePack:
             rows.append(packed)
             dom.append(np.full(len(packed), d, dtype=np.int32))
         if not rows:
-            return {"input_ids": np.zeros((0, self.spec.seq_len), np.int32), "domain_id": np.zeros(0, np.int32)}
+            return {
+                "input_ids": np.zeros((0, self.spec.seq_len), np.int32),
+                "domain_id": np.zeros(0, np.int32),
+            }
         return {"input_ids": np.concatenate(rows), "domain_id": np.concatenate(dom)}
 
 
@@ -109,8 +110,9 @@ def pack_spec(tokenizer, seq_len: int, arch: str, prompt: str | None = None) -> 
     """Row layout per architecture: BERT ``[CLS] (prompt) body [SEP]``, GPT-2 ``(prompt) body``."""
     prompt_ids = (tokenizer.convert_tokens_to_ids(prompt),) if prompt else ()
     if arch == "bert":
-        return PackSpec(seq_len, tokenizer.sep_token_id, (tokenizer.cls_token_id, *prompt_ids),
-                        (tokenizer.sep_token_id,))
+        return PackSpec(
+            seq_len, tokenizer.sep_token_id, (tokenizer.cls_token_id, *prompt_ids), (tokenizer.sep_token_id,)
+        )
     return PackSpec(seq_len, tokenizer.eos_token_id, prompt_ids, ())
 
 
@@ -121,8 +123,9 @@ class StreamOptions:
     data: DataConfig
 
 
-def files_dataset(domains: list[tuple[int, DomainConfig]], split: str, opts: StreamOptions, log=None,
-                  prompts: bool = False) -> ray.data.Dataset:
+def files_dataset(
+    domains: list[tuple[int, DomainConfig]], split: str, opts: StreamOptions, log=None, prompts: bool = False
+) -> ray.data.Dataset:
     """The lazy dataset of packed rows ``{input_ids, domain_id}`` of the ``split`` of ``domains``.
 
     Args:
@@ -137,28 +140,48 @@ def files_dataset(domains: list[tuple[int, DomainConfig]], split: str, opts: Str
         patterns = dom.train if split == "train" else dom.valid
         if not patterns:
             raise DataError(f"domain {dom.name!r} lists no {split} sources (data.domains[].{split})")
-        items += [{"path": f, "domain_id": domain_id}
-                  for f in resolve_sources(patterns, what=f"domain {dom.name!r} {split}")]
+        items += [
+            {"path": f, "domain_id": domain_id}
+            for f in resolve_sources(patterns, what=f"domain {dom.name!r} {split}")
+        ]
     formats = {dom.format for _, dom in domains}
     fields = {dom.text_field for _, dom in domains}
     if len(formats) > 1 or len(fields) > 1:
-        raise DataError(f"domains {[d.name for _, d in domains]} read together must share format and text_field")
+        raise DataError(
+            f"domains {[d.name for _, d in domains]} read together must share format and text_field"
+        )
     d = opts.data
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(
-        _read_files, batch_size=1, num_cpus=d.read_num_cpus,
-        fn_kwargs=dict(fmt=formats.pop(), text_field=fields.pop(), on_bad_record=d.on_bad_record,
-                       chunk=d.read_chunk_docs, log=log))
+        _read_files,
+        batch_size=1,
+        num_cpus=d.read_num_cpus,
+        fn_kwargs=dict(
+            fmt=formats.pop(),
+            text_field=fields.pop(),
+            on_bad_record=d.on_bad_record,
+            chunk=d.read_chunk_docs,
+            log=log,
+        ),
+    )
     carry = carries_tokens(d)
     return ds.map_batches(
-        TokenizePack, batch_size=d.tokenize_batch_size, num_cpus=d.tokenize_num_cpus,
+        TokenizePack,
+        batch_size=d.tokenize_batch_size,
+        num_cpus=d.tokenize_num_cpus,
         # Ray Data lets an actor run the tasks queued on it out of order; a carry needs them in stream order,
         # so the one actor gets one batch at a time (its queue is FIFO; measured free: tokenize_order.md)
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, d.tokenize_actors),
-                                           max_tasks_in_flight_per_actor=1 if carry else None),
-        fn_constructor_kwargs=dict(tokenizer_dir=opts.tokenizer_dir, seq_len=d.seq_len, arch=opts.arch,
-                                   prompts={i: prompt_token(dom.name) for i, dom in domains} if prompts else None,
-                                   carry=carry))
+        compute=ray.data.ActorPoolStrategy(
+            min_size=1, max_size=max(1, d.tokenize_actors), max_tasks_in_flight_per_actor=1 if carry else None
+        ),
+        fn_constructor_kwargs=dict(
+            tokenizer_dir=opts.tokenizer_dir,
+            seq_len=d.seq_len,
+            arch=opts.arch,
+            prompts={i: prompt_token(dom.name) for i, dom in domains} if prompts else None,
+            carry=carry,
+        ),
+    )
 
 
 def carries_tokens(data: DataConfig) -> bool:
@@ -166,8 +189,9 @@ def carries_tokens(data: DataConfig) -> bool:
     return data.tokenize_actors <= 1
 
 
-def validation_dataset(domains: list[DomainConfig], opts: StreamOptions, log=None,
-                       prompts: bool = False) -> ray.data.Dataset:
+def validation_dataset(
+    domains: list[DomainConfig], opts: StreamOptions, log=None, prompts: bool = False
+) -> ray.data.Dataset:
     """All domains' validation rows, materialised once per run (small) so that every stage evaluates
     the same sequences; the workers score the first ``eval_max_sequences`` rows of each domain."""
     ds = files_dataset(list(enumerate(domains)), "valid", opts, log, prompts=prompts).materialize()
@@ -176,8 +200,10 @@ def validation_dataset(domains: list[DomainConfig], opts: StreamOptions, log=Non
         counts += np.bincount(batch["domain_id"], minlength=len(domains))
     empty = [dom.name for dom, n in zip(domains, counts) if n == 0]
     if empty:
-        raise DataError(f"domains {empty}: validation sources hold no text (at least one sequence of "
-                         f"{opts.data.seq_len} tokens is needed)")
+        raise DataError(
+            f"domains {empty}: validation sources hold no text (at least one sequence of "
+            f"{opts.data.seq_len} tokens is needed)"
+        )
     return ds
 
 

@@ -124,14 +124,19 @@ def special_token_ids(tokenizer) -> list[int]:
 def train_config_tokenizer(cfg: LifelongConfig, out_dir: str | os.PathLike):
     """Train the config's tokenizer on a sample of its domains, with a prompt token per domain."""
     tc = cfg.tokenizer
-    return train_tokenizer(sample_texts(cfg.data.domains, tc.sample_docs_per_domain), out_dir,
-                           kind=tokenizer_kind(tc, cfg.model.arch), vocab_size=tc.vocab_size,
-                           prompts=prompt_tokens([d.name for d in cfg.data.domains], tc.reserved_prompt_tokens),
-                           min_frequency=tc.min_frequency)
+    return train_tokenizer(
+        sample_texts(cfg.data.domains, tc.sample_docs_per_domain),
+        out_dir,
+        kind=tokenizer_kind(tc, cfg.model.arch),
+        vocab_size=tc.vocab_size,
+        prompts=prompt_tokens([d.name for d in cfg.data.domains], tc.reserved_prompt_tokens),
+        min_frequency=tc.min_frequency,
+    )
 
 
 def prepare_tokenizer(cfg: LifelongConfig, out_dir: str | os.PathLike) -> str:
-    """``tokenizer.path``, or the config's tokenizer trained into ``out_dir`` (once: a finished one is kept)."""
+    """``tokenizer.path``, or the config's tokenizer trained into ``out_dir`` (once: a finished one is
+    kept)."""
     if cfg.tokenizer.path:
         load_tokenizer(cfg.tokenizer.path)  # fail early with a clear message
         return cfg.tokenizer.path

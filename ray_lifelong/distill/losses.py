@@ -1,4 +1,4 @@
-"""The Knowledge Inheritance loss (Qin et al., NAACL 2022, Eq. 1-2; shared/specs/ki.md section 2).
+"""The Knowledge Inheritance loss (Qin et al., NAACL 2022, Eq. 1-2).
 
 Per supervised position: (1 - alpha) * CE(student, label) + alpha * T^2 * KL(p_teacher^T || p_student^T),
 averaged over the positions whose label is not ``ignore_index`` (the masked positions for MLM, every next
@@ -60,8 +60,16 @@ def ki_loss_parts(student_logits: torch.Tensor, teacher_logits: torch.Tensor | N
     return KILoss(total, ce.detach(), kl.detach())
 
 
-def ki_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor, *,
-            alpha: float, temperature: float = 2.0, ignore_index: int = -100, top_k: int | None = None) -> torch.Tensor:
+def ki_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float = 2.0,
+    ignore_index: int = -100,
+    top_k: int | None = None,
+) -> torch.Tensor:
     """(1 - alpha) * CE + alpha * T^2 * KL(teacher || student), averaged over supervised positions.
 
     Args:
@@ -79,5 +87,12 @@ def ki_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, l
     Raises:
         ValueError: vocabulary sizes or positions differ between teacher and student.
     """
-    return ki_loss_parts(student_logits, teacher_logits, labels, alpha=alpha, temperature=temperature,
-                         ignore_index=ignore_index, top_k=top_k).total
+    return ki_loss_parts(
+        student_logits,
+        teacher_logits,
+        labels,
+        alpha=alpha,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        top_k=top_k,
+    ).total

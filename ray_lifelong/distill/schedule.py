@@ -1,4 +1,4 @@
-"""Inheritance-rate schedules alpha_t of Knowledge Inheritance (shared/specs/ki.md section 3)."""
+"""Inheritance-rate schedules alpha_t of Knowledge Inheritance (Qin et al., NAACL 2022, section 3)."""
 
 from __future__ import annotations
 

@@ -7,17 +7,8 @@ from pathlib import Path
 
 import torch
 
-
-def resolve_teacher_dir(path: str) -> str:
-    """The HF model directory inside ``path``: a run directory (``final_model/``), a stage checkpoint
-    (``model/``), or an HF model directory itself (``config.json``). Local paths only here; remote
-    checkpoints are fetched by the workers through ``ray.train.Checkpoint``."""
-    p = Path(path)
-    for candidate in (p / "final_model", p / "model", p):
-        if (candidate / "config.json").is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"teacher {path!r}: no Hugging Face model found (looked for final_model/, model/ "
-                            f"and config.json)")
+from ray_lifelong.data.tokenizer import load_tokenizer
+from ray_lifelong.models.build import LMObjective, load_model, padded_vocab, position_rows
 
 
 def check_teacher_compatible(teacher_dir: str, tokenizer, arch: str, vocab_multiple: int = 1) -> dict:
@@ -27,19 +18,15 @@ def check_teacher_compatible(teacher_dir: str, tokenizer, arch: str, vocab_multi
         ValueError: naming the teacher directory and what differs.
     """
     cfg = json.loads((Path(teacher_dir) / "config.json").read_text())
-    kind = {"bert": "bert", "gpt2": "gpt2"}.get(cfg.get("model_type", ""))
-    if kind != arch:
+    if cfg.get("model_type") != arch:
         raise ValueError(f"teacher {teacher_dir}: model type {cfg.get('model_type')!r} does not match the "
                          f"student's architecture {arch!r}")
-    from ray_lifelong.models.build import padded_vocab
 
     rows = padded_vocab(len(tokenizer), vocab_multiple)
     if cfg.get("vocab_size") != rows:  # the KL needs logits of the same width
         raise ValueError(f"teacher {teacher_dir}: vocabulary of {cfg.get('vocab_size')} rows, the student's "
                          f"tokenizer has {len(tokenizer)} tokens ({rows} rows): KI needs the same tokenizer")
     if (Path(teacher_dir) / "tokenizer.json").is_file():
-        from ray_lifelong.data.tokenizer import load_tokenizer
-
         if load_tokenizer(teacher_dir).get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"teacher {teacher_dir}: its tokenizer maps tokens to different ids than the "
                              f"student's: KI needs the same tokenizer")
@@ -48,8 +35,6 @@ def check_teacher_compatible(teacher_dir: str, tokenizer, arch: str, vocab_multi
 
 def load_teacher(teacher_dir: str, device: torch.device, bf16: bool):
     """A frozen teacher: eval mode, no gradients, no optimizer, never DDP-wrapped; bf16 on GPU."""
-    from ray_lifelong.models.build import load_model
-
     model = load_model(teacher_dir).eval().requires_grad_(False)
     dtype = torch.bfloat16 if (bf16 and device.type == "cuda") else torch.float32
     return model.to(device=device, dtype=dtype)
@@ -69,8 +54,6 @@ def teacher_logits(teachers: dict[int, torch.nn.Module], inputs: torch.Tensor, l
     Returns:
         ``(M, V)`` logits in the student's row-major position order.
     """
-    from ray_lifelong.models.build import LMObjective, position_rows
-
     groups = {}
     for d in domain_ids.unique().tolist():
         t = teachers.get(int(d), teachers.get(-1))

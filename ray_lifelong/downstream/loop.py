@@ -60,14 +60,21 @@ def finetune_loop(config: dict) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         valid = score(task.metric, _predict(inner, task.valid, pad_id, device, fc), task.valid.labels)
-        point = {"epoch": epoch + 1, "train_loss": float(torch.stack(losses).mean()) if losses else 0.0, "valid": valid}
+        point = {
+            "epoch": epoch + 1,
+            "train_loss": float(torch.stack(losses).mean()) if losses else 0.0,
+            "valid": valid,
+        }
         if valid > best["valid"]:  # selection on valid; test is scored only at the selected epoch
             test = score(task.metric, _predict(inner, task.test, pad_id, device, fc), task.test.labels)
             best = {"valid": valid, "test": test, "epoch": epoch + 1}
         curve.append(point)
         if rank == 0:
-            print(f"[finetune {task.name} seed {seed}] epoch {epoch + 1}/{fc.epochs}: train loss "
-                  f"{point['train_loss']:.4f}, valid {task.metric} {valid:.4f}", flush=True)
+            print(
+                f"[finetune {task.name} seed {seed}] epoch {epoch + 1}/{fc.epochs}: train loss "
+                f"{point['train_loss']:.4f}, valid {task.metric} {valid:.4f}",
+                flush=True,
+            )
         ray.train.report({**point, "best_valid": best["valid"]})  # [ray]
     return {**best, "curve": curve}
 
@@ -76,8 +83,9 @@ def _load_classifier(model_uri: str, num_labels: int, pad_id: int):
     from transformers import AutoModelForSequenceClassification
 
     with ray.train.Checkpoint(model_uri).as_directory() as d:  # a local directory, or fetched from a URI
-        model = AutoModelForSequenceClassification.from_pretrained(str(Path(d)), num_labels=num_labels,
-                                                                   local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(Path(d)), num_labels=num_labels, local_files_only=True
+        )
     model.config.pad_token_id = pad_id  # GPT-2 pools the last token that is not padding
     return model
 
@@ -87,8 +95,8 @@ def _pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torc
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):  # right padding: BERT attends by mask, GPT-2 pools the last real token
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -98,7 +106,7 @@ def _predict(model, split: Split, pad_id: int, device, fc: FinetuneConfig) -> li
     model.eval()
     preds: list[int] = []
     for i in range(0, len(split.ids), fc.micro_batch_size):
-        ids, mask = _pad(split.ids[i:i + fc.micro_batch_size], pad_id, device)
+        ids, mask = _pad(split.ids[i : i + fc.micro_batch_size], pad_id, device)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             preds += model(input_ids=ids, attention_mask=mask).logits.argmax(-1).tolist()
     model.train()

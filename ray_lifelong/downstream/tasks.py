@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ray_lifelong.config.schema import TaskConfig
 from ray_lifelong.data.sources import DataError, iter_records, resolve_sources
+from ray_lifelong.data.tokenizer import prompt_token
 
 
 @dataclass
@@ -71,8 +72,6 @@ def encode_text(tokenizer, text: str, *, arch: str, max_length: int, prompt_id: 
 
 
 def encode_task(task: TaskConfig, tokenizer, *, arch: str, max_length: int, prompts: bool) -> EncodedTask:
-    from ray_lifelong.data.tokenizer import prompt_token
-
     domain = task.domain or task.name
     prompt_id = None
     if prompts:
@@ -89,7 +88,15 @@ def encode_task(task: TaskConfig, tokenizer, *, arch: str, max_length: int, prom
     for s, recs in records.items():
         if not recs:
             raise DataError(f"task {task.name!r}: its {s} split has no records")
-        ids = [encode_text(tokenizer, r[2], arch=arch, max_length=max_length, prompt_id=prompt_id) for r in recs]
+        ids = [
+            encode_text(tokenizer, r[2], arch=arch, max_length=max_length, prompt_id=prompt_id) for r in recs
+        ]
         splits[s] = Split(ids=ids, labels=map_labels(recs, mapping, task.name))
-    return EncodedTask(name=task.name, domain=domain, metric=task.metric, label_names=list(mapping),
-                       prompt_id=prompt_id, **splits)
+    return EncodedTask(
+        name=task.name,
+        domain=domain,
+        metric=task.metric,
+        label_names=list(mapping),
+        prompt_id=prompt_id,
+        **splits,
+    )

@@ -35,24 +35,62 @@ def build_model(cfg: ModelConfig, vocab_size: int, *, pad_id: int | None = None,
                         pad_token_id=pad_id if pad_id is not None else 0)
         return BertForMaskedLM(hf)
     if cfg.arch == "gpt2":
-        hf = GPT2Config(vocab_size=vocab_size, n_positions=cfg.max_position_embeddings, n_embd=cfg.hidden_size,
-                        n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.intermediate_size,
-                        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-                        bos_token_id=eos_id, eos_token_id=eos_id,
-                        # GPT-2's tanh GELU as one kernel; the default "gelu_new" is the same formula
-                        # written as ~8 element-wise ops (memory-bound on a GPU)
-                        activation_function="gelu_pytorch_tanh")
+        hf = GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=cfg.max_position_embeddings,
+            n_embd=cfg.hidden_size,
+            n_layer=cfg.num_layers,
+            n_head=cfg.num_heads,
+            n_inner=cfg.intermediate_size,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            bos_token_id=eos_id,
+            eos_token_id=eos_id,
+            # GPT-2's tanh GELU as one kernel; the default "gelu_new" is the same formula
+            # written as ~8 element-wise ops (memory-bound on a GPU)
+            activation_function="gelu_pytorch_tanh",
+        )
         return GPT2LMHeadModel(hf)
     raise ValueError(f"unknown architecture {cfg.arch!r}")
 
 
 def model_arch(model) -> str:
+    """``bert`` or ``gpt2`` of a loaded model (by its class)."""
     name = type(model).__name__
     if name.startswith("Bert"):
         return "bert"
     if name.startswith("GPT2"):
         return "gpt2"
     raise ValueError(f"unsupported model class {name}")
+
+
+def saved_model_arch(model_dir: str) -> str:
+    """``bert`` or ``gpt2`` of a saved HF model directory (its ``config.json``'s ``model_type``).
+
+    Raises:
+        ValueError: naming the directory and its model type when it is neither.
+    """
+    import json
+    from pathlib import Path
+
+    kind = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    if kind not in ("bert", "gpt2"):
+        raise ValueError(f"{model_dir}: model type {kind!r}; supported: bert, gpt2")
+    return kind
+
+
+def find_model_dir(path: str) -> str:
+    """The HF model directory inside ``path``: a run directory (``final_model/``), a stage checkpoint
+    (``model/``), or an HF model directory itself (``config.json``). Local paths only."""
+    from pathlib import Path
+
+    p = Path(path)
+    for candidate in (p / "final_model", p / "model", p):
+        if (candidate / "config.json").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"{path!r}: no Hugging Face model found (looked for final_model/, model/ "
+                            f"and config.json)")
 
 
 class LMObjective(nn.Module):
@@ -74,7 +112,9 @@ class LMObjective(nn.Module):
             hidden = self.model.bert(input_ids=input_ids).last_hidden_state  # (B, T, d)
             keep = labels != IGNORE_INDEX
             return self.model.cls(hidden[keep]), labels[keep]  # (M, V), (M,)
-        hidden = self.model.transformer(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, d)
+        hidden = self.model.transformer(input_ids=input_ids, use_cache=False).last_hidden_state[
+            :, :-1
+        ]  # (B, T-1, d)
         targets = input_ids[:, 1:]
         if labels is not None:
             targets = labels[:, 1:]
@@ -101,11 +141,7 @@ def count_parameters(model) -> dict[str, int]:
 
 def load_model(path: str, arch: str | None = None):
     """Load a saved HF model directory (a stage checkpoint's ``model/`` or a final export), offline."""
-    from transformers import AutoConfig, BertForMaskedLM, GPT2LMHeadModel
+    from transformers import BertForMaskedLM, GPT2LMHeadModel
 
-    if arch is None:
-        arch = {"bert": "bert", "gpt2": "gpt2"}.get(AutoConfig.from_pretrained(path, local_files_only=True).model_type)
-    cls = {"bert": BertForMaskedLM, "gpt2": GPT2LMHeadModel}.get(arch or "")
-    if cls is None:
-        raise ValueError(f"{path}: unsupported model type (bert or gpt2 expected)")
+    cls = {"bert": BertForMaskedLM, "gpt2": GPT2LMHeadModel}[arch or saved_model_arch(path)]
     return cls.from_pretrained(path, local_files_only=True)

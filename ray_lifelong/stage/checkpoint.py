@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ray_lifelong.config.load import save_config
+from ray_lifelong.data.sources import join_uri
 
 
 @dataclass
@@ -52,7 +53,9 @@ def save_checkpoint(directory: str | Path, *, model, tokenizer, optimizer, sched
     d = Path(directory)
     model.save_pretrained(d / "model")
     tokenizer.save_pretrained(str(d / "model"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, d / "train_state.pt")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, d / "train_state.pt"
+    )
     (d / "state.json").write_text(json.dumps(asdict(state)))
     save_config(cfg, d / "config.yaml")
 
@@ -78,10 +81,9 @@ def checkpoint_uri(path: str, filesystem, storage_path: str) -> str:
 
     if isinstance(filesystem, pafs.LocalFileSystem) or "://" not in storage_path:
         return path
-    from ray_lifelong.data.sources import join_uri
 
     _, root = pafs.FileSystem.from_uri(storage_path)
     root = root.rstrip("/")
     if not path.startswith(root + "/"):
         raise ValueError(f"checkpoint {path!r} is not under the storage path {storage_path!r}")
-    return join_uri(storage_path, path[len(root):])
+    return join_uri(storage_path, path[len(root) :])

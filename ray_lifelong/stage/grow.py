@@ -38,16 +38,27 @@ def grow_model(model, grow: GrowthConfig, *, seed: int, train: TrainConfig, lr: 
     carried = None
     if grow.optimizer == "carry":
         if optimizer_state is None:
-            raise ValueError("grow.optimizer=carry needs the previous stage's optimizer state (train_state.pt)")
+            raise ValueError(
+                "grow.optimizer=carry needs the previous stage's optimizer state (train_state.pt)"
+            )
         old_opt = build_optimizer(model, lr, train)
         old_opt.load_state_dict(optimizer_state)
         new_opt = build_optimizer(grown, lr, train)
         remap_optimizer_state(model, grown, old_opt, new_opt, mapping)
         carried = new_opt.state_dict()
     err = logit_errors(model, grown, seed=seed)
-    event = {"before": before, "after": model_sizes(grown),
-             "params_before": count_parameters(model)["total"], "params_after": count_parameters(grown)["total"],
-             "max_logit_error": err["max_abs"], "logit_std": err["ref_std"], "kl": err["kl"],
-             "expand_seconds": seconds, "depth_init": grow.depth_init, "depth_placement": grow.depth_placement,
-             "noise_std": grow.noise_std, "optimizer": grow.optimizer}
+    event = {
+        "before": before,
+        "after": model_sizes(grown),
+        "params_before": count_parameters(model)["total"],
+        "params_after": count_parameters(grown)["total"],
+        "max_logit_error": err["max_abs"],
+        "logit_std": err["ref_std"],
+        "kl": err["kl"],
+        "expand_seconds": seconds,
+        "depth_init": grow.depth_init,
+        "depth_placement": grow.depth_placement,
+        "noise_std": grow.noise_std,
+        "optimizer": grow.optimizer,
+    }
     return grown, carried, event

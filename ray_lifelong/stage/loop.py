@@ -12,9 +12,9 @@ from __future__ import annotations
 import gc
 import math
 import os
-import warnings
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +23,14 @@ import ray.train.torch
 import torch
 from torch import distributed as dist
 
-from ray_lifelong.data.memory import memory_epoch, memory_pools
+from ray_lifelong.data.memory import memory_epoch, memory_pools, replay_count, replay_draw
 from ray_lifelong.data.sources import DataError
 from ray_lifelong.data.tokenizer import load_tokenizer
+from ray_lifelong.distill import inheritance_rate, teacher_needed
+from ray_lifelong.distill.teacher import load_teacher, teacher_logits
 from ray_lifelong.eval.metrics import perplexity
+from ray_lifelong.flops import sequence_flops
+from ray_lifelong.growth import model_sizes
 from ray_lifelong.models.build import LMObjective, build_model, lm_loss, load_model, position_rows
 from ray_lifelong.stage.checkpoint import (
     TrainState,
@@ -34,13 +38,10 @@ from ray_lifelong.stage.checkpoint import (
     load_state,
     save_checkpoint,
 )
-from ray_lifelong.distill import inheritance_rate, ki_loss, ki_loss_parts, teacher_needed
-from ray_lifelong.distill.teacher import load_teacher, teacher_logits
-from ray_lifelong.growth import model_sizes
 from ray_lifelong.stage.grow import grow_model
 from ray_lifelong.stage.schedule import lr_multiplier
 from ray_lifelong.stage.spec import StageSpec, materialize_tokenizer
-from ray_lifelong.stage.step import Masker, build_optimizer, maybe_no_sync
+from ray_lifelong.stage.step import Masker, build_optimizer, maybe_no_sync, stage_loss
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -58,49 +59,15 @@ def train_loop_per_worker(config: dict) -> dict:
     torch.manual_seed(t.seed + 1000 * spec.index + rank)
 
     # [1] model and state: a retry of this stage > the previous stage's model > a fresh model
-    resume = ray.train.get_checkpoint()  # [ray]
-    own = resume is not None
-    if resume is None:
-        resume = spec.resume_from  # a PBT segment continues its (or a cloned trial's) last segment
-    state = TrainState(phase="frw" if spec.frw_steps else "main")
-    carried, previous = None, None
-    if resume is not None:
-        with resume.as_directory() as d:
-            model = load_model(str(Path(d) / "model"), cfg.model.arch)
-            state = load_state(d)
-            state.restarts += int(own)
-            opt_dir = tempfile.mkdtemp()
-            Path(opt_dir, "train_state.pt").write_bytes(Path(d, "train_state.pt").read_bytes())
-    elif spec.init_checkpoint is not None:
-        with spec.init_checkpoint.as_directory() as d:
-            model = load_model(str(Path(d) / "model"), cfg.model.arch)
-            if spec.kd_previous:  # logit-KD baseline: the previous stage's model, frozen
-                previous = LMObjective(load_teacher(str(Path(d) / "model"), device, t.bf16))
-            grow = spec.grow
-            if grow is not None:  # same seed on every rank -> the same grown model everywhere
-                prev_opt = None
-                if grow.optimizer == "carry":
-                    prev_opt = torch.load(Path(d) / "train_state.pt", map_location="cpu",
-                                          weights_only=False)["optimizer"]
-                model, carried, state.growth = grow_model(model, grow, seed=t.seed + spec.index, train=t,
-                                                          lr=spec.frw_lr if spec.frw_steps else spec.lr,
-                                                          optimizer_state=prev_opt, build_optimizer=build_optimizer)
-    else:
-        model = build_model(cfg.model, len(tokenizer), pad_id=tokenizer.pad_token_id,
-                            eos_id=tokenizer.eos_token_id, seed=t.seed)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
-                         f"{model.get_input_embeddings().weight.shape[0]}")
-    if spec.kd_previous and resume is not None:  # a retried stage reloads the previous model itself
-        with spec.init_checkpoint.as_directory() as d:
-            previous = LMObjective(load_teacher(str(Path(d) / "model"), device, t.bf16))
-
+    start = _initial_model(spec, tokenizer, device)
+    model, state, previous = start.model, start.state, start.previous
     # from_pretrained gives a model in eval mode: without this, dropout would stay off in every stage that
     # continues a checkpoint (a later domain, a restart, a PBT segment) until its first evaluation
     model.train()
 
     # [2] DDP
-    objective = ray.train.torch.prepare_model(LMObjective(model))  # [ray] moves to device, wraps DDP if world > 1
+    # [ray] moves to device, wraps DDP if world > 1
+    objective = ray.train.torch.prepare_model(LMObjective(model))
     inner: LMObjective = objective.module if hasattr(objective, "module") else objective
     ddp = objective
     if t.compile:  # compiled around DDP: TorchDynamo splits the graph at DDP's gradient buckets
@@ -110,74 +77,179 @@ def train_loop_per_worker(config: dict) -> dict:
     train_shard = ray.train.get_dataset_shard("train")  # [ray]
     memory = _load_memory() if spec.replay_uris else None
     if state.phase == "frw" and memory is None:
-        raise ValueError(f"stage {spec.label}: a function-recovering warmup needs the earlier domains' "
-                         f"memory (replay_uris)")
-    w = _Worker(spec=spec, rank=rank, world=world, device=device, objective=objective, ddp=ddp, inner=inner,
-                masker=Masker(tokenizer, cfg.data.mlm_probability, cfg.model.arch), tokenizer=tokenizer,
-                use_bf16=t.bf16 and device.type == "cuda", accum=spec.grad_accum(world), memory=memory,
-                previous=previous, previous_fwd=_forward_flops(previous.model, cfg) if previous else 0.0,
-                synced=_counts(state))
+        raise ValueError(
+            f"stage {spec.label}: a function-recovering warmup needs the earlier domains' "
+            f"memory (replay_uris)"
+        )
+    w = _Worker(
+        spec=spec,
+        rank=rank,
+        world=world,
+        device=device,
+        objective=objective,
+        ddp=ddp,
+        inner=inner,
+        masker=Masker(tokenizer, cfg.data.mlm_probability, cfg.model.arch),
+        tokenizer=tokenizer,
+        use_bf16=t.bf16 and device.type == "cuda",
+        accum=spec.grad_accum(world),
+        memory=memory,
+        previous=previous,
+        previous_fwd=_forward_flops(previous.model, cfg) if previous else 0.0,
+        synced=_counts(state),
+    )
     if state.growth and state.step == 0:
         g = state.growth
-        w.say(spec.label, f"grew {g['before']} -> {g['after']} ({g['params_before']:,} -> {g['params_after']:,} "
-                          f"params, max logit error {g['max_logit_error']:.2e}, optimizer {g['optimizer']}, "
-                          f"{g['expand_seconds']:.2f}s)")
+        w.say(
+            spec.label,
+            f"grew {g['before']} -> {g['after']} ({g['params_before']:,} -> {g['params_after']:,} "
+            f"params, max logit error {g['max_logit_error']:.2e}, optimizer {g['optimizer']}, "
+            f"{g['expand_seconds']:.2f}s)",
+        )
 
     # [4a] ELLE's function-recovering warmup, after the growth: only the memory, its own short LR warmup
     if state.phase == "frw":
-        optimizer, scheduler = _phase_optimizer(w, "frw")
-        if carried is not None:  # AdamW moments mapped onto the grown parameters (grow.optimizer=carry)
-            optimizer.load_state_dict(carried)
-        if resume is not None:
-            load_optimizer_state(opt_dir, optimizer, scheduler)
-        w.say(spec.frw_label, f"start at step {state.step}/{spec.frw_steps} on the memory of "
-                              f"{len(memory[0])} domains ({sum(len(m) for m in memory[0])} sequences), "
-                              f"restarts={state.restarts}")
-        _train(w, state, optimizer, scheduler, end=spec.frw_steps, label=spec.frw_label, teachers={},
-               batches=lambda epoch: memory_epoch(memory, seed=hash((t.seed, spec.index, epoch)) % (2**62),
-                                                  rank=rank, world=world, batch_size=t.micro_batch_size))
+        optimizer, scheduler = _phase_optimizer(w, "frw", start)
+        w.say(
+            spec.frw_label,
+            f"start at step {state.step}/{spec.frw_steps} on the memory of "
+            f"{len(memory[0])} domains ({sum(len(m) for m in memory[0])} sequences), "
+            f"restarts={state.restarts}",
+        )
+        _train(
+            w,
+            state,
+            optimizer,
+            scheduler,
+            end=spec.frw_steps,
+            label=spec.frw_label,
+            teachers={},
+            batches=lambda epoch: memory_epoch(
+                memory,
+                seed=hash((t.seed, spec.index, epoch)) % (2**62),
+                rank=rank,
+                world=world,
+                batch_size=t.micro_batch_size,
+            ),
+        )
         ppl = _evaluate(inner, spec, w.masker, device, rank, world)
         state.evals.append({"step": state.step, "tokens": state.tokens, "ppl": ppl})
         _sync_counts(w, state)  # the warmup's record holds every rank's counts
         done = {k: v for k, v in state.__dict__.items() if k != "frw"}
-        state = TrainState(phase="main", frw=dict(done, ppl=ppl, wall_s=time.perf_counter() - started),
-                           restarts=state.restarts)
+        state = TrainState(
+            phase="main",
+            frw=dict(done, ppl=ppl, wall_s=time.perf_counter() - started),
+            restarts=state.restarts,
+        )
         w.synced = _counts(state)
         torch.manual_seed(t.seed + 1000 * spec.index + rank)  # the domain's phase as if it were its own run
         optimizer, scheduler = _phase_optimizer(w, "main")  # a fresh optimizer and LR schedule, as in ELLE
         # the grown, recovered model and the domain phase's start: a restart from here begins the domain
         _report(w, state, None, optimizer, scheduler)
     else:
-        optimizer, scheduler = _phase_optimizer(w, "main")
-        if carried is not None:
-            optimizer.load_state_dict(carried)
-        if resume is not None:
-            load_optimizer_state(opt_dir, optimizer, scheduler)
-            if not own:  # a segment's LR is its own (PBT may have perturbed it): rescale the restored schedule
-                scheduler.base_lrs = [spec.lr] * len(optimizer.param_groups)
-                for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
-                    group["initial_lr"], group["lr"] = spec.lr, spec.lr * fn(scheduler.last_epoch)
+        optimizer, scheduler = _phase_optimizer(w, "main", start)
 
     # [4b] the domain (with replay, KI teachers or logit KD where configured)
     rp, kd = cfg.continual.replay, cfg.continual.logit_kd
-    w.say(spec.label, f"start at step {state.step}/{spec.end} (workers={world}, accumulation={w.accum}, "
-                      f"restarts={state.restarts})")
+    w.say(
+        spec.label,
+        f"start at step {state.step}/{spec.end} (workers={world}, accumulation={w.accum}, "
+        f"restarts={state.restarts})",
+    )
     if memory is not None:
-        w.say(spec.label, f"replaying {rp.ratio:.0%} of each batch from {len(memory[0])} memories "
-                          f"({sum(len(m) for m in memory[0])} sequences)"
-              + (f", logit KD weight {kd.weight}" if spec.kd_previous else ""))
-    _train(w, state, optimizer, scheduler, end=spec.end, label=spec.label, teachers=_load_teachers(spec, state, w),
-           mix=memory is not None, batches=lambda epoch: train_shard.iter_torch_batches(  # [ray] streams while we train
-               batch_size=t.micro_batch_size, drop_last=True, dtypes=torch.long,
-               local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-               local_shuffle_seed=(t.seed + epoch) if cfg.data.shuffle_buffer else None))
+        w.say(
+            spec.label,
+            f"replaying {rp.ratio:.0%} of each batch from {len(memory[0])} memories "
+            f"({sum(len(m) for m in memory[0])} sequences)"
+            + (f", logit KD weight {kd.weight}" if spec.kd_previous else ""),
+        )
+    _train(
+        w,
+        state,
+        optimizer,
+        scheduler,
+        end=spec.end,
+        label=spec.label,
+        teachers=_load_teachers(spec, state, w),
+        mix=memory is not None,
+        batches=lambda epoch: train_shard.iter_torch_batches(  # [ray] streams while we train
+            batch_size=t.micro_batch_size,
+            drop_last=True,
+            dtypes=torch.long,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=(t.seed + epoch) if cfg.data.shuffle_buffer else None,
+        ),
+    )
 
     # [5] final evaluation on every domain, final checkpoint
     ppl = _evaluate(inner, spec, w.masker, device, rank, world)
     state.evals.append({"step": state.step, "tokens": state.tokens, "ppl": ppl})
     _report(w, state, ppl, optimizer, scheduler, final=True)
-    return {"state": state.__dict__, "ppl": ppl, "sizes": model_sizes(inner.model),
-            "vocab": inner.model.config.vocab_size, "nodes": _worker_nodes(world)}
+    return {
+        "state": state.__dict__,
+        "ppl": ppl,
+        "sizes": model_sizes(inner.model),
+        "vocab": inner.model.config.vocab_size,
+        "nodes": _worker_nodes(world),
+    }
+
+
+@dataclass
+class _Start:
+    """Where a stage's worker begins: its model, its counters, and the state its optimizer resumes from."""
+
+    model: torch.nn.Module
+    state: TrainState
+    own: bool = False
+    """Resumed from this stage's own checkpoint (a retry), not from a PBT segment it continues."""
+    optimizer_dir: str | None = None
+    """A local copy of the checkpoint's optimizer and schedule (``train_state.pt``), when resuming."""
+    carried: dict | None = None
+    """AdamW state mapped onto the grown parameters (``grow.optimizer=carry``)."""
+    previous: LMObjective | None = None
+    """Logit-KD baseline: the previous stage's model, frozen."""
+
+
+def _initial_model(spec: StageSpec, tokenizer, device) -> _Start:
+    """The model a worker trains, in this order: a retry of the stage resumes its last checkpoint (or a PBT
+    segment the checkpoint it continues); else the previous stage's model, grown where the stage grows (the
+    same seed on every rank, so every rank grows the same model); else a fresh model of ``model.*``."""
+    cfg, t = spec.cfg, spec.cfg.train
+    resume = ray.train.get_checkpoint()  # [ray]
+    own = resume is not None
+    if resume is None:
+        resume = spec.resume_from
+    start = _Start(model=None, state=TrainState(phase="frw" if spec.frw_steps else "main"), own=own)
+    if resume is not None:
+        with resume.as_directory() as d:
+            start.model = load_model(str(Path(d) / "model"), cfg.model.arch)
+            start.state = load_state(d)
+            start.state.restarts += int(own)
+            start.optimizer_dir = tempfile.mkdtemp()
+            Path(start.optimizer_dir, "train_state.pt").write_bytes(Path(d, "train_state.pt").read_bytes())
+    elif spec.init_checkpoint is not None:
+        with spec.init_checkpoint.as_directory() as d:
+            start.model = load_model(str(Path(d) / "model"), cfg.model.arch)
+            grow = spec.grow
+            if grow is not None:
+                prev_opt = None
+                if grow.optimizer == "carry":
+                    prev_opt = torch.load(Path(d) / "train_state.pt", map_location="cpu",
+                                          weights_only=False)["optimizer"]
+                start.model, start.carried, start.state.growth = grow_model(
+                    start.model, grow, seed=t.seed + spec.index, train=t,
+                    lr=spec.frw_lr if spec.frw_steps else spec.lr, optimizer_state=prev_opt,
+                    build_optimizer=build_optimizer)
+    else:
+        start.model = build_model(cfg.model, len(tokenizer), pad_id=tokenizer.pad_token_id,
+                                  eos_id=tokenizer.eos_token_id, seed=t.seed)
+    rows = start.model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {rows}")
+    if spec.kd_previous:  # the previous stage's model, also when a retry resumes the stage
+        with spec.init_checkpoint.as_directory() as d:
+            start.previous = LMObjective(load_teacher(str(Path(d) / "model"), device, t.bf16))
+    return start
 
 
 @dataclass
@@ -210,9 +282,14 @@ class _Worker:
             print(f"[stage {label}] {text}", flush=True)
 
 
-def _phase_optimizer(w: _Worker, phase: str):
-    """A fresh AdamW and LR schedule for a phase: the warmup's own short linear warmup to its peak LR, held
-    until the phase ends; the domain's warmup and decay over its steps (or its share of the run's schedule)."""
+def _phase_optimizer(w: _Worker, phase: str, start: _Start | None = None):
+    """AdamW and the LR schedule of a phase: the warmup's own short linear warmup to its peak LR, held until
+    the phase ends; the domain's warmup and decay over its steps (or its share of the run's schedule).
+
+    ``start``: where the phase's state comes from: AdamW moments carried through a growth
+    (``grow.optimizer=carry``), then a checkpoint's optimizer and schedule when the stage resumes (a PBT
+    segment keeps its own LR, which PBT may have perturbed, on the restored schedule). ``None``: fresh.
+    """
     spec, t = w.spec, w.spec.cfg.train
     if phase == "frw":
         lr, offset, total = spec.frw_lr, 0, spec.frw_steps
@@ -221,20 +298,26 @@ def _phase_optimizer(w: _Worker, phase: str):
         lr, (offset, total) = spec.lr, spec.schedule or (0, spec.steps)
         warmup, decay = int(t.warmup_ratio * total), t.lr_decay
     optimizer = build_optimizer(w.inner.model, lr, t)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(offset + s, total, warmup=warmup, decay=decay, min_ratio=t.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
+        offset + s, total, warmup=warmup, decay=decay, min_ratio=t.min_lr_ratio))
+    if start is None:
+        return optimizer, scheduler
+    if start.carried is not None:  # AdamW moments mapped onto the grown parameters
+        optimizer.load_state_dict(start.carried)
+    if start.optimizer_dir is not None:
+        load_optimizer_state(start.optimizer_dir, optimizer, scheduler)
+        if phase == "main" and not start.own:
+            scheduler.base_lrs = [spec.lr] * len(optimizer.param_groups)
+            for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
+                group["initial_lr"], group["lr"] = spec.lr, spec.lr * fn(scheduler.last_epoch)
     return optimizer, scheduler
 
 
-def _ki_steps(spec: StageSpec) -> int:
-    ki = spec.teacher
-    return (ki.steps or max(1, int(0.3 * spec.steps))) if ki else 0
-
-
 def _load_teachers(spec: StageSpec, state: TrainState, w: _Worker) -> dict:
-    """The stage's KI teachers by domain id: frozen, never DDP-wrapped, not loaded once inheritance is over."""
+    """The stage's KI teachers by domain id: frozen, never DDP-wrapped, not loaded once inheritance is
+    over."""
     ki = spec.teacher
-    if not ki or not teacher_needed(state.step, schedule=ki.schedule, steps=_ki_steps(spec), alpha0=ki.alpha0):
+    if not ki or not teacher_needed(state.step, schedule=ki.schedule, steps=spec.ki_steps, alpha0=ki.alpha0):
         return {}
     loaded: dict = {}  # a teacher shared by several domains is loaded once
     for path in spec.teacher_dirs.values():
@@ -243,20 +326,31 @@ def _load_teachers(spec: StageSpec, state: TrainState, w: _Worker) -> dict:
     return {domain_id: loaded[path] for domain_id, path in spec.teacher_dirs.items()}
 
 
-def _train(w: _Worker, state: TrainState, optimizer, scheduler, *, end: int, label: str, teachers: dict,
-           batches, mix: bool = False) -> None:
+def _train(
+    w: _Worker,
+    state: TrainState,
+    optimizer,
+    scheduler,
+    *,
+    end: int,
+    label: str,
+    teachers: dict,
+    batches,
+    mix: bool = False,
+) -> None:
     """The step loop of one phase, up to step ``end``: accumulate, clip, step, log, evaluate, checkpoint.
 
-    ``batches(epoch)``: one epoch of this worker's micro-batches; ``mix``: replace a share of every micro-batch
+    ``batches(epoch)``: one epoch of this worker's micro-batches; ``mix``: replace a share of every
+    micro-batch
     with replayed memory rows; ``teachers``: KI teachers (emptied, and freed, once inheritance is over).
     """
     spec, cfg, t, device = w.spec, w.spec.cfg, w.spec.cfg.train, w.device
     ki = spec.teacher if teachers else None
-    ki_steps = _ki_steps(spec)
+    ki_steps = spec.ki_steps
     rp, kd = cfg.continual.replay, cfg.continual.logit_kd
     seq_tokens = spec.batch_size * cfg.data.seq_len
     micro, loss_acc, ce_acc, kl_acc, alpha = 0, 0.0, 0.0, 0.0, 0.0
-    log_t0, log_tok0 = time.perf_counter(), state.tokens
+    since = (time.perf_counter(), state.tokens)  # the last log line's time and token count
     while state.step < end:
         seen = 0
         wait0 = time.perf_counter()
@@ -267,42 +361,32 @@ def _train(w: _Worker, state: TrainState, optimizer, scheduler, *, end: int, lab
                 continue
             c0 = time.perf_counter()
             state.data_wait_s += c0 - wait0
-            gen = torch.Generator().manual_seed(hash((t.seed, spec.index, w.rank, state.step, micro)) % (2**62))
+            gen = torch.Generator().manual_seed(
+                hash((t.seed, spec.index, w.rank, state.step, micro)) % (2**62)
+            )
             ids, domain_ids, k = batch["input_ids"], batch["domain_id"], 0
             if mix:  # the last k rows are replaced by rows of earlier domains' memories
                 ids, domain_ids, k = _mix_replay(ids, domain_ids, w.memory, rp, gen)
                 state.replayed += k
             inputs, labels = w.masker(ids.to(device), gen)
             sync = micro == w.accum - 1
-            alpha = inheritance_rate(state.step, schedule=ki.schedule, steps=ki_steps, alpha0=ki.alpha0) \
-                if teachers else 0.0
+            alpha = (
+                inheritance_rate(state.step, schedule=ki.schedule, steps=ki_steps, alpha0=ki.alpha0)
+                if teachers
+                else 0.0
+            )
             with maybe_no_sync(w.ddp, sync), torch.autocast(device.type, torch.bfloat16, enabled=w.use_bf16):
                 logits, targets = w.objective(inputs, labels)
+                t_logits = p_logits = rows = None
                 if alpha > 0:  # the teacher sees exactly the student's batch (same masking)
-                    t0 = time.perf_counter()
-                    t_logits = teacher_logits(teachers, inputs, labels, domain_ids.to(device), len(targets))
-                    state.teacher_s += time.perf_counter() - t0
-                    for d in domain_ids.tolist():
-                        key = str(d if d in teachers else -1)
-                        state.teacher_sequences[key] = state.teacher_sequences.get(key, 0) + 1
-                    parts = ki_loss_parts(logits, t_logits, targets, alpha=alpha, temperature=ki.temperature,
-                                          top_k=ki.top_k)
-                    loss, ce, kl = parts.total, parts.ce, parts.kl
+                    t_logits = _teacher_forward(w, state, teachers, inputs, labels, domain_ids, len(targets))
                 elif w.previous is not None and k > 0:  # logit KD on the replayed rows only
-                    t0 = time.perf_counter()
-                    sel = position_rows(labels, w.inner.arch) >= len(ids) - k  # the replayed rows' positions
-                    with torch.no_grad():
-                        p_logits = w.previous(inputs[-k:], labels[-k:])[0]
-                    state.teacher_s += time.perf_counter() - t0
-                    state.kd_flops += k * w.previous_fwd
-                    ce = lm_loss(logits, targets)
-                    # alpha=1: the KI loss is exactly T^2 * KL(previous || current), with its gradient
-                    kl = ki_loss(logits[sel], p_logits, targets[sel], alpha=1.0, temperature=kd.temperature)
-                    loss = ce + kd.weight * kl
-                    ce, kl = ce.detach(), kl.detach()
-                else:
-                    loss = lm_loss(logits, targets)
-                    ce, kl = loss.detach(), 0.0
+                    rows, p_logits = _previous_forward(w, state, inputs, labels, len(ids), k)
+                loss, ce, kl = stage_loss(
+                    logits, targets, alpha=alpha, teacher_logits=t_logits,
+                    temperature=ki.temperature if ki else 1.0, top_k=ki.top_k if ki else None,
+                    previous_logits=p_logits, previous_rows=rows, kd_weight=kd.weight,
+                    kd_temperature=kd.temperature)
             (loss / w.accum).backward()
             # accumulate on the device: a float() here would synchronise the GPU every micro-step
             loss_acc += loss.detach() / w.accum
@@ -323,21 +407,13 @@ def _train(w: _Worker, state: TrainState, optimizer, scheduler, *, end: int, lab
                 if cfg.debug.slow_step_s:
                     time.sleep(cfg.debug.slow_step_s)
                 if state.step % t.log_every == 0 or state.step == end:
-                    loss_acc, ce_acc, kl_acc = float(loss_acc), float(ce_acc), float(kl_acc)
-                    now = time.perf_counter()
-                    tps = (state.tokens - log_tok0) / max(now - log_t0, 1e-9)
-                    state.history.append({"step": state.step, "loss": loss_acc, "lr": scheduler.get_last_lr()[0],
-                                          "tokens": state.tokens, "tokens_per_s": tps, "interval_s": now - log_t0,
-                                          "data_wait_s": state.data_wait_s, "compute_s": state.compute_s,
-                                          "alpha": alpha, "ce": ce_acc, "kl": kl_acc, "teacher_s": state.teacher_s})
-                    note = f" alpha {alpha:.2f} ce {ce_acc:.3f} kl {kl_acc:.3f}" if ki else (
-                        f" ce {ce_acc:.3f} kd {kl_acc:.3f}" if w.previous is not None and mix else "")
-                    w.say(label, f"step {state.step}/{end} loss {loss_acc:.4f}{note} "
-                                 f"lr {scheduler.get_last_lr()[0]:.2e} tok/s {tps:,.0f}")
-                    log_t0, log_tok0 = now, state.tokens
+                    note = "ki" if ki else ("kd" if w.previous is not None and mix else "")
+                    since = _log_step(w, state, label, end, scheduler, since, alpha=alpha,
+                                      loss=float(loss_acc), ce=float(ce_acc), kl=float(kl_acc), note=note)
                 loss_acc = ce_acc = kl_acc = 0.0
-                if teachers and not teacher_needed(state.step, schedule=ki.schedule, steps=ki_steps,
-                                                   alpha0=ki.alpha0):
+                if teachers and not teacher_needed(
+                    state.step, schedule=ki.schedule, steps=ki_steps, alpha0=ki.alpha0
+                ):
                     teachers.clear()  # inheritance is over: free the teacher(s)
                     gc.collect()
                     if device.type == "cuda":
@@ -356,11 +432,53 @@ def _train(w: _Worker, state: TrainState, optimizer, scheduler, *, end: int, lab
             wait0 = time.perf_counter()
         else:
             if seen == 0:
-                raise DataError(f"domain {spec.domain!r}: the training stream yielded no sequence of "
-                                f"{cfg.data.seq_len} tokens on worker {w.rank} (empty domain, or fewer "
-                                f"tokens than one micro-batch per worker)")
+                raise DataError(
+                    f"domain {spec.domain!r}: the training stream yielded no sequence of "
+                    f"{cfg.data.seq_len} tokens on worker {w.rank} (empty domain, or fewer "
+                    f"tokens than one micro-batch per worker)"
+                )
             state.epoch += 1
             state.batches_in_epoch = 0
+
+
+def _teacher_forward(w: _Worker, state: TrainState, teachers: dict, inputs, labels, domain_ids, count: int):
+    """The KI teachers' logits at the student's supervised positions (each row its domain's teacher, or the
+    shared one), timed and counted per teacher for the stage's FLOPs."""
+    t0 = time.perf_counter()
+    logits = teacher_logits(teachers, inputs, labels, domain_ids.to(w.device), count)
+    state.teacher_s += time.perf_counter() - t0
+    for d in domain_ids.tolist():
+        key = str(d if d in teachers else -1)
+        state.teacher_sequences[key] = state.teacher_sequences.get(key, 0) + 1
+    return logits
+
+
+def _previous_forward(w: _Worker, state: TrainState, inputs, labels, rows: int, k: int):
+    """Logit KD: the previous stage's logits on the last ``k`` (replayed) of ``rows`` rows, and which of the
+    student's supervised positions belong to those rows."""
+    t0 = time.perf_counter()
+    replayed = position_rows(labels, w.inner.arch) >= rows - k
+    with torch.no_grad():
+        logits = w.previous(inputs[-k:], labels[-k:])[0]
+    state.teacher_s += time.perf_counter() - t0
+    state.kd_flops += k * w.previous_fwd
+    return replayed, logits
+
+
+def _log_step(w: _Worker, state: TrainState, label: str, end: int, scheduler, since: tuple[float, int], *,
+              alpha: float, loss: float, ce: float, kl: float, note: str) -> tuple[float, int]:
+    """Record the step in the stage's history and print its line (rank 0); return the new ``since``."""
+    now = time.perf_counter()
+    tps = (state.tokens - since[1]) / max(now - since[0], 1e-9)
+    lr = scheduler.get_last_lr()[0]
+    state.history.append({"step": state.step, "loss": loss, "lr": lr, "tokens": state.tokens,
+                          "tokens_per_s": tps, "interval_s": now - since[0], "data_wait_s": state.data_wait_s,
+                          "compute_s": state.compute_s, "alpha": alpha, "ce": ce, "kl": kl,
+                          "teacher_s": state.teacher_s})
+    parts = {"ki": f" alpha {alpha:.2f} ce {ce:.3f} kl {kl:.3f}", "kd": f" ce {ce:.3f} kd {kl:.3f}"}
+    extra = parts.get(note, "")
+    w.say(label, f"step {state.step}/{end} loss {loss:.4f}{extra} lr {lr:.2e} tok/s {tps:,.0f}")
+    return now, state.tokens
 
 
 def _worker_nodes(world: int) -> list[str]:
@@ -376,14 +494,15 @@ def _worker_nodes(world: int) -> list[str]:
 def _load_memory() -> tuple[list[torch.Tensor], list[int]]:
     """This worker's copy of the replay memories (small: a few % of each earlier domain), read once from
     the (unsplit) ``replay`` dataset."""
-    return memory_pools(ray.train.get_dataset_shard("replay").iter_torch_batches(  # [ray]
-        batch_size=1024, dtypes=torch.long))
+    return memory_pools(
+        ray.train.get_dataset_shard("replay").iter_torch_batches(  # [ray]
+            batch_size=1024, dtypes=torch.long
+        )
+    )
 
 
 def _mix_replay(ids: torch.Tensor, domain_ids: torch.Tensor, memory, rp, gen: torch.Generator):
     """Replace the last k rows of a micro-batch with rows drawn from the memories (k ~ ratio * rows)."""
-    from ray_lifelong.data.memory import replay_count, replay_draw
-
     pools, pool_domains = memory
     k = replay_count(len(ids), rp.ratio, gen)
     if k == 0:
@@ -397,13 +516,8 @@ def _mix_replay(ids: torch.Tensor, domain_ids: torch.Tensor, memory, rp, gen: to
 
 def _forward_flops(model, cfg) -> float:
     """Forward FLOPs of one sequence through ``model`` (flops.md), for a frozen teacher's cost."""
-    from ray_lifelong.flops import forward_flops_per_sequence, logit_positions
-
-    s = model_sizes(model)
-    return forward_flops_per_sequence(num_layers=s["num_hidden_layers"], hidden=s["hidden_size"],
-                                      ffn=s["intermediate_size"], vocab=model.config.vocab_size,
-                                      seq_len=cfg.data.seq_len, logit_positions=logit_positions(
-                                          cfg.model.arch, cfg.data.seq_len, cfg.data.mlm_probability))
+    return sequence_flops(model_sizes(model), vocab=model.config.vocab_size, seq_len=cfg.data.seq_len,
+                          arch=cfg.model.arch, mlm_probability=cfg.data.mlm_probability, train=False)
 
 
 def _counts(state: TrainState) -> dict:
@@ -415,11 +529,16 @@ def _sync_counts(w: _Worker, state: TrainState) -> None:
     At every report the increments since the last one are summed over the ranks, so that every rank holds,
     and rank 0 checkpoints and returns, the whole stage's counts (a restored state is already whole)."""
     if w.world > 1 and dist.is_available() and dist.is_initialized():
-        keys = [str(i) for i in range(len(w.spec.cfg.data.domains))] + ["-1"]  # teachers by domain id, or shared
+        keys = [str(i) for i in range(len(w.spec.cfg.data.domains))] + [
+            "-1"
+        ]  # teachers by domain id, or shared
         last = w.synced
-        delta = torch.tensor([state.replayed - last["replayed"], state.kd_flops - last["kd_flops"]]
-                             + [state.teacher_sequences.get(k, 0) - last["teacher"].get(k, 0) for k in keys],
-                             dtype=torch.float64, device=w.device)
+        delta = torch.tensor(
+            [state.replayed - last["replayed"], state.kd_flops - last["kd_flops"]]
+            + [state.teacher_sequences.get(k, 0) - last["teacher"].get(k, 0) for k in keys],
+            dtype=torch.float64,
+            device=w.device,
+        )
         dist.all_reduce(delta)
         total = delta.tolist()
         state.replayed = last["replayed"] + round(total[0])
@@ -440,8 +559,15 @@ def _report(w: _Worker, state, ppl, optimizer, scheduler, *, final=False) -> Non
     with tempfile.TemporaryDirectory() as d:
         ckpt = None
         if w.rank == 0:
-            save_checkpoint(d, model=w.inner.model, tokenizer=w.tokenizer, optimizer=optimizer, scheduler=scheduler,
-                            state=state, cfg=spec.cfg)
+            save_checkpoint(
+                d,
+                model=w.inner.model,
+                tokenizer=w.tokenizer,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                state=state,
+                cfg=spec.cfg,
+            )
             ckpt = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=ckpt)  # [ray]
 
@@ -461,7 +587,8 @@ def _evaluate(inner: LMObjective, spec: StageSpec, masker: Masker, device, rank:
     taken = [0] * n
     row = 0
     for batch in ray.train.get_dataset_shard("valid").iter_torch_batches(  # [ray] unsplit
-            batch_size=spec.cfg.train.micro_batch_size, dtypes=torch.long):
+        batch_size=spec.cfg.train.micro_batch_size, dtypes=torch.long
+    ):
         for d in batch["domain_id"].unique().tolist():
             ids = batch["input_ids"][batch["domain_id"] == d]
             ids = ids[: max(0, cap - taken[d])]
@@ -477,7 +604,9 @@ def _evaluate(inner: LMObjective, spec: StageSpec, masker: Masker, device, rank:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     inner.train()
-    return {name: perplexity(float(totals[i]), int(totals[n + i])) for i, name in enumerate(spec.eval_domains)}
+    return {
+        name: perplexity(float(totals[i]), int(totals[n + i])) for i, name in enumerate(spec.eval_domains)
+    }
 
 
 def _maybe_crash(spec: StageSpec, step: int, rank: int) -> None:

@@ -10,10 +10,15 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from ray_lifelong.config.schema import LifelongConfig
-from ray_lifelong.data.sources import join_uri, root_cause
+from ray_lifelong.data.memory import memory_dataset
+from ray_lifelong.data.packed import training_rows
+from ray_lifelong.data.sources import DataError, root_cause
 from ray_lifelong.data.stream import StreamOptions, quiet_ray_data
-from ray_lifelong.distill.teacher import check_teacher_compatible, resolve_teacher_dir
-from ray_lifelong.flops import forward_flops_per_sequence, logit_positions, train_flops_per_sequence
+from ray_lifelong.data.tokenizer import load_tokenizer
+from ray_lifelong.distill.teacher import check_teacher_compatible
+from ray_lifelong.flops import sequence_flops
+from ray_lifelong.layout import run_layout
+from ray_lifelong.models.build import find_model_dir
 from ray_lifelong.stage.checkpoint import checkpoint_uri
 from ray_lifelong.stage.loop import train_loop_per_worker
 from ray_lifelong.stage.spec import StageResult, StageSpec
@@ -45,15 +50,12 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
     index = {d.name: i for i, d in enumerate(cfg.data.domains)}
     teacher_cfgs = _prepare_teachers(spec, tokenizer_dir)
     if train_ds is None:  # the domain's own training rows (packed once under data.pretokenize)
-        from ray_lifelong.data.packed import training_rows
 
         i = index[spec.domain]
         train_ds = training_rows([(i, cfg.data.domains[i])], opts, prompts=cfg.continual.prompts, log=bad_log,
-                                 packed_root=cfg.data.packed_path or join_uri(storage_path, "packed"))
+                                 packed_root=run_layout(cfg).packed)
     replay = {}
     if spec.replay_uris:
-        from ray_lifelong.data.memory import memory_dataset
-
         replay = {"replay": memory_dataset(spec.replay_uris, num_cpus=cfg.data.read_num_cpus)}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -76,49 +78,89 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
     try:
         result = trainer.fit()
     except Exception as e:  # TrainingFailedError wraps the worker's exception several levels deep
-        raise StageFailedError(f"stage {spec.index} ({spec.domain}) failed: {root_cause(e)}") from e
+        cause = root_cause(e)
+        # bad input found while streaming is the user's to fix (the CLI's exit 2), not a failed stage
+        error = DataError if cause.startswith("DataError:") else StageFailedError
+        raise error(f"stage {spec.index} ({spec.domain}) failed: {cause}") from e
     wall = time.perf_counter() - t0
     out = result.return_value or {}
     state = out.get("state", {})
     sizes = out.get("sizes", {})  # the trained model's sizes: after growth they differ from cfg.model
-    per_seq = train_flops_per_sequence(
-        num_layers=sizes.get("num_hidden_layers", cfg.model.num_layers),
-        hidden=sizes.get("hidden_size", cfg.model.hidden_size),
-        ffn=sizes.get("intermediate_size", cfg.model.intermediate_size),
-        vocab=out.get("vocab") or len_vocab(tokenizer_dir),  # the model's rows (padded)
-        seq_len=cfg.data.seq_len,
-        logit_positions=logit_positions(cfg.model.arch, cfg.data.seq_len, cfg.data.mlm_probability))
-    teacher_flops = sum(
-        n * forward_flops_per_sequence(**_flops_sizes(teacher_cfgs[int(d)], cfg),
-                                       vocab=teacher_cfgs[int(d)]["vocab_size"], seq_len=cfg.data.seq_len,
-                                       logit_positions=logit_positions(cfg.model.arch, cfg.data.seq_len,
-                                                                       cfg.data.mlm_probability))
-        for d, n in state.get("teacher_sequences", {}).items() if d != "kd") + state.get("kd_flops", 0.0)
+    d = cfg.data
+    per_token = {"seq_len": d.seq_len, "arch": cfg.model.arch, "mlm_probability": d.mlm_probability}
+    # the model's rows (padded) at its trained sizes (after growth they differ from cfg.model)
+    vocab = out.get("vocab") or len_vocab(tokenizer_dir)
+    per_seq = sequence_flops(sizes or cfg.model, vocab=vocab, **per_token)
+    teachers = {int(k): n for k, n in state.get("teacher_sequences", {}).items() if k != "kd"}
+    teacher_flops = state.get("kd_flops", 0.0) + sum(
+        n * sequence_flops(teacher_cfgs[k], vocab=teacher_cfgs[k]["vocab_size"], train=False, **per_token)
+        for k, n in teachers.items())
     frw = None
     if state.get("frw"):  # the warmup ran first in this run, at the grown size: its own record
         f = state["frw"]
         # measured on the workers from their start; the worker group's start stays in the domain phase
         frw_wall = min(f.pop("wall_s"), wall)
         wall -= frw_wall
-        frw = _phase_result(spec, f, checkpoint="", ppl=f.pop("ppl"), per_seq=per_seq, wall=frw_wall, sizes=sizes,
-                            nodes=out.get("nodes", []), phase="frw")
-    res = _phase_result(spec, state, ppl=out.get("ppl", {}), per_seq=per_seq, wall=wall, sizes=sizes,
-                        nodes=out.get("nodes", []), phase="main",
-                        checkpoint=checkpoint_uri(result.checkpoint.path, result.checkpoint.filesystem, storage_path))
+        frw = _phase_result(
+            spec,
+            f,
+            checkpoint="",
+            ppl=f.pop("ppl"),
+            per_seq=per_seq,
+            wall=frw_wall,
+            sizes=sizes,
+            nodes=out.get("nodes", []),
+            phase="frw",
+        )
+    res = _phase_result(
+        spec,
+        state,
+        ppl=out.get("ppl", {}),
+        per_seq=per_seq,
+        wall=wall,
+        sizes=sizes,
+        nodes=out.get("nodes", []),
+        phase="main",
+        checkpoint=checkpoint_uri(result.checkpoint.path, result.checkpoint.filesystem, storage_path),
+    )
     res.bad_records, res.teacher_flops, res.frw = _bad_records(bad_log), teacher_flops, frw
     return res
 
 
-def _phase_result(spec: StageSpec, state: dict, *, checkpoint: str, ppl: dict, per_seq: float, wall: float,
-                  sizes: dict, nodes: list, phase: str) -> StageResult:
+def _phase_result(
+    spec: StageSpec,
+    state: dict,
+    *,
+    checkpoint: str,
+    ppl: dict,
+    per_seq: float,
+    wall: float,
+    sizes: dict,
+    nodes: list,
+    phase: str,
+) -> StageResult:
     """The record of one phase of a stage from its worker's counters (``TrainState`` as a dict)."""
     tokens = state.get("tokens", 0)
     return StageResult(
-        index=spec.index, domain=spec.domain, checkpoint_path=checkpoint, ppl=ppl, steps=state.get("step", 0),
-        tokens=tokens, train_flops=per_seq * (tokens // spec.cfg.data.seq_len), wall_time_s=wall,
-        history=state.get("history", []), evals=state.get("evals", []), data_wait_s=state.get("data_wait_s", 0.0),
-        restarts=state.get("restarts", 0), model_sizes=sizes, growth=state.get("growth"),
-        teacher_s=state.get("teacher_s", 0.0), phase=phase, replayed_sequences=state.get("replayed", 0), nodes=nodes)
+        index=spec.index,
+        domain=spec.domain,
+        checkpoint_path=checkpoint,
+        ppl=ppl,
+        steps=state.get("step", 0),
+        tokens=tokens,
+        train_flops=per_seq * (tokens // spec.cfg.data.seq_len),
+        wall_time_s=wall,
+        history=state.get("history", []),
+        evals=state.get("evals", []),
+        data_wait_s=state.get("data_wait_s", 0.0),
+        restarts=state.get("restarts", 0),
+        model_sizes=sizes,
+        growth=state.get("growth"),
+        teacher_s=state.get("teacher_s", 0.0),
+        phase=phase,
+        replayed_sequences=state.get("replayed", 0),
+        nodes=nodes,
+    )
 
 
 def _bad_records(bad_log) -> dict:
@@ -135,8 +177,12 @@ def ray_scaling(sc) -> ray.train.ScalingConfig:
     resources = {"CPU": sc.cpus_per_worker, **sc.resources}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
-    return ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources,
-                                   placement_strategy=sc.placement_strategy)
+    return ray.train.ScalingConfig(
+        num_workers=sc.num_workers,
+        use_gpu=sc.use_gpu,
+        resources_per_worker=resources,
+        placement_strategy=sc.placement_strategy,
+    )
 
 
 def _prepare_teachers(spec: StageSpec, tokenizer_dir: str) -> dict[int, dict]:
@@ -145,26 +191,18 @@ def _prepare_teachers(spec: StageSpec, tokenizer_dir: str) -> dict[int, dict]:
     ki = spec.teacher
     if ki is None:
         return {}
-    from ray_lifelong.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     ids = {d.name: i for i, d in enumerate(spec.cfg.data.domains)}
     wanted = ({-1: ki.path} if ki.path else {}) | {ids[name]: path for name, path in ki.per_domain.items()}
     configs = {}
     for domain_id, path in wanted.items():
-        spec.teacher_dirs[domain_id] = resolve_teacher_dir(path)
-        configs[domain_id] = check_teacher_compatible(spec.teacher_dirs[domain_id], tok, spec.cfg.model.arch,
-                                                      spec.cfg.model.vocab_multiple)
+        spec.teacher_dirs[domain_id] = find_model_dir(path)
+        configs[domain_id] = check_teacher_compatible(
+            spec.teacher_dirs[domain_id], tok, spec.cfg.model.arch, spec.cfg.model.vocab_multiple
+        )
     return configs
 
 
-def _flops_sizes(hf: dict, cfg: LifelongConfig) -> dict:
-    if cfg.model.arch == "bert":
-        return {"num_layers": hf["num_hidden_layers"], "hidden": hf["hidden_size"], "ffn": hf["intermediate_size"]}
-    return {"num_layers": hf["n_layer"], "hidden": hf["n_embd"], "ffn": hf.get("n_inner") or 4 * hf["n_embd"]}
-
-
 def len_vocab(tokenizer_dir: str) -> int:
-    from ray_lifelong.data.tokenizer import load_tokenizer
-
     return len(load_tokenizer(tokenizer_dir))

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import math
 
+LR_DECAYS = ("linear", "cosine", "constant")
 
-def lr_multiplier(step: int, total: int, *, warmup: int, decay: str = "linear", min_ratio: float = 0.0) -> float:
-    """Multiplier of the peak LR at optimizer ``step`` (0-based): linear warmup then decay to ``min_ratio``."""
+
+def lr_multiplier(
+    step: int, total: int, *, warmup: int, decay: str = "linear", min_ratio: float = 0.0
+) -> float:
+    """Multiplier of the peak LR at optimizer ``step`` (0-based): linear warmup then decay to
+    ``min_ratio``."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if decay == "constant" or total <= warmup:

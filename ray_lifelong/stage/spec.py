@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ray_lifelong.config.load import frw_steps_before
+from ray_lifelong.config.plan import frw_steps_before, ki_steps
 from ray_lifelong.config.schema import LifelongConfig
 
 
@@ -58,8 +58,10 @@ class StageSpec:
 
     @property
     def frw_steps(self) -> int:
-        """ELLE's function-recovering warmup: after this stage's growth, this many steps on the earlier domains'
-        memory (``replay_uris``; no teacher, its own LR warmup then a constant LR) before the domain, in the same
+        """ELLE's function-recovering warmup: after this stage's growth, this many steps on the earlier
+        domains'
+        memory (``replay_uris``; no teacher, its own LR warmup then a constant LR) before the domain, in the
+        same
         Ray Train run. The pipeline's rule (:func:`frw_steps_before`), which the FLOP plan follows too."""
         return frw_steps_before(self.cfg, self.index) if self.grow is not None else 0
 
@@ -74,10 +76,18 @@ class StageSpec:
         return self.domain_cfg.teacher
 
     @property
+    def ki_steps(self) -> int:
+        """Steps over which the KI teacher's weight decays (0: no teacher)."""
+        return ki_steps(self.teacher, self.steps)
+
+    @property
     def kd_previous(self) -> bool:
         """Logit-KD baseline: the previous stage's model distils on the replayed rows."""
-        return (self.cfg.continual.logit_kd.weight > 0 and bool(self.replay_uris)
-                and self.init_checkpoint is not None)
+        return (
+            self.cfg.continual.logit_kd.weight > 0
+            and bool(self.replay_uris)
+            and self.init_checkpoint is not None
+        )
 
     @property
     def label(self) -> str:
@@ -91,8 +101,9 @@ class StageSpec:
     def grad_accum(self, world_size: int) -> int:
         per_step = self.cfg.train.micro_batch_size * world_size
         if self.batch_size % per_step:
-            raise ValueError(f"batch size {self.batch_size} is not a multiple of micro_batch_size x workers "
-                             f"= {per_step}")
+            raise ValueError(
+                f"batch size {self.batch_size} is not a multiple of micro_batch_size x workers = {per_step}"
+            )
         return self.batch_size // per_step
 
 

@@ -10,6 +10,8 @@ import torch
 
 from ray_lifelong.data.packing import mlm_mask, mlm_mask_fixed
 from ray_lifelong.data.tokenizer import special_token_ids
+from ray_lifelong.distill.losses import KILoss, ki_loss, ki_loss_parts
+from ray_lifelong.models.build import lm_loss
 
 # validation masks depend on this seed and each row's content only, so perplexities compare across stages
 EVAL_MASK_SEED = 1234
@@ -55,3 +57,25 @@ class maybe_no_sync:
 
     def __exit__(self, *exc):
         return self.ctx.__exit__(*exc) if self.ctx else False
+
+
+def stage_loss(logits: torch.Tensor, targets: torch.Tensor, *, alpha: float = 0.0,
+               teacher_logits: torch.Tensor | None = None, temperature: float = 1.0, top_k: int | None = None,
+               previous_logits: torch.Tensor | None = None, previous_rows: torch.Tensor | None = None,
+               kd_weight: float = 0.0, kd_temperature: float = 1.0) -> KILoss:
+    """The loss of one micro-batch of a stage, with its parts detached for logging.
+
+    While ``alpha > 0``, Knowledge Inheritance: ``(1 - alpha) CE + alpha T^2 KL(teacher || student)``. Else,
+    with ``previous_logits`` (the logit-KD baseline), ``CE + kd_weight T^2 KL(previous || student)`` over the
+    supervised positions ``previous_rows`` (the replayed rows'). Else the cross-entropy alone.
+    """
+    if alpha > 0:
+        return ki_loss_parts(logits, teacher_logits, targets, alpha=alpha, temperature=temperature,
+                             top_k=top_k)
+    ce = lm_loss(logits, targets)
+    if previous_logits is None:
+        return KILoss(ce, ce.detach(), 0.0)
+    # alpha=1: the KI loss is exactly T^2 * KL(previous || student), with its gradient
+    kl = ki_loss(logits[previous_rows], previous_logits, targets[previous_rows], alpha=1.0,
+                 temperature=kd_temperature)
+    return KILoss(ce + kd_weight * kl, ce.detach(), kl.detach())

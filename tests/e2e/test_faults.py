@@ -1,4 +1,5 @@
-"""A driver killed in the middle of an ELLE run whose checkpoints and packed domains live on S3 (moto on 127.0.0.1):
+"""A driver killed in the middle of an ELLE run whose checkpoints and packed domains live on S3 (moto on
+127.0.0.1):
 ``ray-lifelong run --resume`` continues from the last checkpoint in that store, with the replay memory and
 the growth history of the first run, and writes the same results layout."""
 
@@ -18,8 +19,14 @@ pytestmark = [pytest.mark.e2e]
 def _s3(endpoint: str):
     import pyarrow.fs as pafs
 
-    return pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1", access_key="test",
-                             secret_key="test", allow_bucket_creation=True)
+    return pafs.S3FileSystem(
+        endpoint_override=endpoint,
+        scheme="http",
+        region="us-east-1",
+        access_key="test",
+        secret_key="test",
+        allow_bucket_creation=True,
+    )
 
 
 def _checkpoint_states(fs, prefix: str) -> list[dict]:
@@ -49,18 +56,35 @@ def test_a_killed_driver_resumes_an_elle_run_from_its_checkpoints_on_s3(demo_cor
         fs = _s3(endpoint)
         fs.create_dir("ckpts")
         query = f"endpoint_override={endpoint}&scheme=http&region=us-east-1"
-        cfg = load_config(None, elle_overrides(demo_corpus, tmp_path) + [
-            f"ray.storage_path=s3://ckpts/lifelong?{query}", "ray.num_cpus=4", "scaling.num_workers=1",
-            "train.micro_batch_size=8", "train.checkpoint_every=2", "data.domains.1.steps=16",
-            "debug.slow_step_s=0.4", "data.pretokenize=true", f"data.packed_path=s3://ckpts/packed?{query}"])
+        cfg = load_config(
+            None,
+            elle_overrides(demo_corpus, tmp_path)
+            + [
+                f"ray.storage_path=s3://ckpts/lifelong?{query}",
+                "ray.num_cpus=4",
+                "scaling.num_workers=1",
+                "train.micro_batch_size=8",
+                "train.checkpoint_every=2",
+                "data.domains.1.steps=16",
+                "debug.slow_step_s=0.4",
+                "data.pretokenize=true",
+                f"data.packed_path=s3://ckpts/packed?{query}",
+            ],
+        )
         config = tmp_path / "elle.yaml"
         save_config(cfg, config)
         rdir = tmp_path / "elle"
         # kill the driver and the Ray processes it started once the grown stage has a checkpoint on S3 in its
         # domain phase, after its function-recovering warmup (the same Ray Train run); step 4, so that the
         # checkpoints reported before it (the warmup's hand-over at step 0, step 2) are surely registered
-        kill_cli_when(lambda: any(s["phase"] == "main" and s["step"] >= 4 for s in _checkpoint_states(
-            fs, "ckpts/lifelong/elle-stage1-astronomy")), "run", str(config))
+        kill_cli_when(
+            lambda: any(
+                s["phase"] == "main" and s["step"] >= 4
+                for s in _checkpoint_states(fs, "ckpts/lifelong/elle-stage1-astronomy")
+            ),
+            "run",
+            str(config),
+        )
         assert not (rdir / "results.json").exists()
         memories = sorted((rdir / "memory").rglob("*.parquet"))
         assert memories, "the first domain's memory was not written before the kill"

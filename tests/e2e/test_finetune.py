@@ -25,7 +25,9 @@ def _slice(demo_corpus: Path, out: Path, per_domain: int = 24) -> str:
     for dom in ("sports", "astronomy"):
         files = sorted((demo_corpus / dom).glob("train-*.jsonl.gz"))
         lines = itertools.chain.from_iterable(gzip.open(f, "rt") for f in files)
-        rows += [{"text": json.loads(line)["text"], "label": dom} for line in itertools.islice(lines, per_domain)]
+        rows += [
+            {"text": json.loads(line)["text"], "label": dom} for line in itertools.islice(lines, per_domain)
+        ]
     rows.sort(key=lambda r: r["text"])  # mixed labels, deterministic
     path = out / "slice.jsonl.gz"
     with gzip.open(path, "wt") as f:
@@ -35,24 +37,40 @@ def _slice(demo_corpus: Path, out: Path, per_domain: int = 24) -> str:
 
 @pytest.mark.timeout(1200)
 def test_a_run_finetunes_its_final_model_beyond_the_majority_class_and_a_rerun_keeps_finished_jobs(
-        demo_corpus, tmp_path):
+    demo_corpus, tmp_path
+):
     # a tiny GPT-2 pre-trained with domain prompts, whose config lists a fine-tuning task: `ray-lifelong run`
     # fine-tunes the run's final model after its last stage
     data = _slice(demo_corpus, tmp_path)
-    cfg = load_config(None, tiny_overrides(demo_corpus, tmp_path, arch="gpt2", steps=8) + [
-        "run_name=ft", "ray.num_cpus=4", "continual.prompts=true",
-        # pre-trained on one domain (the task's): fine-tuning is the point here, not the chain of stages
-        one_domain(demo_corpus),
-        # valid = test = the training slice: the metric then measures learning on the data it saw
-        f"finetune.tasks=[{{name: which, domain: sports, train: ['{data}'], valid: ['{data}'], test: ['{data}']}}]",
-        "finetune.seeds=[0, 1]", "finetune.epochs=4", "finetune.batch_size=8", "finetune.micro_batch_size=4",
-        "finetune.lr=3.0e-3", "finetune.max_length=48", "finetune.max_concurrent=2"])
+    cfg = load_config(
+        None,
+        tiny_overrides(demo_corpus, tmp_path, arch="gpt2", steps=8)
+        + [
+            "run_name=ft",
+            "ray.num_cpus=4",
+            "continual.prompts=true",
+            # pre-trained on one domain (the task's): fine-tuning is the point here, not the chain of stages
+            one_domain(demo_corpus),
+            # valid = test = the training slice: the metric then measures learning on the data it saw
+            f"finetune.tasks=[{{name: which, domain: sports, train: ['{data}'], valid: ['{data}'], "
+            f"test: ['{data}']}}]",
+            "finetune.seeds=[0, 1]",
+            "finetune.epochs=4",
+            "finetune.batch_size=8",
+            "finetune.micro_batch_size=4",
+            "finetune.lr=3.0e-3",
+            "finetune.max_length=48",
+            "finetune.max_concurrent=2",
+        ],
+    )
     config = tmp_path / "ft.yaml"
     save_config(cfg, config)
     done = cli("run", str(config), timeout=1000)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # the model is the run's export, and prompts come from the run's own config
-    assert f"[finetune] {tmp_path / 'ft' / 'final_model'} (gpt2), prompts on" in done.stdout, done.stdout[-3000:]
+    assert f"[finetune] {tmp_path / 'ft' / 'final_model'} (gpt2), prompts on" in done.stdout, done.stdout[
+        -3000:
+    ]
 
     out = tmp_path / "ft" / "downstream"
     summary = json.loads((out / "downstream.json").read_text())

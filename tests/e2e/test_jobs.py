@@ -36,16 +36,33 @@ def head():
     gcs, dash, *ports = free_ports(2 + len(flags))
     own = [f"--{flag}={port}" for flag, port in zip(flags, ports)]
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4",
-                             f"--temp-dir={temp}", "--include-dashboard=true", *own],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=4",
+            f"--temp-dir={temp}",
+            "--include-dashboard=true",
+            *own,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dash}"
     client_env = {**env, "RAY_ADDRESS": address}
     deadline = time.time() + 180
     while time.time() < deadline:  # the Jobs API answers once the dashboard is up
-        ok = subprocess.run([RAY, "job", "list", "--address", address], env=client_env, capture_output=True,
-                            text=True)
+        ok = subprocess.run(
+            [RAY, "job", "list", "--address", address], env=client_env, capture_output=True, text=True
+        )
         if ok.returncode == 0:
             break
         assert proc.poll() is None, "ray start --head exited"
@@ -65,8 +82,14 @@ def head():
 
 def job(head, *args, env=None, timeout=600):
     # --address right after the sub-command: whatever follows `--` is the job's entry point
-    return subprocess.run([RAY, "job", args[0], "--address", head["address"], *args[1:]], env=env or head["env"],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [RAY, "job", args[0], "--address", head["address"], *args[1:]],
+        env=env or head["env"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def test_a_client_without_the_clusters_token_is_refused(head):
@@ -78,14 +101,33 @@ def test_a_client_without_the_clusters_token_is_refused(head):
 @pytest.mark.timeout(1200)
 def test_the_demo_runs_as_a_job_and_joins_the_head(head, demo_corpus, tmp_path):
     out = tmp_path / "jobs"
-    overrides = tiny_overrides(demo_corpus, out, arch="gpt2", steps=6) + ["run_name=job", "scaling.num_workers=1",
+    overrides = tiny_overrides(demo_corpus, out, arch="gpt2", steps=6) + [
+        "run_name=job",
+        "scaling.num_workers=1",
         # one domain: the job's entry point and its cluster are the point here, not the chain of stages
-        one_domain(demo_corpus)]
+        one_domain(demo_corpus),
+    ]
     sub_id = f"ray-lifelong-test-{secrets.token_hex(4)}"
     for _ in range(20):  # the head's job agent starts a little after its Jobs API answers
-        submitted = job(head, "submit", "--no-wait", "--submission-id", sub_id, "--working-dir", str(REPO),
-                        "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}), "--",
-                        sys.executable, "-m", "ray_lifelong", "run", "configs/demo.yaml", *overrides, timeout=300)
+        submitted = job(
+            head,
+            "submit",
+            "--no-wait",
+            "--submission-id",
+            sub_id,
+            "--working-dir",
+            str(REPO),
+            "--runtime-env-json",
+            json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}),
+            "--",
+            sys.executable,
+            "-m",
+            "ray_lifelong",
+            "run",
+            "configs/demo.yaml",
+            *overrides,
+            timeout=300,
+        )
         if submitted.returncode == 0 or "No available agent" not in submitted.stderr:
             break
         time.sleep(3)

@@ -116,7 +116,8 @@ def test_rerun_refuses_and_resume_skips_finished_stages(finished_run):
     run, overrides, _ = finished_run
     before = (run / "results.json").read_text()
     proc = cli("run", str(REPO / "configs/demo.yaml"), *overrides)
-    assert proc.returncode == 1 and "--resume" in proc.stderr and "[ray]" not in proc.stdout  # before Ray starts
+    # before Ray starts
+    assert proc.returncode == 2 and "--resume" in proc.stderr and "[ray]" not in proc.stdout
     proc = cli("run", str(REPO / "configs/demo.yaml"), *overrides, "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("already finished: skipped") == 2
@@ -126,8 +127,14 @@ def test_rerun_refuses_and_resume_skips_finished_stages(finished_run):
 def test_cli_reports_config_and_data_errors(tmp_path):
     proc = cli("run", str(REPO / "configs/demo.yaml"), "train.stpes=3")
     assert proc.returncode == 2 and "train.stpes" in proc.stderr
-    proc = cli("tokenizer", str(REPO / "configs/demo.yaml"), "demo.enabled=false",
-               f"data.domains=[{{name: x, train: ['{tmp_path}/none/*.jsonl']}}]", "--out", str(tmp_path / "t"))
+    proc = cli(
+        "tokenizer",
+        str(REPO / "configs/demo.yaml"),
+        "demo.enabled=false",
+        f"data.domains=[{{name: x, train: ['{tmp_path}/none/*.jsonl']}}]",
+        "--out",
+        str(tmp_path / "t"),
+    )
     assert proc.returncode == 2 and "domain 'x' train: no file matches" in proc.stderr
     proc = cli("pack", str(REPO / "configs/demo.yaml"))  # a config whose runs would not read packed domains
     assert proc.returncode == 2 and "data.pretokenize" in proc.stderr
@@ -137,10 +144,18 @@ def test_cli_reports_config_and_data_errors(tmp_path):
 def test_ki_command_runs_teacher_student_and_baseline(demo_corpus, tmp_path):
     out = tmp_path / "ki"
     overrides = tiny_overrides(demo_corpus, out, arch="bert", steps=6) + [
-        "run_name=kt", "ray.num_cpus=4", "train.eval_every=2", "ki.teacher_steps=4", "scaling.num_workers=1",
-        "ki.teacher_model.num_layers=1", "ki.teacher_model.hidden_size=16", "ki.teacher_model.num_heads=2",
-        "ki.teacher_model.intermediate_size=32", "ki.inherit.steps=3",
-        one_domain(demo_corpus)]
+        "run_name=kt",
+        "ray.num_cpus=4",
+        "train.eval_every=2",
+        "ki.teacher_steps=4",
+        "scaling.num_workers=1",
+        "ki.teacher_model.num_layers=1",
+        "ki.teacher_model.hidden_size=16",
+        "ki.teacher_model.num_heads=2",
+        "ki.teacher_model.intermediate_size=32",
+        "ki.inherit.steps=3",
+        one_domain(demo_corpus),
+    ]
     proc = cli("ki", str(REPO / "configs/ki_bert.yaml"), *overrides, timeout=1400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "kt" / "ki_results.json").read_text())

@@ -18,11 +18,20 @@ pytestmark = [pytest.mark.e2e]
 
 def sweep_overrides(demo_corpus: Path, out: Path) -> list[str]:
     return tiny_overrides(demo_corpus, out, arch="gpt2", steps=8) + [
-        "run_name=sw", "ray.num_cpus=4", "train.eval_every=4", "train.checkpoint_every=2", "scaling.num_workers=1",
-        "ki.teacher_steps=4", "ki.teacher_model.num_layers=1", "ki.teacher_model.hidden_size=16",
-        "ki.teacher_model.num_heads=2", "ki.teacher_model.intermediate_size=32",
+        "run_name=sw",
+        "ray.num_cpus=4",
+        "train.eval_every=4",
+        "train.checkpoint_every=2",
+        "scaling.num_workers=1",
+        "ki.teacher_steps=4",
+        "ki.teacher_model.num_layers=1",
+        "ki.teacher_model.hidden_size=16",
+        "ki.teacher_model.num_heads=2",
+        "ki.teacher_model.intermediate_size=32",
         one_domain(demo_corpus),
-        "tune.num_samples=2", "tune.max_concurrent_trials=2", "tune.seed=3",
+        "tune.num_samples=2",
+        "tune.max_concurrent_trials=2",
+        "tune.seed=3",
         # a smaller space than the config's: the demo of the command, not a search
         "tune.space={ki.inherit.steps: {choice: [2, 8]}, train.lr: {loguniform: [1.0e-3, 3.0e-3]}}",
     ]
@@ -34,8 +43,13 @@ def test_sweep_survives_a_killed_driver_and_its_best_config_runs(demo_corpus, tm
     overrides = sweep_overrides(demo_corpus, out)
     base = out / "sw"
     # kill the driver (and the Ray processes it started) once a trial has written a checkpoint
-    kill_cli_when(lambda: list((base / "trials").glob("*/checkpoints/*/checkpoint_*")),
-                  "tune", str(REPO / "configs/tune_ki.yaml"), *overrides, poll_s=1)
+    kill_cli_when(
+        lambda: list((base / "trials").glob("*/checkpoints/*/checkpoint_*")),
+        "tune",
+        str(REPO / "configs/tune_ki.yaml"),
+        *overrides,
+        poll_s=1,
+    )
     assert not (base / "sweep_results.csv").exists()
     teacher_marker = next((base / "sw-teacher" / "stages").glob("*/stage.json"))
     teacher_mtime = teacher_marker.stat().st_mtime
@@ -80,10 +94,14 @@ def test_sweep_survives_a_killed_driver_and_its_best_config_runs(demo_corpus, tm
 def test_pbt_clones_the_better_trial_between_segments(demo_corpus, tmp_path):
     out = tmp_path / "pbt"
     overrides = [o for o in sweep_overrides(demo_corpus, out) if not o.startswith("tune.space=")] + [
-        "run_name=pbt", "tune.scheduler=pbt", "tune.quantile_fraction=0.5", "tune.perturbation_interval=4",
+        "run_name=pbt",
+        "tune.scheduler=pbt",
+        "tune.quantile_fraction=0.5",
+        "tune.perturbation_interval=4",
         "data.pretokenize=true",
         # two very different learning rates: the slow trial is the one cloned over at the boundary
-        "tune.space={train.lr: {choice: [1.0e-5, 3.0e-3]}, ki.inherit.alpha0: {uniform: [0.2, 0.8]}}"]
+        "tune.space={train.lr: {choice: [1.0e-5, 3.0e-3]}, ki.inherit.alpha0: {uniform: [0.2, 0.8]}}",
+    ]
     done = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, timeout=1100)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     base = out / "pbt"
@@ -95,13 +113,16 @@ def test_pbt_clones_the_better_trial_between_segments(demo_corpus, tmp_path):
         assert {p.name.rsplit("-", 1)[-1] for p in ckpts.iterdir() if p.is_dir()} == {"seg0", "seg1"}
     assert len({r["trial_id"] for r in rows}) == 2
     policy = list((base / "tune").glob("pbt_policy_*.txt"))
-    assert policy, "PBT exploited no trial"  # one line per clone: (target tag, source tag, ..., old, new config)
+    # one line per clone: (target tag, source tag, ..., old, new config)
+    assert policy, "PBT exploited no trial"
     target, source = json.loads(policy[0].read_text().splitlines()[0])[:2]
     assert target != source
     ids = sorted(r["trial_id"] for r in rows)  # tags start with the trial's index
     t_id, s_id = ids[int(target.split("_")[0])], ids[int(source.split("_")[0])]
-    hist = {i: json.loads((base / "trials" / i / "results.json").read_text())["stages"][0]["history"]
-            for i in (t_id, s_id)}
+    hist = {
+        i: json.loads((base / "trials" / i / "results.json").read_text())["stages"][0]["history"]
+        for i in (t_id, s_id)
+    }
     # the cloned-over trial's segment 1 continued the other's segment 0: their first 4 steps are the same
     assert [h for h in hist[t_id] if h["step"] <= 4] == [h for h in hist[s_id] if h["step"] <= 4]
     # data.pretokenize: the teacher's run packed the domain once into the sweep's packed_path, and every
@@ -112,21 +133,32 @@ def test_pbt_clones_the_better_trial_between_segments(demo_corpus, tmp_path):
 
 @pytest.mark.timeout(900)
 def test_sweep_state_lives_on_s3_and_restores_from_there(demo_corpus, tmp_path):
-    """``tune.storage_path=s3://...?endpoint_override=...`` with Optuna's search: the experiment (state, searcher
+    """``tune.storage_path=s3://...?endpoint_override=...`` with Optuna's search: the experiment (state,
+    searcher
     state, trial results) is written to the bucket, a second run without --resume is refused because of what
     is there, and --resume restores the finished sweep from S3 and writes the same table."""
     import pyarrow.fs as pafs
 
     out = tmp_path / "sweeps"
     with moto_server() as endpoint:
-        fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1", access_key="test",
-                               secret_key="test", allow_bucket_creation=True)
+        fs = pafs.S3FileSystem(
+            endpoint_override=endpoint,
+            scheme="http",
+            region="us-east-1",
+            access_key="test",
+            secret_key="test",
+            allow_bucket_creation=True,
+        )
         fs.create_dir("sweeps")
         query = f"endpoint_override={endpoint}&scheme=http&region=us-east-1"
         overrides = [o for o in sweep_overrides(demo_corpus, out) if not o.startswith("tune.space=")] + [
-            "run_name=s3", "tune.base=run", f"tune.storage_path=s3://sweeps/ki?{query}",
+            "run_name=s3",
+            "tune.base=run",
+            f"tune.storage_path=s3://sweeps/ki?{query}",
             # Optuna (the [tune] extra) here, random search in the other tests: its state is restored too
-            "tune.search=optuna", "tune.space={train.lr: {loguniform: [1.0e-3, 3.0e-3]}}"]
+            "tune.search=optuna",
+            "tune.space={train.lr: {loguniform: [1.0e-3, 3.0e-3]}}",
+        ]
         done = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         stored = [i.path for i in fs.get_file_info(pafs.FileSelector("sweeps/ki", recursive=True))]

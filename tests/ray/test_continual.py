@@ -1,4 +1,5 @@
-"""ELLE's pieces in the real pipeline on a local Ray cluster: memory, replay, prompts, FRW, logit KD, joint."""
+"""ELLE's pieces in the real pipeline on a local Ray cluster: memory, replay, prompts, FRW, logit KD,
+joint."""
 
 from __future__ import annotations
 
@@ -25,10 +26,20 @@ def elle_run(ray_4cpus, demo_corpus, tmp_path_factory):
     # tests/ray/test_packed.py shows equal the text stream's). A worker of the grown stage dies once in
     # the middle of its function-recovering warmup (step 5 of 6); slowed steps give Ray Train time to register
     # the checkpoints reported before it (step 2 at least).
-    cfg = load_config(None, elle_overrides(demo_corpus, out, "data.pretokenize=true", "continual.frw.steps=6",
-                                           "train.checkpoint_every=2", "debug.crash_stage=1",
-                                           "debug.crash_at_step=5", f"debug.crash_marker={out}/crashed",
-                                           "debug.slow_step_s=0.15"))
+    cfg = load_config(
+        None,
+        elle_overrides(
+            demo_corpus,
+            out,
+            "data.pretokenize=true",
+            "continual.frw.steps=6",
+            "train.checkpoint_every=2",
+            "debug.crash_stage=1",
+            "debug.crash_at_step=5",
+            f"debug.crash_marker={out}/crashed",
+            "debug.slow_step_s=0.15",
+        ),
+    )
     return cfg, run_lifelong(cfg), out / "elle"
 
 
@@ -40,10 +51,15 @@ def test_memory_is_a_prompted_sample_of_the_domain_written_once(elle_run):
     assert table.num_rows == mem["sequences"] > 0
     ids = np.stack(table.column("input_ids").to_numpy(zero_copy_only=False))
     tok = load_tokenizer(str(rdir / "tokenizer"))
-    assert (ids[:, 0] == tok.cls_token_id).all() and (ids[:, 1] == tok.convert_tokens_to_ids(prompt_token("sports"))).all()
+    assert (ids[:, 0] == tok.cls_token_id).all() and (
+        ids[:, 1] == tok.convert_tokens_to_ids(prompt_token("sports"))
+    ).all()
     assert set(table.column("domain_id").to_pylist()) == {0}
     (packed,) = (rdir / "packed").glob("00-sports-*")  # the memory samples the packed rows
-    packed_rows = {r.tobytes() for r in np.stack(pq.read_table(packed).column("input_ids").to_numpy(zero_copy_only=False))}
+    packed_rows = {
+        r.tobytes()
+        for r in np.stack(pq.read_table(packed).column("input_ids").to_numpy(zero_copy_only=False))
+    }
     assert {r.tobytes() for r in ids} <= packed_rows
 
 
@@ -54,7 +70,12 @@ def test_growth_then_frw_then_replay_are_recorded(elle_run):
     assert frw["phase"] == "frw" and frw["steps"] == 6 and frw["growth"]["after"]["hidden_size"] == 64
     # the warmup resumed from its checkpoint after the crash: nothing lost or repeated, one restart
     assert (rdir.parent / "crashed").exists() and frw["restarts"] == 1 == s1["restarts"]
-    assert [h["step"] for h in frw["history"]] == [2, 4, 6] and [h["step"] for h in s1["history"]] == [2, 4, 6, 8]
+    assert [h["step"] for h in frw["history"]] == [2, 4, 6] and [h["step"] for h in s1["history"]] == [
+        2,
+        4,
+        6,
+        8,
+    ]
     assert frw["tokens"] == 6 * 8 * 32 and s1["tokens"] == 8 * 8 * 32
     assert s1["nodes"] == frw["nodes"] and len(s1["nodes"]) == 2  # one Ray Train run: the same two workers
     assert s1["growth"] == frw["growth"] and s1["model_sizes"]["num_hidden_layers"] == 2
@@ -67,15 +88,20 @@ def test_growth_then_frw_then_replay_are_recorded(elle_run):
 
 
 def test_the_planned_budget_is_what_the_run_spent(elle_run):
-    """flops.planned_stages, computed from the config alone, gives each stage's steps (FRW included) and FLOPs."""
+    """flops.planned_stages, computed from the config alone, gives each stage's steps (FRW included) and
+    FLOPs."""
     cfg, res, rdir = elle_run
     rows = padded_vocab(len(load_tokenizer(str(rdir / "tokenizer"))), cfg.model.vocab_multiple)
     plan = planned_stages(cfg, rows)
-    assert [p["steps"] for p in plan] == [s["steps"] + s.get("frw", {}).get("steps", 0) for s in res["stages"]]
+    assert [p["steps"] for p in plan] == [
+        s["steps"] + s.get("frw", {}).get("steps", 0) for s in res["stages"]
+    ]
     assert [p["flops"] for p in plan] == pytest.approx([s["stage_flops"] for s in res["stages"]], rel=1e-9)
-    assert plan[1]["sizes"] == (res["stages"][1]["model_sizes"]["num_hidden_layers"],
-                                res["stages"][1]["model_sizes"]["hidden_size"],
-                                res["stages"][1]["model_sizes"]["intermediate_size"])
+    assert plan[1]["sizes"] == (
+        res["stages"][1]["model_sizes"]["num_hidden_layers"],
+        res["stages"][1]["model_sizes"]["hidden_size"],
+        res["stages"][1]["model_sizes"]["intermediate_size"],
+    )
 
 
 def test_final_export_keeps_the_prompt_tokens(elle_run):
@@ -117,7 +143,8 @@ def test_a_run_dir_with_the_warmup_recorded_as_its_own_stage_resumes_with_its_re
 
 
 def test_the_domain_phase_after_the_warmup_trains_as_its_own_run_would(ray_4cpus, demo_corpus, tmp_path):
-    """The warmup runs first in its stage's Ray Train run; what follows is exactly the domain's stage run on its
+    """The warmup runs first in its stage's Ray Train run; what follows is exactly the domain's stage run on
+    its
     own from the warmed-up model (fresh optimizer and schedule, the same batches, replay draws and dropout
     masks). One worker, so the stream is not split between workers by timing; dropout on (the default), so a
     model left in eval mode by ``from_pretrained`` would train differently."""
@@ -126,29 +153,54 @@ def test_the_domain_phase_after_the_warmup_trains_as_its_own_run_would(ray_4cpus
     import ray.train
 
     from ray_lifelong.data.stream import StreamOptions, validation_dataset
-    from ray_lifelong.pipeline import packed_root, stage_stream
+    from ray_lifelong.pipeline import stage_stream
     from ray_lifelong.stage.run import run_stage
     from ray_lifelong.stage.spec import StageSpec, read_tokenizer_files
 
-    cfg = load_config(None, elle_overrides(demo_corpus, tmp_path, "model.arch=gpt2", "scaling.num_workers=1",
-                                           "continual.frw.steps=2", "train.checkpoint_every=100", "run_name=eq"))
+    cfg = load_config(
+        None,
+        elle_overrides(
+            demo_corpus,
+            tmp_path,
+            "model.arch=gpt2",
+            "scaling.num_workers=1",
+            "continual.frw.steps=2",
+            "train.checkpoint_every=100",
+            "run_name=eq",
+        ),
+    )
     assert cfg.model.dropout > 0
     res = run_lifelong(cfg)
     rdir = tmp_path / "eq"
     # the checkpoint reported where the warmup ends and the domain phase begins (phase main, step 0)
-    (switch,) = [p.parent for p in (rdir / "checkpoints" / "eq-stage1-astronomy").glob("checkpoint_*/state.json")
-                 if json.loads(p.read_text())["phase"] == "main" and json.loads(p.read_text())["step"] == 0]
+    (switch,) = [
+        p.parent
+        for p in (rdir / "checkpoints" / "eq-stage1-astronomy").glob("checkpoint_*/state.json")
+        if json.loads(p.read_text())["phase"] == "main" and json.loads(p.read_text())["step"] == 0
+    ]
     alone = copy.deepcopy(cfg)
     alone.data.domains[1].grow = None  # the checkpoint holds the grown model already
     tok = str(rdir / "tokenizer")
     opts = StreamOptions(tok, cfg.model.arch, cfg.data)
-    spec = StageSpec(cfg=alone, index=1, domain="astronomy", eval_domains=["sports", "astronomy"],
-                     tokenizer_files=read_tokenizer_files(tok), batch_size=cfg.train.batch_size,
-                     steps=cfg.train.steps, lr=cfg.train.lr, init_checkpoint=ray.train.Checkpoint(str(switch)),
-                     replay_uris=[m["uri"] for m in res["memories"]])
-    own = run_stage(spec, tokenizer_dir=tok, storage_path=str(tmp_path / "alone"),
-                    valid_ds=validation_dataset(cfg.data.domains, opts, None, prompts=True),
-                    train_ds=stage_stream(cfg, 1, opts, None, packed_root(cfg)))
+    spec = StageSpec(
+        cfg=alone,
+        index=1,
+        domain="astronomy",
+        eval_domains=["sports", "astronomy"],
+        tokenizer_files=read_tokenizer_files(tok),
+        batch_size=cfg.train.batch_size,
+        steps=cfg.train.steps,
+        lr=cfg.train.lr,
+        init_checkpoint=ray.train.Checkpoint(str(switch)),
+        replay_uris=[m["uri"] for m in res["memories"]],
+    )
+    own = run_stage(
+        spec,
+        tokenizer_dir=tok,
+        storage_path=str(tmp_path / "alone"),
+        valid_ds=validation_dataset(cfg.data.domains, opts, None, prompts=True),
+        train_ds=stage_stream(cfg, 1, opts, None),
+    )
     s1 = res["stages"][1]
     assert s1["frw"]["steps"] == 2 and own.growth is None
     assert [h["loss"] for h in own.history] == pytest.approx([h["loss"] for h in s1["history"]], rel=1e-6)
@@ -157,8 +209,17 @@ def test_the_domain_phase_after_the_warmup_trains_as_its_own_run_would(ray_4cpus
 
 
 def test_logit_kd_distils_from_the_previous_model_on_replayed_rows(ray_4cpus, demo_corpus, tmp_path):
-    cfg = load_config(None, elle_overrides(demo_corpus, tmp_path, "continual.growth=fixed", "continual.prompts=false",
-                                           "continual.logit_kd.weight=1.0", "run_name=kd"))
+    cfg = load_config(
+        None,
+        elle_overrides(
+            demo_corpus,
+            tmp_path,
+            "continual.growth=fixed",
+            "continual.prompts=false",
+            "continual.logit_kd.weight=1.0",
+            "run_name=kd",
+        ),
+    )
     res = run_lifelong(cfg)
     s1 = res["stages"][1]
     assert "frw" not in s1 and s1["growth"] is None
@@ -168,22 +229,36 @@ def test_logit_kd_distils_from_the_previous_model_on_replayed_rows(ray_4cpus, de
 
 def test_joint_stream_holds_every_domain_so_far(ray_4cpus, demo_corpus, tmp_path):
     from ray_lifelong.data.stream import StreamOptions
-    from ray_lifelong.pipeline import prepare_tokenizer, stage_stream
+    from ray_lifelong.data.tokenizer import prepare_tokenizer
+    from ray_lifelong.pipeline import stage_stream
 
     cfg = load_config(None, tiny_overrides(demo_corpus, tmp_path) + ["continual.joint=true"])
     tok = prepare_tokenizer(cfg, tmp_path / "tok")
     opts = StreamOptions(tok, cfg.model.arch, cfg.data)
-    seen = lambda i: set(np.concatenate([b["domain_id"] for b in stage_stream(cfg, i, opts).iter_batches(
-        batch_size=256, batch_format="numpy")]).tolist())
+
+    def seen(i):
+        batches = stage_stream(cfg, i, opts).iter_batches(batch_size=256, batch_format="numpy")
+        return set(np.concatenate([b["domain_id"] for b in batches]).tolist())
+
     assert seen(0) == {0} and seen(1) == {0, 1}
     # mixed from the start: a stage shorter than the stream still trains on every domain so far
-    ids = np.concatenate([b["domain_id"] for b in stage_stream(cfg, 1, opts).iter_batches(
-        batch_size=256, batch_format="numpy")])
+    ids = np.concatenate(
+        [
+            b["domain_id"]
+            for b in stage_stream(cfg, 1, opts).iter_batches(batch_size=256, batch_format="numpy")
+        ]
+    )
     head = ids[: len(ids) // 4]
     assert 0.2 < (head == 1).mean() < 0.8, np.bincount(head)
     naive = load_config(None, tiny_overrides(demo_corpus, tmp_path))
-    assert set(np.concatenate([b["domain_id"] for b in stage_stream(naive, 1, opts).iter_batches(
-        batch_size=256, batch_format="numpy")]).tolist()) == {1}
+    assert set(
+        np.concatenate(
+            [
+                b["domain_id"]
+                for b in stage_stream(naive, 1, opts).iter_batches(batch_size=256, batch_format="numpy")
+            ]
+        ).tolist()
+    ) == {1}
 
 
 def test_write_memory_is_idempotent_and_redoes_a_partial_one(ray_4cpus, tmp_path):
@@ -191,8 +266,9 @@ def test_write_memory_is_idempotent_and_redoes_a_partial_one(ray_4cpus, tmp_path
 
     from ray_lifelong.data.memory import read_marker, write_memory
 
-    ds = ray.data.from_items([{"input_ids": np.arange(4, dtype=np.int32) + i, "domain_id": np.int32(3)}
-                              for i in range(400)])
+    ds = ray.data.from_items(
+        [{"input_ids": np.arange(4, dtype=np.int32) + i, "domain_id": np.int32(3)} for i in range(400)]
+    )
     uri = str(tmp_path / "m")
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "junk.parquet").write_bytes(b"partial write")  # a driver died here before

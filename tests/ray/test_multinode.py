@@ -19,8 +19,13 @@ from tests.conftest import elle_overrides, one_domain, tiny_overrides
 
 pytestmark = [pytest.mark.ray]
 
-SPREAD = ["scaling.num_workers=2", "scaling.placement_strategy=STRICT_SPREAD", "scaling.resources={trainer: 1}",
-          "scaling.cpus_per_worker=0.25", "ray.max_failures=1"]
+SPREAD = [
+    "scaling.num_workers=2",
+    "scaling.placement_strategy=STRICT_SPREAD",
+    "scaling.resources={trainer: 1}",
+    "scaling.cpus_per_worker=0.25",
+    "ray.max_failures=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +41,21 @@ def cluster():
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     workers = [c.add_node(num_cpus=1, resources={"trainer": 1}) for _ in range(2)]
     c.wait_for_nodes()
-    ray.init(address=c.address, configure_logging=False, runtime_env={"env_vars": {
-        k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_DATA_LOG_LEVEL",
-                                   "RAY_TRAIN_ENABLE_PRINT_PATCH")}})
+    ray.init(
+        address=c.address,
+        configure_logging=False,
+        runtime_env={
+            "env_vars": {
+                k: os.environ[k]
+                for k in (
+                    "HF_HUB_OFFLINE",
+                    "TOKENIZERS_PARALLELISM",
+                    "RAY_DATA_LOG_LEVEL",
+                    "RAY_TRAIN_ENABLE_PRINT_PATCH",
+                )
+            }
+        },
+    )
     quiet_ray_data()
     yield c, workers
     ray.shutdown()
@@ -61,13 +78,17 @@ def test_two_stages_with_growth_place_one_worker_on_each_node(cluster, demo_corp
     assert all(x == x and x > 1 for row in res["ppl_matrix"] for x in row)  # finite perplexities
 
 
-def test_a_stage_resumes_on_a_replacement_node_when_one_of_its_nodes_is_removed(cluster, demo_corpus, tmp_path):
+def test_a_stage_resumes_on_a_replacement_node_when_one_of_its_nodes_is_removed(
+    cluster, demo_corpus, tmp_path
+):
     c, workers = cluster
     # a wide kill window (22 slowed steps after the first checkpoint): on a loaded machine a narrower one let
     # the stage finish before the node's death was noticed
-    overrides = tiny_overrides(demo_corpus, tmp_path, steps=24) + SPREAD + [
-        "run_name=lost", "train.checkpoint_every=2", "debug.slow_step_s=1.0",
-        one_domain(demo_corpus)]
+    overrides = (
+        tiny_overrides(demo_corpus, tmp_path, steps=24)
+        + SPREAD
+        + ["run_name=lost", "train.checkpoint_every=2", "debug.slow_step_s=1.0", one_domain(demo_corpus)]
+    )
     cfg = load_config(None, overrides)
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(res=run_lifelong(cfg)), daemon=True)
@@ -75,7 +96,8 @@ def test_a_stage_resumes_on_a_replacement_node_when_one_of_its_nodes_is_removed(
     ckpt_root = tmp_path / "lost" / "checkpoints" / "lost-stage0-sports"
     deadline = time.time() + 300
     # two checkpoints on disk: the first one is registered by then (Ray Train registers a checkpoint after the
-    # workers' report returns; a node removed as soon as the first directory appears could restart from step 0)
+    # workers' report returns; a node removed as soon as the first directory appears could restart from step
+    # 0)
     while time.time() < deadline and runner.is_alive() and len(list(ckpt_root.glob("checkpoint_*"))) < 2:
         time.sleep(0.25)
     assert runner.is_alive(), f"the stage ended before a node could be removed: {outcome}"
@@ -98,9 +120,15 @@ def test_a_stage_resumes_on_a_replacement_node_when_one_of_its_nodes_is_removed(
 def test_a_stage_that_cannot_get_its_nodes_fails_with_a_clear_message(cluster, demo_corpus, tmp_path):
     from ray_lifelong.stage.run import StageFailedError
 
-    cfg = load_config(None, tiny_overrides(demo_corpus, tmp_path, steps=4) + SPREAD + [
-        "run_name=short", "scaling.num_workers=4", "train.batch_size=16", "ray.startup_failures=0"])
+    cfg = load_config(
+        None,
+        tiny_overrides(demo_corpus, tmp_path, steps=4)
+        + SPREAD
+        + ["run_name=short", "scaling.num_workers=4", "train.batch_size=16", "ray.startup_failures=0"],
+    )
     t0 = time.time()
-    with pytest.raises(StageFailedError, match=r"stage 0 \(sports\) failed: .*timed out .* waiting for 4 workers"):
+    with pytest.raises(
+        StageFailedError, match=r"stage 0 \(sports\) failed: .*timed out .* waiting for 4 workers"
+    ):
         run_lifelong(cfg)  # 4 workers, one per node with a trainer slot: only 2 such nodes exist
     assert time.time() - t0 < 240

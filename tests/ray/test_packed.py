@@ -19,7 +19,7 @@ from ray_lifelong.data.markers import write_in_order
 from ray_lifelong.data.packed import MARKER, pack_domain, packed_dataset, training_rows
 from ray_lifelong.data.sources import DataError
 from ray_lifelong.data.stream import StreamOptions, files_dataset
-from ray_lifelong.pipeline import prepare_tokenizer
+from ray_lifelong.data.tokenizer import prepare_tokenizer
 from tests.conftest import moto_server, tiny_overrides
 
 pytestmark = [pytest.mark.ray]
@@ -43,7 +43,10 @@ def setup(s3, ray_4cpus, demo_corpus, tmp_path_factory):
 
 def rows(ds) -> tuple[np.ndarray, np.ndarray]:
     batches = list(ds.iter_batches(batch_size=512, batch_format="numpy"))
-    return (np.concatenate([b["input_ids"] for b in batches]), np.concatenate([b["domain_id"] for b in batches]))
+    return (
+        np.concatenate([b["input_ids"] for b in batches]),
+        np.concatenate([b["domain_id"] for b in batches]),
+    )
 
 
 def test_packed_rows_are_the_streamed_rows_in_order(setup):
@@ -63,9 +66,13 @@ def _domain_docs(opts, dom) -> list[list[list[int]]]:
     from ray_lifelong.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(opts.tokenizer_dir)
-    return [[tok(t, add_special_tokens=False)["input_ids"] for t in iter_documents(f, fmt=dom.format,
-                                                                                   text_field=dom.text_field)]
-            for f in resolve_sources(dom.train, what="train")]
+    return [
+        [
+            tok(t, add_special_tokens=False)["input_ids"]
+            for t in iter_documents(f, fmt=dom.format, text_field=dom.text_field)
+        ]
+        for f in resolve_sources(dom.train, what="train")
+    ]
 
 
 def _stream(opts, dom, index: int, **data) -> np.ndarray:
@@ -83,7 +90,9 @@ def test_one_tokenizer_actor_packs_the_stream_as_a_whole(setup):
     cfg, opts, _ = setup
     dom = cfg.data.domains[1]
     docs = [d for f in _domain_docs(opts, dom) for d in f]
-    spec = pack_spec(load_tokenizer(opts.tokenizer_dir), cfg.data.seq_len, cfg.model.arch, prompt_token(dom.name))
+    spec = pack_spec(
+        load_tokenizer(opts.tokenizer_dir), cfg.data.seq_len, cfg.model.arch, prompt_token(dom.name)
+    )
     want, _ = pack(docs, spec)
     got = _stream(opts, dom, 1, tokenize_batch_size=8, tokenize_actors=1)
     assert len(docs) > 8 * 10 and len(got) > 20
@@ -102,8 +111,10 @@ def test_a_pool_of_tokenizer_actors_packs_each_batch_alone(setup):
     bs = 8
     files = _domain_docs(opts, dom)
     assert all(len(f) % bs == 0 for f in files)  # so Ray's batches are these groups however it bundles blocks
-    spec = pack_spec(load_tokenizer(opts.tokenizer_dir), cfg.data.seq_len, cfg.model.arch, prompt_token(dom.name))
-    want = np.concatenate([pack(f[i:i + bs], spec)[0] for f in files for i in range(0, len(f), bs)])
+    spec = pack_spec(
+        load_tokenizer(opts.tokenizer_dir), cfg.data.seq_len, cfg.model.arch, prompt_token(dom.name)
+    )
+    want = np.concatenate([pack(f[i : i + bs], spec)[0] for f in files for i in range(0, len(f), bs)])
     for _ in range(2):
         np.testing.assert_array_equal(_stream(opts, dom, 1, tokenize_batch_size=bs, tokenize_actors=2), want)
 
@@ -121,13 +132,15 @@ def test_rows_are_written_in_the_stream_order(ray_4cpus, tmp_path):
 
     for k in range(2):
         ds = ray.data.range(20000, override_num_blocks=200).map_batches(
-            _Identity, batch_size=50, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2))
+            _Identity, batch_size=50, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2)
+        )
         assert write_in_order(ds, str(tmp_path / str(k)), rows_per_file=3000) == 20000
         names = sorted(p.name for p in (tmp_path / str(k)).iterdir())
         assert names == [f"part-{i:06d}.parquet" for i in range(7)]
         back = ray.data.read_parquet(str(tmp_path / str(k)))
-        np.testing.assert_array_equal(np.concatenate([b["id"] for b in back.iter_batches(batch_format="numpy")]),
-                                      np.arange(20000))
+        np.testing.assert_array_equal(
+            np.concatenate([b["id"] for b in back.iter_batches(batch_format="numpy")]), np.arange(20000)
+        )
 
 
 def test_the_memory_of_the_packed_domain_is_the_memory_of_its_text(setup, tmp_path):
@@ -144,19 +157,28 @@ def test_the_memory_of_the_packed_domain_is_the_memory_of_its_text(setup, tmp_pa
     packed = write_memory(packed_dataset([rec]), str(tmp_path / "packed"), **kw)
     assert text["sequences"] == packed["sequences"] > 0
     assert pq.read_table(str(tmp_path / "text")).equals(pq.read_table(str(tmp_path / "packed")))
-    capped = [write_memory(ds, str(tmp_path / name), **{**kw, "max_sequences": 7}) for name, ds in
-              (("ct", files_dataset([(1, dom)], "train", opts, prompts=True)), ("cp", packed_dataset([rec])))]
+    capped = [
+        write_memory(ds, str(tmp_path / name), **{**kw, "max_sequences": 7})
+        for name, ds in (
+            ("ct", files_dataset([(1, dom)], "train", opts, prompts=True)),
+            ("cp", packed_dataset([rec])),
+        )
+    ]
     assert capped[0]["sequences"] == capped[1]["sequences"] == 7
     assert pq.read_table(str(tmp_path / "ct")).equals(pq.read_table(str(tmp_path / "cp")))
     # the same sample written in another order and other files, read back by Ray Data in whatever order its
     # blocks come: the workers' pools (replay draws and the warmup pick rows by position in them) are the same
     from ray_lifelong.data.memory import keyed_shuffle, memory_dataset, memory_pools
 
-    cut = write_memory(keyed_shuffle(packed_dataset([rec]), seed=9).repartition(3), str(tmp_path / "cut"), **kw)
+    cut = write_memory(
+        keyed_shuffle(packed_dataset([rec]), seed=9).repartition(3), str(tmp_path / "cut"), **kw
+    )
     assert cut["sequences"] == text["sequences"]
     assert not pq.read_table(str(tmp_path / "cut")).equals(pq.read_table(str(tmp_path / "packed")))
-    pools = [memory_pools(memory_dataset([str(tmp_path / n)]).iter_torch_batches(batch_size=3, dtypes=torch.long))
-             for n in ("text", "packed", "cut")]
+    pools = [
+        memory_pools(memory_dataset([str(tmp_path / n)]).iter_torch_batches(batch_size=3, dtypes=torch.long))
+        for n in ("text", "packed", "cut")
+    ]
     assert all(p[1] == [1] and torch.equal(p[0][0], pools[0][0][0]) for p in pools)
     # the shuffle of a joint stage and of the FRW's memory stream: one order for both block layouts
     from ray_lifelong.data.memory import keyed_shuffle
@@ -178,10 +200,14 @@ def test_packing_is_reused_until_an_input_changes(setup, demo_corpus, tmp_path):
     files = sorted((tmp_path / "p").rglob("*.parquet"))
     mtimes = [f.stat().st_mtime_ns for f in files]
     assert pack_domain(0, dom, opts, root, prompts=False) == first
-    assert [f.stat().st_mtime_ns for f in sorted((tmp_path / "p").rglob("*.parquet"))] == mtimes  # not rewritten
+    assert [
+        f.stat().st_mtime_ns for f in sorted((tmp_path / "p").rglob("*.parquet"))
+    ] == mtimes  # not rewritten
     # the stream of a pretokenized config reads the packed rows
-    np.testing.assert_array_equal(rows(training_rows([(0, dom)], opts, prompts=False, packed_root=root))[0],
-                                  rows(packed_dataset([first]))[0])
+    np.testing.assert_array_equal(
+        rows(training_rows([(0, dom)], opts, prompts=False, packed_root=root))[0],
+        rows(packed_dataset([first]))[0],
+    )
     prompted = pack_domain(0, dom, opts, root, prompts=True)
     assert prompted["uri"] != first["uri"]
     shutil.copy(src / "train-00.jsonl.gz", src / "train-09.jsonl.gz")  # a new shard arrived
@@ -197,7 +223,9 @@ def test_a_bad_record_names_file_and_line_and_leaves_nothing(setup, demo_corpus,
     with gzip.open(src / "train-01.jsonl.gz", "ab") as f:
         f.write(b'{"text": broken\n')
     dom = replace(cfg.data.domains[0], train=[str(src / "train-*.jsonl.gz")])
-    with pytest.raises(DataError, match=r"packing domain 'sports': .*train-01\.jsonl\.gz, line \d+: invalid JSON"):
+    with pytest.raises(
+        DataError, match=r"packing domain 'sports': .*train-01\.jsonl\.gz, line \d+: invalid JSON"
+    ):
         pack_domain(0, dom, opts, str(tmp_path / "p"), prompts=False)
     assert not list((tmp_path / "p").glob("*"))
 
@@ -219,14 +247,23 @@ def test_packed_domains_on_s3(setup, s3):
     cfg, opts, _ = setup
     dom = cfg.data.domains[0]
     endpoint = s3
-    fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1",
-                           access_key="test", secret_key="test", allow_bucket_creation=True)
+    fs = pafs.S3FileSystem(
+        endpoint_override=endpoint,
+        scheme="http",
+        region="us-east-1",
+        access_key="test",
+        secret_key="test",
+        allow_bucket_creation=True,
+    )
     fs.create_dir("packs")
     root = f"s3://packs/run?endpoint_override={endpoint}&scheme=http&region=us-east-1"
     rec = pack_domain(0, dom, opts, root, prompts=True)
-    assert rec["uri"].startswith("s3://packs/run/00-sports-") and rec["uri"].endswith(f"?endpoint_override={endpoint}&scheme=http&region=us-east-1")
-    np.testing.assert_array_equal(rows(packed_dataset([rec]))[0],
-                                  rows(files_dataset([(0, dom)], "train", opts, prompts=True))[0])
+    assert rec["uri"].startswith("s3://packs/run/00-sports-") and rec["uri"].endswith(
+        f"?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+    )
+    np.testing.assert_array_equal(
+        rows(packed_dataset([rec]))[0], rows(files_dataset([(0, dom)], "train", opts, prompts=True))[0]
+    )
     assert pack_domain(0, dom, opts, root, prompts=True) == rec
     names = [i.base_name for i in fs.get_file_info(pafs.FileSelector("packs/run"))]
     assert len(names) == 1 and ".tmp-" not in names[0]

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from ray_lifelong.config import load_config
-from ray_lifelong.pipeline import prepare_tokenizer
+from ray_lifelong.data.sources import DataError
+from ray_lifelong.data.tokenizer import prepare_tokenizer
 from ray_lifelong.stage.checkpoint import load_state
-from ray_lifelong.stage.run import StageFailedError, run_stage
+from ray_lifelong.stage.run import run_stage
 from ray_lifelong.stage.spec import StageSpec, read_tokenizer_files
 from tests.conftest import tiny_overrides
 
@@ -23,11 +24,21 @@ def make_stage(root, out, extra=(), steps=12):
 
     cfg = load_config(None, tiny_overrides(root, out, steps=steps) + list(extra))
     tok_dir = prepare_tokenizer(cfg, Path(out) / "tok")
-    spec = StageSpec(cfg=cfg, index=0, domain="sports", eval_domains=["sports", "astronomy"], steps=cfg.train.steps,
-                     batch_size=cfg.train.batch_size, lr=cfg.train.lr, tokenizer_files=read_tokenizer_files(tok_dir))
+    spec = StageSpec(
+        cfg=cfg,
+        index=0,
+        domain="sports",
+        eval_domains=["sports", "astronomy"],
+        steps=cfg.train.steps,
+        batch_size=cfg.train.batch_size,
+        lr=cfg.train.lr,
+        tokenizer_files=read_tokenizer_files(tok_dir),
+    )
     log = BadRecordLog.remote()
     valid = validation_dataset(cfg.data.domains, StreamOptions(tok_dir, cfg.model.arch, cfg.data), log)
-    return spec, dict(tokenizer_dir=tok_dir, storage_path=str(Path(out) / "ckpt"), valid_ds=valid, bad_log=log)
+    return spec, dict(
+        tokenizer_dir=tok_dir, storage_path=str(Path(out) / "ckpt"), valid_ds=valid, bad_log=log
+    )
 
 
 def test_stage_trains_and_checkpoint_restores(ray_4cpus, demo_corpus, tmp_path):
@@ -61,8 +72,12 @@ def _load(ckpt: Path):
 
 def test_worker_crash_resumes_from_last_checkpoint(ray_4cpus, demo_corpus, tmp_path):
     marker = tmp_path / "crashed"
-    spec, kw = make_stage(demo_corpus, tmp_path, steps=12, extra=[
-        "debug.crash_at_step=10", f"debug.crash_marker={marker}", "train.checkpoint_every=4"])
+    spec, kw = make_stage(
+        demo_corpus,
+        tmp_path,
+        steps=12,
+        extra=["debug.crash_at_step=10", f"debug.crash_marker={marker}", "train.checkpoint_every=4"],
+    )
     # Ray Train registers a reported checkpoint asynchronously: crash well after the step-4 one.
     res = run_stage(spec, **kw)
     assert marker.exists(), "the injected crash did not happen"
@@ -70,8 +85,13 @@ def test_worker_crash_resumes_from_last_checkpoint(ray_4cpus, demo_corpus, tmp_p
     steps = [h["step"] for h in res.history]
     assert steps == sorted(set(steps)) == list(range(2, 13, 2)), steps  # nothing repeated or lost
     assert res.steps == 12 and res.tokens == 12 * 8 * 32
-    snapshot = json.loads((Path(kw["storage_path"]) / f"{spec.cfg.run_name}-stage0-sports" /
-                           "checkpoint_manager_snapshot.json").read_text())
+    snapshot = json.loads(
+        (
+            Path(kw["storage_path"])
+            / f"{spec.cfg.run_name}-stage0-sports"
+            / "checkpoint_manager_snapshot.json"
+        ).read_text()
+    )
     assert snapshot  # Ray Train's own record of the reported checkpoints
 
 
@@ -86,7 +106,7 @@ def test_bad_record_fails_stage_with_file_and_line(ray_4cpus, demo_corpus, tmp_p
     spec, kw = make_stage(demo_corpus, tmp_path, steps=4, extra=["ray.max_failures=0"])
     dom = spec.cfg.data.domains[0]
     dom.train = [str(bad_dir / "sports" / "train-*.jsonl.gz")]
-    with pytest.raises(StageFailedError, match=r"train-01\.jsonl\.gz, line \d+: invalid JSON"):
+    with pytest.raises(DataError, match=r"train-01\.jsonl\.gz, line \d+: invalid JSON"):
         run_stage(spec, **kw)
 
     spec.cfg.data.on_bad_record = "skip"
@@ -104,7 +124,7 @@ def test_empty_domain_is_a_clear_error(ray_4cpus, demo_corpus, tmp_path):
         f.write(b"\n\n")  # blank lines only: no document at all
     spec, kw = make_stage(demo_corpus, tmp_path, steps=4, extra=["ray.max_failures=0"])
     spec.cfg.data.domains[0].train = [str(empty / "train-00.jsonl.gz")]
-    with pytest.raises(StageFailedError, match=r"domain 'sports'.*yielded no sequence"):
+    with pytest.raises(DataError, match=r"domain 'sports'.*yielded no sequence"):
         run_stage(spec, **kw)
 
 
@@ -127,20 +147,39 @@ def test_growth_at_stage_start_on_the_workers(small_stage, tmp_path, optimizer):
     kw = {**kw, "storage_path": str(tmp_path / "ckpt")}
     assert first.growth is None and first.model_sizes["hidden_size"] == 32
     cfg = copy.deepcopy(spec0.cfg)
-    cfg.data.domains[1].grow = GrowthConfig(num_layers=2, hidden_size=64, intermediate_size=128,
-                                            depth_init="identity", optimizer=optimizer, noise_std=0.0)  # exact
-    spec1 = StageSpec(cfg=cfg, index=1, domain="astronomy", eval_domains=spec0.eval_domains, steps=4,
-                      batch_size=8, lr=cfg.train.lr, tokenizer_files=spec0.tokenizer_files,
-                      init_checkpoint=ray.train.Checkpoint(first.checkpoint_path),
-                      schedule=(4, 8) if optimizer == "carry" else None)
+    # exact
+    cfg.data.domains[1].grow = GrowthConfig(
+        num_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        depth_init="identity",
+        optimizer=optimizer,
+        noise_std=0.0,
+    )
+    spec1 = StageSpec(
+        cfg=cfg,
+        index=1,
+        domain="astronomy",
+        eval_domains=spec0.eval_domains,
+        steps=4,
+        batch_size=8,
+        lr=cfg.train.lr,
+        tokenizer_files=spec0.tokenizer_files,
+        init_checkpoint=ray.train.Checkpoint(first.checkpoint_path),
+        schedule=(4, 8) if optimizer == "carry" else None,
+    )
     res = run_stage(spec1, **kw)
     # lr_scope=run continues one schedule (no re-warmup): at stage step 2 the multiplier is 1 - 6/8
     want = 0.25 if optimizer == "carry" else 0.5
     assert res.history[0]["step"] == 2 and res.history[0]["lr"] == pytest.approx(cfg.train.lr * want)
     g = res.growth
     assert g["before"]["num_hidden_layers"] == 1 and g["after"] == res.model_sizes
-    assert res.model_sizes == {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-                               "intermediate_size": 128}
+    assert res.model_sizes == {
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+    }
     assert g["params_after"] > g["params_before"] and g["optimizer"] == optimizer
     assert g["max_logit_error"] < 1e-4  # integer width x2 + identity depth is exact
     assert res.train_flops > first.train_flops  # FLOPs follow the grown model's size
@@ -157,10 +196,18 @@ def test_ki_stage_distils_from_a_frozen_teacher(ray_4cpus, demo_corpus, tmp_path
 
     spec, kw = make_stage(demo_corpus, tmp_path, steps=8, extra=["train.log_every=1"])
     tok = load_tokenizer(kw["tokenizer_dir"])
-    small = ModelConfig(arch="bert", num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32,
-                        max_position_embeddings=64)
+    small = ModelConfig(
+        arch="bert",
+        num_layers=1,
+        hidden_size=16,
+        num_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
     build_model(small, len(tok), seed=3).save_pretrained(tmp_path / "teacher")
-    spec.cfg.data.domains[0].teacher = TeacherConfig(path=str(tmp_path / "teacher"), schedule="linear", steps=4)
+    spec.cfg.data.domains[0].teacher = TeacherConfig(
+        path=str(tmp_path / "teacher"), schedule="linear", steps=4
+    )
     res = run_stage(spec, **kw)
     alphas = [h["alpha"] for h in res.history]
     assert alphas[:4] == pytest.approx([1.0, 0.75, 0.5, 0.25]) and alphas[4:] == [0.0] * 4
@@ -170,8 +217,14 @@ def test_ki_stage_distils_from_a_frozen_teacher(ray_4cpus, demo_corpus, tmp_path
     from ray_lifelong.flops import forward_flops_per_sequence, logit_positions
 
     vocab = json.loads((tmp_path / "teacher" / "config.json").read_text())["vocab_size"]
-    small_fwd = forward_flops_per_sequence(num_layers=1, hidden=16, ffn=32, vocab=vocab, seq_len=32,
-                                           logit_positions=logit_positions("bert", 32, 0.15))
+    small_fwd = forward_flops_per_sequence(
+        num_layers=1,
+        hidden=16,
+        ffn=32,
+        vocab=vocab,
+        seq_len=32,
+        logit_positions=logit_positions("bert", 32, 0.15),
+    )
     assert res.teacher_flops == pytest.approx(4 * 8 * small_fwd, rel=1e-9)
     assert small_fwd < res.train_flops / (8 * 8) / 3  # a smaller model's forward, not the student's
 
@@ -184,8 +237,17 @@ def test_ki_stage_distils_from_a_frozen_teacher(ray_4cpus, demo_corpus, tmp_path
 
 def test_a_compiled_stage_trains(ray_4cpus, demo_corpus, tmp_path):
     # train.compile wraps the (DDP) objective in torch.compile; inductor compiles for the CPU here
-    spec, kw = make_stage(demo_corpus, tmp_path, steps=4, extra=["train.compile=true", "scaling.num_workers=1",
-                                                                 "train.micro_batch_size=8", "train.log_every=1"])
+    spec, kw = make_stage(
+        demo_corpus,
+        tmp_path,
+        steps=4,
+        extra=[
+            "train.compile=true",
+            "scaling.num_workers=1",
+            "train.micro_batch_size=8",
+            "train.log_every=1",
+        ],
+    )
     res = run_stage(spec, **kw)
     losses = [h["loss"] for h in res.history]
     assert res.steps == 4 and len(losses) == 4 and all(0 < x < 20 for x in losses), losses

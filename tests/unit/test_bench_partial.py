@@ -34,13 +34,35 @@ def test_goals_are_undecided_without_the_methods_they_compare_with():
     def m(ap, ap_plus, flops):
         return {"AP": [ap], "AP_plus": [ap_plus], "flops": [flops]}
 
-    assert goals({"elle": m(250, -100, 30)}) == {"elle_lowest_final_AP": None, "elle_AP_plus_below_naive_and_er": None}
-    assert goals({"elle": m(250, -100, 30), "naive": m(270, 130, 30)})["elle_AP_plus_below_naive_and_er"] is None
-    full = goals({"elle": m(250, -100, 30), "naive": m(270, 130, 30), "er": m(140, -130, 30),
-                  "joint": m(90, -200, 30), "scratch_large": m(240, -40, 45), "logit_kd": m(150, -120, 33),
-                  "elle_no_growth": m(160, -110, 30)})
+    assert goals({"elle": m(250, -100, 30)}) == {
+        "elle_lowest_final_AP": None,
+        "elle_AP_plus_below_naive_and_er": None,
+    }
+    assert (
+        goals({"elle": m(250, -100, 30), "naive": m(270, 130, 30)})["elle_AP_plus_below_naive_and_er"] is None
+    )
+    full = goals(
+        {
+            "elle": m(250, -100, 30),
+            "naive": m(270, 130, 30),
+            "er": m(140, -130, 30),
+            "joint": m(90, -200, 30),
+            "scratch_large": m(240, -40, 45),
+            "logit_kd": m(150, -120, 33),
+            "elle_no_growth": m(160, -110, 30),
+        }
+    )
     assert full["elle_lowest_final_AP"] is False  # er is lower; joint does not count
     assert full["elle_AP_plus_below_naive_and_er"] is False  # er forgets less
     assert full["elle_reaches_scratch_large_AP_within_60pct_flops"] is False
-    assert goals({"elle": m(100, -300, 20), "naive": m(270, 130, 30), "er": m(140, -130, 30),
-                  "scratch_large": m(240, -40, 45)})["elle_reaches_scratch_large_AP_within_60pct_flops"] is True
+    assert (
+        goals(
+            {
+                "elle": m(100, -300, 20),
+                "naive": m(270, 130, 30),
+                "er": m(140, -130, 30),
+                "scratch_large": m(240, -40, 45),
+            }
+        )["elle_reaches_scratch_large_AP_within_60pct_flops"]
+        is True
+    )

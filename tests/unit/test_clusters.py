@@ -30,7 +30,9 @@ def test_autoscaler_yaml_passes_rays_validation(name):
     types = cfg["available_node_types"]
     assert types[cfg["head_node_type"]]["resources"] == {"CPU": 0}  # no training on the head
     gpu = {k: v for k, v in types.items() if k.startswith("gpu")}
-    assert gpu and all(v["min_workers"] == 0 and 0 < v["max_workers"] <= cfg["max_workers"] for v in gpu.values())
+    assert gpu and all(
+        v["min_workers"] == 0 and 0 < v["max_workers"] <= cfg["max_workers"] for v in gpu.values()
+    )
     assert any("pip install" in c and "ray_lifelong" in c for c in cfg["setup_commands"])
     assert "ray_lifelong" in " ".join(cfg["file_mounts"])
 
@@ -49,12 +51,16 @@ def test_autoscaler_validation_can_fail(name):
 
 def test_gpu_instance_types_have_gpus():
     aws = yaml.safe_load((CLUSTERS / "aws.yaml").read_text())["available_node_types"]
-    assert {aws[k]["node_config"]["InstanceType"] for k in aws if k.startswith("gpu")} == {"p4d.24xlarge",
-                                                                                          "p5.48xlarge"}
+    assert {aws[k]["node_config"]["InstanceType"] for k in aws if k.startswith("gpu")} == {
+        "p4d.24xlarge",
+        "p5.48xlarge",
+    }
     gcp = yaml.safe_load((CLUSTERS / "gcp.yaml").read_text())["available_node_types"]
     for k in (k for k in gcp if k.startswith("gpu")):
         nc = gcp[k]["node_config"]
-        assert nc["machineType"].startswith(("a2-", "a3-")) and nc["scheduling"] == [{"onHostMaintenance": "TERMINATE"}]
+        assert nc["machineType"].startswith(("a2-", "a3-")) and nc["scheduling"] == [
+            {"onHostMaintenance": "TERMINATE"}
+        ]
 
 
 @pytest.mark.parametrize("overlay, scheme", [("gpu_s3.yaml", "s3://"), ("gpu_gcs.yaml", "gs://")])
@@ -68,6 +74,7 @@ def test_cluster_overlays_load_over_the_corpus_configs(overlay, scheme):
 
 # ---------------------------------------------------------------------------------------------- KubeRay
 
+
 def crd_schema(kind_file: str) -> dict:
     if not CRDS.is_dir():
         pytest.skip(f"{CRDS} is absent: the KubeRay CRD schemas are needed to validate the manifests")
@@ -79,7 +86,11 @@ def unknown_fields(doc, schema, path="") -> list[str]:
     """Fields the CRD does not define. Kubernetes silently prunes them, so a typo (say
     ``enableInTreeAutoscalling``) would be lost without an error: we reject them instead."""
     out = []
-    if isinstance(doc, dict) and "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        isinstance(doc, dict)
+        and "properties" in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
         for key, value in doc.items():
             if key not in schema["properties"]:
                 if not schema.get("additionalProperties"):
@@ -100,8 +111,11 @@ def check_manifest(doc: dict, schema: dict) -> None:
 
 
 def gpu_groups(spec: dict) -> list[dict]:
-    return [g for g in spec["workerGroupSpecs"]
-            if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"])]
+    return [
+        g
+        for g in spec["workerGroupSpecs"]
+        if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"])
+    ]
 
 
 def test_raycluster_manifest_matches_the_crd_and_autoscales_gpus_from_zero():

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from ray_lifelong.config import ConfigError, LifelongConfig, load_config, save_config
-from ray_lifelong.config.load import final_model_sizes, frw_steps_before, stage_model_sizes
+from ray_lifelong.config.plan import final_model_sizes, frw_steps_before, stage_model_sizes, stage_plans
 from ray_lifelong.flops import planned_stages
 from tests.conftest import REPO
 
@@ -70,13 +70,12 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_run_wide_lr_schedule_offsets():
-    from ray_lifelong.pipeline import stage_schedules
 
     cfg = load_config(REPO / "configs/demo.yaml", ["train.steps=10"])
     cfg.data.domains[1].steps = 30
-    assert stage_schedules(cfg) == [None] * 4
+    assert [p.schedule for p in stage_plans(cfg)] == [None] * 4
     cfg.train.lr_scope = "run"
-    assert stage_schedules(cfg) == [(0, 60), (10, 60), (40, 60), (50, 60)]
+    assert [p.schedule for p in stage_plans(cfg)] == [(0, 60), (10, 60), (40, 60), (50, 60)]
     with pytest.raises(ConfigError, match="train.lr_scope"):
         load_config(REPO / "configs/demo.yaml", ["train.lr_scope=global"])
 
@@ -166,12 +165,15 @@ def test_a_mapping_override_replaces_a_free_form_mapping_and_fills_a_typed_one()
 
 
 def test_the_downstream_overlay_lists_five_tasks_and_finetune_settings_are_checked():
-    cfg = load_config(REPO / "configs/elle_stream_gpt2.yaml", [str(REPO / "configs/finetune/downstream.yaml")])
+    overlay = str(REPO / "configs/finetune/downstream.yaml")
+    cfg = load_config(REPO / "configs/elle_stream_gpt2.yaml", [overlay])
     assert [t.domain for t in cfg.finetune.tasks] == ["wb", "news", "reviews", "bio", "cs"]
     assert {t.metric for t in cfg.finetune.tasks} == {"accuracy", "micro_f1", "macro_f1"}
     with pytest.raises(ConfigError, match=r"finetune\.tasks\[0\]\.metric"):
-        load_config(REPO / "configs/demo.yaml", ["finetune.tasks=[{name: a, train: [x], valid: [y], test: [z], "
-                                                 "metric: auc}]"])
+        load_config(
+            REPO / "configs/demo.yaml",
+            ["finetune.tasks=[{name: a, train: [x], valid: [y], test: [z], metric: auc}]"],
+        )
     with pytest.raises(ConfigError, match=r"finetune\.tasks\[0\]\.test"):
         load_config(REPO / "configs/demo.yaml", ["finetune.tasks=[{name: a, train: [x], valid: [y]}]"])
     with pytest.raises(ConfigError, match=r"finetune\.batch_size"):
@@ -180,7 +182,7 @@ def test_the_downstream_overlay_lists_five_tasks_and_finetune_settings_are_check
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_the_gpu_stream_configs_follow_the_papers_base_schedule(arch):
-    """shared/specs/elle.md: L6_D384 -> 8/512 -> 10/640 -> 11/704 -> 12/768, head size 64, FFN 4x."""
+    """ELLE's BERT growth schedule: L6_D384 -> 8/512 -> 10/640 -> 11/704 -> 12/768, head size 64, FFN 4x."""
     cfg = load_config(REPO / "configs/elle_stream_gpu.yaml", [f"model.arch={arch}"])
     m = cfg.model
     sizes = [(m.num_layers, m.hidden_size, m.intermediate_size)]
@@ -193,16 +195,25 @@ def test_the_gpu_stream_configs_follow_the_papers_base_schedule(arch):
 
 def test_stage_sizes_follow_each_growth_and_frw_follows_the_pipelines_rule():
     """A heads-only growth widens hidden (head size fixed); FRW comes after a growth once a memory exists."""
-    cfg = load_config(REPO / "configs/elle_demo.yaml", [
-        "model.num_layers=1", "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64",
-        "continual.frw.steps=3",
-        "data.domains.1.grow={num_layers: null, hidden_size: null, intermediate_size: null, num_heads: 4}"])
+    cfg = load_config(
+        REPO / "configs/elle_demo.yaml",
+        [
+            "model.num_layers=1",
+            "model.hidden_size=32",
+            "model.num_heads=2",
+            "model.intermediate_size=64",
+            "continual.frw.steps=3",
+            "data.domains.1.grow={num_layers: null, hidden_size: null, intermediate_size: null, "
+            "num_heads: 4}",
+        ],
+    )
     sizes = stage_model_sizes(cfg)
     assert sizes[0] == {"num_layers": 1, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64}
     assert sizes[1]["hidden_size"] == 64 and sizes[1]["num_heads"] == 4
     assert sizes[-1] == final_model_sizes(cfg)
-    assert [frw_steps_before(cfg, i) for i in range(len(cfg.data.domains))] == \
-        [3 if i > 0 and d.grow is not None else 0 for i, d in enumerate(cfg.data.domains)]
+    assert [frw_steps_before(cfg, i) for i in range(len(cfg.data.domains))] == [
+        3 if i > 0 and d.grow is not None else 0 for i, d in enumerate(cfg.data.domains)
+    ]
     no_frw = load_config(REPO / "configs/elle_demo.yaml", ["continual.frw.steps=0"])
     assert all(frw_steps_before(no_frw, i) == 0 for i in range(len(no_frw.data.domains)))
     plan = planned_stages(cfg, 100)
@@ -212,11 +223,21 @@ def test_stage_sizes_follow_each_growth_and_frw_follows_the_pipelines_rule():
     from ray_lifelong.stage.spec import StageSpec
 
     def spec(i, init):
-        return StageSpec(cfg=cfg, index=i, domain=cfg.data.domains[i].name, eval_domains=[], steps=5, batch_size=8,
-                         lr=1e-3, tokenizer_files={}, init_checkpoint=init)
+        return StageSpec(
+            cfg=cfg,
+            index=i,
+            domain=cfg.data.domains[i].name,
+            eval_domains=[],
+            steps=5,
+            batch_size=8,
+            lr=1e-3,
+            tokenizer_files={},
+            init_checkpoint=init,
+        )
 
-    assert [spec(i, "ckpt").frw_steps for i in range(len(cfg.data.domains))] == \
-        [frw_steps_before(cfg, i) for i in range(len(cfg.data.domains))]
+    assert [spec(i, "ckpt").frw_steps for i in range(len(cfg.data.domains))] == [
+        frw_steps_before(cfg, i) for i in range(len(cfg.data.domains))
+    ]
     assert spec(1, None).frw_steps == 0 and spec(1, "ckpt").frw_lr == 1e-3
 
 
@@ -224,3 +245,22 @@ def test_a_negative_ki_step_count_is_refused():
     """N_KI < 0 would silently switch inheritance off (0 means 30% of the stage's steps)."""
     with pytest.raises(ConfigError, match=r"data\.domains\[0\]\.teacher\.steps"):
         load_config(REPO / "configs/ki_gpt2.yaml", ["data.domains.0.teacher={path: /tmp/t, steps: -1}"])
+
+
+def test_a_stage_plan_resolves_every_default_once():
+    cfg = load_config(REPO / "configs/elle_demo.yaml", ["train.steps=20", "continual.frw.steps=4"])
+    cfg.data.domains[1].steps, cfg.data.domains[2].lr, cfg.data.domains[3].batch_size = 30, 1e-4, 32
+    plans = stage_plans(cfg)
+    assert [p.steps for p in plans] == [20, 30, 20, 20]
+    assert [p.lr for p in plans] == [cfg.train.lr, cfg.train.lr, 1e-4, cfg.train.lr]
+    assert [p.batch_size for p in plans] == [16, 16, 16, 32]
+    assert [p.frw_steps for p in plans] == [0, 4, 4, 0]  # before the stages that grow
+    assert [p.sizes["num_layers"] for p in plans] == [2, 3, 4, 4]
+    assert all(p.ki_steps == 0 for p in plans)  # no teacher
+    from ray_lifelong.config.plan import ki_steps
+    from ray_lifelong.config.schema import TeacherConfig
+
+    assert (
+        ki_steps(TeacherConfig(path="t"), 100) == 30 and ki_steps(TeacherConfig(path="t", steps=7), 100) == 7
+    )
+    assert ki_steps(TeacherConfig(path="t"), 2) == 1  # at least one step

@@ -1,4 +1,4 @@
-"""KI loss and schedules against hand-written references (shared/specs/ki.md sections 2-3)."""
+"""KI loss and schedules against hand-written references (Qin et al., NAACL 2022, sections 2-3)."""
 
 import math
 
@@ -102,7 +102,9 @@ def test_schedule_endpoints_and_monotone(schedule):
     if schedule == "step":
         assert vals[99] == 0.8
     if schedule == "cosine":
-        assert vals[50] == pytest.approx(0.4) and vals[25] == pytest.approx(0.8 * (1 + math.cos(math.pi / 4)) / 2)
+        assert vals[50] == pytest.approx(0.4) and vals[25] == pytest.approx(
+            0.8 * (1 + math.cos(math.pi / 4)) / 2
+        )
     with pytest.raises(ValueError):
         inheritance_rate(0, schedule="exp", steps=10)
 
@@ -112,8 +114,15 @@ def test_per_domain_teacher_routing_keeps_student_position_order():
     from ray_lifelong.distill.teacher import teacher_logits
     from ray_lifelong.models.build import LMObjective, build_model
 
-    cfg = ModelConfig(arch="bert", num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32,
-                      max_position_embeddings=32, dropout=0.0)
+    cfg = ModelConfig(
+        arch="bert",
+        num_layers=1,
+        hidden_size=16,
+        num_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        dropout=0.0,
+    )
     a, b = build_model(cfg, 50, seed=1).eval(), build_model(cfg, 50, seed=2).eval()
     ids = torch.randint(5, 50, (4, 10))
     labels = torch.full_like(ids, -100)
@@ -125,3 +134,33 @@ def test_per_domain_teacher_routing_keeps_student_position_order():
     want = torch.where((dom[row] == 0)[:, None], ref_a, ref_b)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(teacher_logits({-1: a}, ids, labels, dom, 7), ref_a.float())
+
+
+def test_the_stage_loss_is_ki_while_alpha_is_positive_then_logit_kd_then_plain_cross_entropy():
+    from torch.nn import functional as F
+
+    from ray_lifelong.stage.step import stage_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 11, requires_grad=True)
+    targets = torch.randint(0, 11, (6,))
+    teacher, previous = torch.randn(6, 11), torch.randn(2, 11)
+    ce = F.cross_entropy(logits, targets)
+
+    ki = stage_loss(logits, targets, alpha=0.4, teacher_logits=teacher, temperature=2.0,
+                    previous_logits=previous)
+    assert torch.equal(ki.total, ki_loss_parts(logits, teacher, targets, alpha=0.4, temperature=2.0).total)
+
+    rows = torch.tensor([False, False, False, False, True, True])  # the replayed rows' positions
+    kd = stage_loss(logits, targets, previous_logits=previous, previous_rows=rows, kd_weight=0.5,
+                    kd_temperature=2.0)
+    p, q = F.log_softmax(previous / 2, -1), F.log_softmax(logits[rows] / 2, -1)
+    kl = 4 * (p.exp() * (p - q)).sum(-1).mean()
+    assert torch.allclose(kd.total, ce + 0.5 * kl) and torch.allclose(kd.kl, kl) and torch.allclose(kd.ce, ce)
+    assert not kd.ce.requires_grad and kd.total.requires_grad
+
+    # inheritance is over: the teacher is unused
+    plain = stage_loss(logits, targets, alpha=0.0, teacher_logits=teacher)
+    assert torch.equal(plain.total, ce) and plain.kl == 0.0
+    plain.total.backward()
+    assert logits.grad is not None

@@ -74,16 +74,24 @@ def test_labels_map_the_same_way_in_every_split_whatever_the_file_order(tmp_path
 
 
 def test_a_label_unseen_in_training_is_an_error_naming_file_and_line(tmp_path):
-    task = _task(tmp_path, [{"text": "x", "label": "pos"}, {"text": "y", "label": "neg"}],
-                 [{"text": "a", "label": "neg"}], [{"text": "b", "label": "pos"}, {"text": "c", "label": "meh"}])
+    task = _task(
+        tmp_path,
+        [{"text": "x", "label": "pos"}, {"text": "y", "label": "neg"}],
+        [{"text": "a", "label": "neg"}],
+        [{"text": "b", "label": "pos"}, {"text": "c", "label": "meh"}],
+    )
     m = label_map(read_split(task, "train"))
     with pytest.raises(DataError, match=r"test\.jsonl\.gz, line 2: label 'meh' of task 't' never occurs"):
         map_labels(read_split(task, "test"), m, "t")
 
 
 def test_a_record_without_its_label_names_file_and_line(tmp_path):
-    task = _task(tmp_path, [{"text": "x", "label": "pos"}, {"text": "y"}], [{"text": "a", "label": "pos"}],
-                 [{"text": "b", "label": "pos"}])
+    task = _task(
+        tmp_path,
+        [{"text": "x", "label": "pos"}, {"text": "y"}],
+        [{"text": "a", "label": "pos"}],
+        [{"text": "b", "label": "pos"}],
+    )
     with pytest.raises(DataError, match=r"train\.jsonl\.gz, line 2: record has no 'label' field"):
         read_split(task, "train")
 
@@ -95,8 +103,14 @@ def tokenizers(tmp_path_factory):
     texts = ["the match ended in a draw after extra time", "stars and planets orbit in the galaxy"] * 50
     out = {}
     for kind in ("wordpiece", "bpe"):
-        out[kind] = train_tokenizer(texts, tmp_path_factory.mktemp(kind), kind=kind, vocab_size=300,
-                                    prompts=prompt_tokens(["sports", "astronomy"]), min_frequency=1)
+        out[kind] = train_tokenizer(
+            texts,
+            tmp_path_factory.mktemp(kind),
+            kind=kind,
+            vocab_size=300,
+            prompts=prompt_tokens(["sports", "astronomy"]),
+            min_frequency=1,
+        )
     return out
 
 
@@ -115,13 +129,22 @@ def test_the_prompt_is_prepended_exactly_once_where_pretraining_put_it(tokenizer
     assert [i for i in ids if i != pid] == plain  # nothing else changes
     long = encode_text(tok, "stars and planets " * 50, arch=arch, max_length=16, prompt_id=pid)
     assert len(long) == 16 and long.count(pid) == 1
-    task = _task(tmp_path, [{"text": "the match", "label": "a"}, {"text": "stars", "label": "b"}],
-                 [{"text": "planets", "label": "b"}], [{"text": "draw", "label": "a"}])
+    task = _task(
+        tmp_path,
+        [{"text": "the match", "label": "a"}, {"text": "stars", "label": "b"}],
+        [{"text": "planets", "label": "b"}],
+        [{"text": "draw", "label": "a"}],
+    )
     enc = encode_task(task, tok, arch=arch, max_length=32, prompts=True)
     assert all(row.count(pid) == 1 for split in (enc.train, enc.valid, enc.test) for row in split.ids)
     with pytest.raises(DataError, match="no prompt token '<dom:cooking>'"):
-        encode_task(TaskConfig(name="c", domain="cooking", train=task.train, valid=task.valid, test=task.test),
-                    tok, arch=arch, max_length=32, prompts=True)
+        encode_task(
+            TaskConfig(name="c", domain="cooking", train=task.train, valid=task.valid, test=task.test),
+            tok,
+            arch=arch,
+            max_length=32,
+            prompts=True,
+        )
 
 
 def test_prompts_follow_the_pretraining_config_beside_the_model(tmp_path):
@@ -137,14 +160,23 @@ def test_a_finished_job_is_reused_only_under_the_same_settings():
 
     cfg = load_config(None, ["finetune.seeds=[0]"])
     key = job_key(cfg, "/m", True)
-    assert key == job_key(load_config(None, ["finetune.seeds=[0, 1, 2]", "finetune.max_concurrent=4"]), "/m", True)
+    assert key == job_key(
+        load_config(None, ["finetune.seeds=[0, 1, 2]", "finetune.max_concurrent=4"]), "/m", True
+    )
     assert key != job_key(cfg, "/m", False) and key != job_key(cfg, "/other", True)
     assert key != job_key(load_config(None, ["finetune.lr=1.0e-3"]), "/m", True)
 
 
 def test_a_training_subset_keeps_every_class_of_the_split(tokenizers, tmp_path):
-    rows = [{"text": f"doc {i}", "label": "common"} for i in range(5)] + [{"text": "rare one", "label": "rare"}]
-    task = _task(tmp_path, rows, [{"text": "a", "label": "rare"}], [{"text": "b", "label": "common"}],
-                 max_train_examples=3)
+    rows = [{"text": f"doc {i}", "label": "common"} for i in range(5)] + [
+        {"text": "rare one", "label": "rare"}
+    ]
+    task = _task(
+        tmp_path,
+        rows,
+        [{"text": "a", "label": "rare"}],
+        [{"text": "b", "label": "common"}],
+        max_train_examples=3,
+    )
     enc = encode_task(task, tokenizers["bpe"], arch="gpt2", max_length=16, prompts=False)
     assert enc.label_names == ["common", "rare"] and len(enc.train.labels) == 3 and enc.valid.labels == [1]

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
+from ray_lifelong.config import TrainConfig
 from ray_lifelong.growth import (
     GrowthMapping,
     expand,
@@ -24,7 +25,6 @@ from ray_lifelong.growth import (
     remap_optimizer_state,
 )
 from ray_lifelong.growth.plan import noise_mask
-from ray_lifelong.config import TrainConfig
 from ray_lifelong.stage.step import build_optimizer
 
 torch.set_num_threads(1)
@@ -121,7 +121,8 @@ def test_tied_output_stays_tied_and_undivided(arch):
     grown = expand(model, hidden_size=32)
     emb = grown.get_input_embeddings().weight
     assert grown.get_output_embeddings().weight is emb
-    # the input side is a plain copy: the old columns are untouched (no double division, spec §13 item 1)
+    # the input side is a plain copy: the old columns are untouched (no double division: the bug of ELLE's
+    # official width code)
     assert torch.equal(emb[:, :16], model.get_input_embeddings().weight)
 
 
@@ -422,7 +423,8 @@ def test_remap_rejects_a_mismatched_mapping():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_function_recovering_warmup_brings_the_loss_back(arch):
-    """ELLE's FRW (spec §7) in miniature: approximate growth (copy depth, 4/3 width, noise) raises the loss
+    """ELLE's function-recovering warmup in miniature: approximate growth (copy depth, 4/3 width, noise)
+    raises the loss
     on the old data; a few steps on that data bring it back near the pre-growth loss."""
     model = make(arch, hidden=24, heads=3, ffn=48, scale=0.0).train()
     data = [ids(8, 16, seed=s) for s in range(2)]
@@ -462,9 +464,11 @@ def test_grown_parameters_own_their_storage(arch, width):
         ptr = p.data_ptr()
         assert ptr not in old, f"{name} shares storage with the input model"
         if ptr in seen:  # only HF's own ties: output embedding = input embedding, decoder bias = bias
-            assert {seen[ptr], name} in ({"transformer.wte.weight", "lm_head.weight"},
-                                         {"bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"},
-                                         {"cls.predictions.bias", "cls.predictions.decoder.bias"}), (seen[ptr], name)
+            assert {seen[ptr], name} in (
+                {"transformer.wte.weight", "lm_head.weight"},
+                {"bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"},
+                {"cls.predictions.bias", "cls.predictions.decoder.bias"},
+            ), (seen[ptr], name)
         seen[ptr] = name
 
 
@@ -484,7 +488,8 @@ def _ffn_twins(model) -> int:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_without_noise_a_copied_unit_never_leaves_its_original(arch):
     """Width growth copies units and divides what reads them, so a copy and its original get the same gradient
-    at every step: with no noise they stay tied for ever (dropout on, as in training, does not untie FFN units)
+    at every step: with no noise they stay tied for ever (dropout on, as in training, does not untie FFN
+    units)
     and the grown model has the small one's capacity. ELLE's noise (the stage's default, 0.01) unties them."""
     from ray_lifelong.config import GrowthConfig
 

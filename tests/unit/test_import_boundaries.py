@@ -1,4 +1,4 @@
-"""The maths stays pure and Ray stays at the edges (shared/specs/style.md, practice 1 and 9)."""
+"""The maths stays pure and Ray stays at the edges."""
 
 import ast
 from pathlib import Path
@@ -17,10 +17,19 @@ def imports(path: Path) -> set[str]:
 
 
 def test_pure_modules_import_no_ray():
-    pure = [*PKG.glob("growth/*.py"), *PKG.glob("distill/*.py"), *PKG.glob("eval/*.py"), PKG / "downstream/tasks.py",
-            PKG / "data/packing.py", PKG / "data/sources.py", PKG / "stage/schedule.py", PKG / "stage/step.py",
-            PKG / "flops.py",
-            PKG / "config/schema.py", PKG / "config/load.py"]
+    pure = [
+        *PKG.glob("growth/*.py"),
+        *PKG.glob("distill/*.py"),
+        *PKG.glob("eval/*.py"),
+        PKG / "downstream/tasks.py",
+        PKG / "data/packing.py",
+        PKG / "data/sources.py",
+        PKG / "stage/schedule.py",
+        PKG / "stage/step.py",
+        PKG / "flops.py",
+        PKG / "config/schema.py",
+        PKG / "config/load.py",
+    ]
     for path in pure:
         bad = {m for m in imports(path) if m == "ray" or m.startswith("ray.")}
         assert not bad, f"{path.relative_to(PKG)} imports {bad}"
@@ -33,3 +42,37 @@ def test_trainers_are_built_in_two_places_and_ray_init_only_at_the_edge():
             assert path.relative_to(PKG).as_posix() in ("stage/run.py", "downstream/run.py"), path
         if "ray.init(" in text:
             assert path.name == "cli.py", path
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_import_cycle_inside_the_package():
+    """Every import of the package's own modules, at the top or inside a function, forms no cycle: each module
+    can be read after the modules it uses (a function-local import is no licence for a circle)."""
+    graph = {}
+    for path in PKG.rglob("*.py"):
+        own = {m for m in imports(path) if m.startswith("ray_lifelong")}
+        # `from ray_lifelong.x import y` may name a submodule y: count the package x itself
+        graph[_module(path)] = {m for m in own if m != _module(path)}
+    modules = set(graph)
+    edges = {m: {d for d in deps if d in modules} for m, deps in graph.items()}
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for d in sorted(edges[m]):
+            if state.get(d) == "open":
+                cycle = stack[stack.index(d):] + [d]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(modules):
+        if m not in state:
+            visit(m)

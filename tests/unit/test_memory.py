@@ -103,29 +103,41 @@ def test_a_warmup_epoch_deals_every_row_at_most_once_in_equal_shares(sizes, worl
         with pytest.raises(DataError, match="fewer than one micro-batch"):
             next(memory_epoch(memory, seed=seed, rank=0, world=world, batch_size=batch))
         return
-    per_rank = [list(memory_epoch(memory, seed=seed, rank=r, world=world, batch_size=batch)) for r in range(world)]
+    per_rank = [
+        list(memory_epoch(memory, seed=seed, rank=r, world=world, batch_size=batch)) for r in range(world)
+    ]
     assert len({len(b) for b in per_rank}) == 1  # DDP: every rank takes as many micro-batches
     assert len(per_rank[0]) == (total // world) // batch
     rows = torch.cat([b["input_ids"][:, 0] for bs in per_rank for b in bs])
     assert len(set(rows.tolist())) == len(rows)
     ids = torch.cat([b["domain_id"] for bs in per_rank for b in bs])
     assert torch.equal(ids, rows // 1000)  # each row keeps its domain id
-    again = [list(memory_epoch(memory, seed=seed, rank=r, world=world, batch_size=batch)) for r in range(world)]
-    assert all(torch.equal(a["input_ids"], b["input_ids"]) for x, y in zip(per_rank, again) for a, b in zip(x, y))
+    again = [
+        list(memory_epoch(memory, seed=seed, rank=r, world=world, batch_size=batch)) for r in range(world)
+    ]
+    assert all(
+        torch.equal(a["input_ids"], b["input_ids"]) for x, y in zip(per_rank, again) for a, b in zip(x, y)
+    )
 
 
 def test_warmup_epochs_are_full_passes_in_new_orders():
     from ray_lifelong.data.memory import memory_epoch
 
     memory = ([torch.arange(40).unsqueeze(1), torch.arange(100, 124).unsqueeze(1)], [0, 3])
-    epochs = [torch.cat([b["input_ids"][:, 0] for b in memory_epoch(memory, seed=s, rank=0, world=1, batch_size=8)])
-              for s in (0, 1)]
+    epochs = [
+        torch.cat([b["input_ids"][:, 0] for b in memory_epoch(memory, seed=s, rank=0, world=1, batch_size=8)])
+        for s in (0, 1)
+    ]
     assert all(sorted(e.tolist()) == list(range(40)) + list(range(100, 124)) for e in epochs)
     assert not torch.equal(epochs[0], epochs[1])
 
 
 @settings(max_examples=40, deadline=None)
-@given(sizes=st.lists(st.integers(1, 25), min_size=1, max_size=3), cut=st.integers(1, 20), seed=st.integers(0, 2**31))
+@given(
+    sizes=st.lists(st.integers(1, 25), min_size=1, max_size=3),
+    cut=st.integers(1, 20),
+    seed=st.integers(0, 2**31),
+)
 def test_the_loaded_memory_does_not_depend_on_the_order_its_batches_arrive_in(sizes, cut, seed):
     from ray_lifelong.data.memory import memory_pools
 
@@ -135,8 +147,10 @@ def test_the_loaded_memory_does_not_depend_on_the_order_its_batches_arrive_in(si
     domains = torch.cat([torch.full((n,), 2 * d + 1) for d, n in enumerate(sizes)])
 
     def batches(perm):
-        return [{"input_ids": rows[perm[i:i + cut]], "domain_id": domains[perm[i:i + cut]]}
-                for i in range(0, len(perm), cut)]
+        return [
+            {"input_ids": rows[perm[i : i + cut]], "domain_id": domains[perm[i : i + cut]]}
+            for i in range(0, len(perm), cut)
+        ]
 
     first = memory_pools(batches(torch.arange(len(rows))))
     again = memory_pools(batches(torch.randperm(len(rows), generator=gen)))

@@ -4,8 +4,14 @@ import torch
 from ray_lifelong.config import ModelConfig
 from ray_lifelong.data.packing import IGNORE_INDEX
 from ray_lifelong.flops import forward_flops_per_sequence, logit_positions, non_embedding_params
-from ray_lifelong.models.build import (LMObjective, build_model, count_parameters, lm_loss, load_model,
-                                       padded_vocab)
+from ray_lifelong.models.build import (
+    LMObjective,
+    build_model,
+    count_parameters,
+    lm_loss,
+    load_model,
+    padded_vocab,
+)
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
@@ -58,3 +64,18 @@ def test_flops_counts():
                                       logit_positions=1) == 228 + 40
     assert logit_positions("bert", 100, 0.15) == pytest.approx(15.0)
     assert logit_positions("gpt2", 100, 0.15) == 99.0
+
+
+def test_every_spelling_of_a_models_sizes_gives_the_same_flops():
+    from ray_lifelong.config.schema import ModelConfig
+    from ray_lifelong.flops import flops_sizes, sequence_flops
+
+    want = {"num_layers": 3, "hidden": 64, "ffn": 256}
+    assert flops_sizes(ModelConfig(num_layers=3, hidden_size=64, intermediate_size=256)) == want
+    assert flops_sizes({"num_hidden_layers": 3, "hidden_size": 64, "intermediate_size": 256}) == want
+    assert flops_sizes({"n_layer": 3, "n_embd": 64, "n_inner": None}) == want  # GPT-2: None is 4 x n_embd
+    kw = {"vocab": 100, "seq_len": 16, "arch": "bert", "mlm_probability": 0.15}
+    fwd = sequence_flops({"n_layer": 3, "n_embd": 64, "n_inner": 256}, train=False, **kw)
+    assert sequence_flops(ModelConfig(num_layers=3, hidden_size=64, intermediate_size=256), **kw) == 3 * fwd
+    assert fwd == forward_flops_per_sequence(num_layers=3, hidden=64, ffn=256, vocab=100, seq_len=16,
+                                             logit_positions=0.15 * 16)

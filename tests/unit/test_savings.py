@@ -18,7 +18,10 @@ from ray_lifelong.savings import (
 def curve(*points, start=(0, 0.0)):
     """(valid_loss, ...) at steps 100, 200, ... after ``start``; 1 TFLOP per 100 steps."""
     step0, flops0 = start
-    return [{"step": step0 + 100 * i, "flops": flops0 + 1e12 * i, "valid_loss": loss} for i, loss in enumerate(points)]
+    return [
+        {"step": step0 + 100 * i, "flops": flops0 + 1e12 * i, "valid_loss": loss}
+        for i, loss in enumerate(points)
+    ]
 
 
 # ---------------------------------------------------------------- cost_to_reach: the one rule
@@ -37,7 +40,8 @@ def test_a_first_point_already_at_the_target_costs_its_own_step():
     assert cost_to_reach(curve(5.0, 4.0), 5.0, "step") == 0.0
     grown = curve(5.0, 4.0, start=(1000, 11e12))
     assert cost_to_reach(grown, 5.2, "flops") == 11e12
-    # ... and a curve whose first evaluation comes after training its first evaluation's cost: no interpolation
+    # ... and a curve whose first evaluation comes after training its first evaluation's cost: no
+    # interpolation
     # towards an origin that was never evaluated (ray-lifelong ki's curves start at step eval_every)
     late = [{"step": 100, "flops": 5e12, "valid_loss": 6.0}, {"step": 200, "flops": 1e13, "valid_loss": 5.0}]
     assert cost_to_reach(late, 6.5, "step") == 100.0
@@ -139,7 +143,8 @@ def test_target_sensitivity_moves_a_saving_with_the_target():
 
 
 def growth_curves():
-    """The small model dips below the scratch model's final loss, then ends just above it (as in growth.json)."""
+    """The small model dips below the scratch model's final loss, then ends just above it (as in
+    growth.json)."""
     small = curve(8.3, 6.5, 6.0, 5.78, 5.80)  # 1 TFLOP per 100 steps: at or below 5.79 between 3 and 4 TFLOPs
     grown = curve(5.85, 5.7, 5.6, start=(400, 4e12))  # 2 TFLOPs per 100 steps below
     grown = [{**p, "flops": 4e12 + 2 * (p["flops"] - 4e12)} for p in grown]
@@ -199,9 +204,17 @@ def test_elle_stream_goals_are_undecided_unless_every_compared_method_ran():
     everything["logit_kd"] = stream_result(140, -130, 30)
     assert goals({"elle": elle, **everything})["elle_lowest_final_AP"] is False
     # joint is the upper reference and the ablations are ELLE's own variants: neither decides the goal
-    assert goals({"elle": elle, **{m: stream_result(260, -50, 30) for m in AP_RIVALS},
-                  "joint": stream_result(90, -200, 30), "elle_no_prompts": stream_result(240, -90, 30)}
-                 )["elle_lowest_final_AP"] is True
+    assert (
+        goals(
+            {
+                "elle": elle,
+                **{m: stream_result(260, -50, 30) for m in AP_RIVALS},
+                "joint": stream_result(90, -200, 30),
+                "elle_no_prompts": stream_result(240, -90, 30),
+            }
+        )["elle_lowest_final_AP"]
+        is True
+    )
     assert goals({m: stream_result(260, -50, 30) for m in AP_RIVALS})["elle_lowest_final_AP"] is None
 
 
@@ -216,8 +229,11 @@ def test_elle_stream_goal_lines_say_met_missed_or_undecided():
 def finetuned(per_seed: list[float]) -> dict:
     """One task whose per-seed test scores are ``per_seed``; the task average is their mean."""
     mean = sum(per_seed) / len(per_seed)
-    return {"t": {"test": mean, "std": 0.0, "seeds": {str(i): {"test": x} for i, x in enumerate(per_seed)}},
-            "average": mean, "prompts": False}
+    return {
+        "t": {"test": mean, "std": 0.0, "seeds": {str(i): {"test": x} for i, x in enumerate(per_seed)}},
+        "average": mean,
+        "prompts": False,
+    }
 
 
 def test_downstream_goals_need_every_baseline_and_a_margin_beyond_the_seed_spread():
@@ -228,12 +244,19 @@ def test_downstream_goals_need_every_baseline_and_a_margin_beyond_the_seed_sprea
     elle = finetuned([0.40, 0.41, 0.42])
     assert goals({"elle": elle, **far})["elle_best_average"] is True
     # a missing baseline: undecided, even with ELLE ahead of all that ran
-    assert goals({"elle": elle, **{m: v for m, v in far.items() if m != "joint"}})["elle_best_average"] is None
+    assert (
+        goals({"elle": elle, **{m: v for m, v in far.items() if m != "joint"}})["elle_best_average"] is None
+    )
     # ELLE ahead of one baseline by less than the seed spread: undecided; behind one by more: missed
     assert goals({"elle": elle, **far, "er": finetuned([0.40, 0.405, 0.41])})["elle_best_average"] is None
     assert goals({"elle": elle, **far, "er": finetuned([0.50, 0.51, 0.52])})["elle_best_average"] is False
     # the better of two ELLE variants does not count for ELLE
-    g = goals({"elle": finetuned([0.30, 0.31, 0.32]), "elle_prompts_off": finetuned([0.60, 0.61, 0.62]),
-               **{m: finetuned([0.50, 0.51, 0.52]) for m in RIVALS}})
+    g = goals(
+        {
+            "elle": finetuned([0.30, 0.31, 0.32]),
+            "elle_prompts_off": finetuned([0.60, 0.61, 0.62]),
+            **{m: finetuned([0.50, 0.51, 0.52]) for m in RIVALS},
+        }
+    )
     assert g["elle_best_average"] is False and g["prompts_help_on_average"] is False
     assert goals({"naive": far["naive"]}) == {"elle_best_average": None, "prompts_help_on_average": None}

@@ -38,8 +38,10 @@ def test_custom_text_field(tmp_path):
 def test_resolve_globs_dirs_and_missing(tmp_path):
     for name in ("x1.jsonl.gz", "x2.jsonl.gz", "notes.md"):
         (tmp_path / name).write_bytes(b"")
-    assert [p.split("/")[-1] for p in resolve_sources([str(tmp_path / "x*.jsonl.gz")], "d")] == ["x1.jsonl.gz",
-                                                                                               "x2.jsonl.gz"]
+    assert [p.split("/")[-1] for p in resolve_sources([str(tmp_path / "x*.jsonl.gz")], "d")] == [
+        "x1.jsonl.gz",
+        "x2.jsonl.gz",
+    ]
     assert len(resolve_sources([str(tmp_path)], "d")) == 2  # unknown extensions are ignored in a directory
     with pytest.raises(DataError, match=r"domain 'news' train: no file matches .*missing\.jsonl"):
         resolve_sources([str(tmp_path / "missing.jsonl")], "domain 'news' train")
@@ -54,7 +56,10 @@ def test_file_uri_listing(tmp_path):
 
 CASES = {
     "invalid_json": ([good(1), b'{"text": "unterminated', good(3)], r"line 2: invalid JSON"),
-    "missing_field": ([good(1), good(2), json.dumps({"body": "x"}).encode()], r"line 3: record has no 'text' field"),
+    "missing_field": (
+        [good(1), good(2), json.dumps({"body": "x"}).encode()],
+        r"line 3: record has no 'text' field",
+    ),
     "not_a_string": ([json.dumps({"text": 5}).encode()], r"line 1: field 'text' is int"),
     "non_utf8": ([good(1), b'{"text": "caf\xe9"}'], r"line 2: not valid UTF-8"),
 }
@@ -132,7 +137,9 @@ def test_root_cause_finds_the_data_error_or_the_innermost_non_ray_error():
             try:
                 raise inner
             except BaseException as e:
-                raise Wrapper("Failed to apply UDF\nTo change retry attempts, configure the DataContext") from e
+                raise Wrapper(
+                    "Failed to apply UDF\nTo change retry attempts, configure the DataContext"
+                ) from e
         except Wrapper as outer:
             return outer
 

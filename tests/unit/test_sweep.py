@@ -9,7 +9,6 @@ import pytest
 from ray_lifelong.config import ConfigError, load_config, with_values
 from ray_lifelong.config.schema import SearchDim
 from ray_lifelong.sweep import absolute_paths, check_space, dimension, max_reports
-
 from tests.conftest import REPO
 
 TUNE_KI = REPO / "configs/tune_ki.yaml"
@@ -93,10 +92,16 @@ def test_dimensions_map_to_tune_domains_that_sample_inside_their_bounds():
 
 
 def test_absolute_paths_keeps_uris_and_makes_local_paths_absolute():
-    cfg = load_config(TUNE_KI, ["data.domains=[{name: a, train: [data/x/*.gz, 's3://b/k/*.gz'], valid: [v.gz]}]"])
+    cfg = load_config(
+        TUNE_KI, ["data.domains=[{name: a, train: [data/x/*.gz, 's3://b/k/*.gz'], valid: [v.gz]}]"]
+    )
     c = absolute_paths(cfg)
     assert c.data.domains[0].train == [os.path.abspath("data/x/*.gz"), "s3://b/k/*.gz"]
-    assert os.path.isabs(c.output_dir) and os.path.isabs(c.demo.dir) and os.path.isabs(c.data.domains[0].valid[0])
+    assert (
+        os.path.isabs(c.output_dir)
+        and os.path.isabs(c.demo.dir)
+        and os.path.isabs(c.data.domains[0].valid[0])
+    )
     assert cfg.data.domains[0].train[0] == "data/x/*.gz"
 
 
@@ -109,14 +114,24 @@ def test_pbt_segments_cover_the_stage_and_end_at_its_last_step():
     for steps in range(1, 40):
         for k in range(1, 12):
             ends = segment_ends(steps, k)
-            assert ends[-1] == steps and ends == sorted(set(ends)) and all(b - a <= k for a, b in zip([0] + ends, ends))
+            assert (
+                ends[-1] == steps
+                and ends == sorted(set(ends))
+                and all(b - a <= k for a, b in zip([0] + ends, ends))
+            )
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (["tune.space={model.hidden_size: {choice: [64, 128]}}"], r"pbt cannot change \['model.hidden_size'\]"),
-    (["tune.space={train.lr: {grid: [1.0e-3, 2.0e-3]}}"], "use choice, not grid"),
-    (["tune.search=optuna"], "pbt draws its own values"),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (
+            ["tune.space={model.hidden_size: {choice: [64, 128]}}"],
+            r"pbt cannot change \['model.hidden_size'\]",
+        ),
+        (["tune.space={train.lr: {grid: [1.0e-3, 2.0e-3]}}"], "use choice, not grid"),
+        (["tune.search=optuna"], "pbt draws its own values"),
+    ],
+)
 def test_pbt_refuses_what_a_running_stage_cannot_change(overrides, words):
     with pytest.raises(ConfigError, match=words):
         load_config(TUNE_KI, ["tune.scheduler=pbt", *overrides])
@@ -130,14 +145,17 @@ def test_pbt_needs_a_one_domain_config():
 def test_trial_ids_come_from_the_trial_directory():
     from ray_lifelong.sweep import _trial_id
 
-    assert _trial_id("/x/tune/_pbt_trial_11cb3_00001_1_ki_inherit_alpha0=0.7056,train_lr=0.0000_2026-11-26") \
+    assert (
+        _trial_id("/x/tune/_pbt_trial_11cb3_00001_1_ki_inherit_alpha0=0.7056,train_lr=0.0000_2026-11-26")
         == "11cb3_00001"
+    )
     assert _trial_id("/x/tune/_trial_a0b1c_00012_12_train_lr=0.001_2026") == "a0b1c_00012"
     assert _trial_id("/x/tune/other") is None
 
 
 def test_a_trial_counts_its_driver_workers_and_data_pipeline():
-    cfg = load_config(TUNE_KI)  # driver 0.25, one worker of 0.25, a read task 0.25 and one tokenizer actor 0.25
+    # driver 0.25, one worker of 0.25, a read task 0.25 and one tokenizer actor 0.25
+    cfg = load_config(TUNE_KI)
     from ray_lifelong.sweep import trial_demand, trials_that_fit
 
     d = trial_demand(cfg)
@@ -145,8 +163,15 @@ def test_a_trial_counts_its_driver_workers_and_data_pipeline():
     assert trials_that_fit(d, cpus=2, gpus=0) == 2 and trials_that_fit(d, cpus=1.9, gpus=0) == 1
     packed = trial_demand(with_values(cfg, {"data.pretokenize": True, "data.tokenize_actors": 3}))
     assert packed["data"] == 0.25  # packed rows: read tasks, no tokenizer
-    gpu = with_values(cfg, {"scaling.use_gpu": True, "scaling.num_workers": 2, "scaling.gpus_per_worker": 0.5,
-                            "train.micro_batch_size": 8})
+    gpu = with_values(
+        cfg,
+        {
+            "scaling.use_gpu": True,
+            "scaling.num_workers": 2,
+            "scaling.gpus_per_worker": 0.5,
+            "train.micro_batch_size": 8,
+        },
+    )
     assert trials_that_fit(trial_demand(gpu), cpus=64, gpus=3) == 3  # one GPU per trial: the GPUs decide
 
 
@@ -157,20 +182,37 @@ def test_the_concurrency_is_lowered_to_what_the_cluster_holds_and_says_so(capsys
     assert concurrency(cfg, cpus=16, gpus=0) == 4 and capsys.readouterr().out == ""
     assert concurrency(cfg, cpus=2, gpus=0) == 1  # 1.25 CPUs a trial
     line = capsys.readouterr().out.strip()
-    assert "running 1 trials at a time" in line and "1.25 CPUs" in line and "2 CPUs" in line and "\n" not in line
+    assert (
+        "running 1 trials at a time" in line and "1.25 CPUs" in line and "2 CPUs" in line and "\n" not in line
+    )
     with pytest.raises(ConfigError, match="one trial needs 1.25 CPUs.*has 1 CPUs"):
         concurrency(cfg, cpus=1, gpus=0)
     assert concurrency(with_values(cfg, {"tune.fit_to_cluster": False}), cpus=1, gpus=0) == 4  # autoscaling
-    pbt = load_config(TUNE_KI, ["tune.scheduler=pbt", "tune.num_samples=2", "tune.max_concurrent_trials=2",
-                                "scaling.cpus_per_worker=0.5", "tune.space={train.lr: {choice: [1.0e-3, 2.0e-3]}}"])
+    pbt = load_config(
+        TUNE_KI,
+        [
+            "tune.scheduler=pbt",
+            "tune.num_samples=2",
+            "tune.max_concurrent_trials=2",
+            "scaling.cpus_per_worker=0.5",
+            "tune.space={train.lr: {choice: [1.0e-3, 2.0e-3]}}",
+        ],
+    )
     with pytest.raises(ConfigError, match="pbt runs its 2 trials together"):
         concurrency(pbt, cpus=2, gpus=0)
 
 
 def test_pbt_must_run_all_its_trials_at_once():
     with pytest.raises(ConfigError, match="tune.max_concurrent_trials"):
-        load_config(TUNE_KI, ["tune.scheduler=pbt", "tune.num_samples=3", "tune.max_concurrent_trials=2",
-                              "tune.space={train.lr: {choice: [1.0e-3, 2.0e-3]}}"])
+        load_config(
+            TUNE_KI,
+            [
+                "tune.scheduler=pbt",
+                "tune.num_samples=3",
+                "tune.max_concurrent_trials=2",
+                "tune.space={train.lr: {choice: [1.0e-3, 2.0e-3]}}",
+            ],
+        )
 
 
 @pytest.mark.ray
@@ -183,8 +225,10 @@ def test_never_more_trials_run_than_the_limit(ray_4cpus, tmp_path):
 
     from ray_lifelong.sweep import new_tuner
 
-    cfg = with_values(load_config(TUNE_KI), {"tune.num_samples": 4, "tune.max_concurrent_trials": 2,
-                                             "tune.scheduler": "fifo"})
+    cfg = with_values(
+        load_config(TUNE_KI),
+        {"tune.num_samples": 4, "tune.max_concurrent_trials": 2, "tune.scheduler": "fifo"},
+    )
     log = tmp_path / "log"
     log.mkdir()
 
@@ -195,11 +239,18 @@ def test_never_more_trials_run_than_the_limit(ray_4cpus, tmp_path):
         (log / f"{me}.end").write_text(str(time.time()))
         tune.report({"valid_loss": params["params"]["train.lr"]})
 
-    tuner = new_tuner(cfg, tune.with_resources(trainable, {"cpu": 0.25}), reports=1, max_concurrent=2,
-                      storage=str(tmp_path / "tune"))
+    tuner = new_tuner(
+        cfg,
+        tune.with_resources(trainable, {"cpu": 0.25}),
+        reports=1,
+        max_concurrent=2,
+        storage=str(tmp_path / "tune"),
+    )
     assert not tuner.fit().errors
-    spans = [(float((log / f"{t}.start").read_text()), float((log / f"{t}.end").read_text()))
-             for t in {p.stem for p in log.iterdir()}]
+    spans = [
+        (float((log / f"{t}.start").read_text()), float((log / f"{t}.end").read_text()))
+        for t in {p.stem for p in log.iterdir()}
+    ]
     assert len(spans) == 4
     running_at = [sum(a <= s < b for a, b in spans) for s, _ in spans]
     assert max(running_at) == 2  # two at a time: the limit is reached, never passed

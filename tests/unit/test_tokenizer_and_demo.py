@@ -43,7 +43,9 @@ def corpus(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["wordpiece", "bpe"])
 def test_train_tokenizer_reserves_prompt_tokens(tmp_path, corpus, kind):
     prompts = prompt_tokens(["sports", "finance"], reserved=2)
-    tok = train_tokenizer(sample_texts(corpus, 100), tmp_path / kind, kind=kind, vocab_size=500, prompts=prompts)
+    tok = train_tokenizer(
+        sample_texts(corpus, 100), tmp_path / kind, kind=kind, vocab_size=500, prompts=prompts
+    )
     again = load_tokenizer(tmp_path / kind)
     assert len(again) == len(tok) <= 500 + len(prompts) + 6
     for p in prompts:
@@ -62,16 +64,28 @@ def test_train_tokenizer_reserves_prompt_tokens(tmp_path, corpus, kind):
 def test_tokenize_pack_udf_layout(tmp_path, corpus, kind, arch):
     import numpy as np
 
-    train_tokenizer(sample_texts(corpus, 50), tmp_path / "t", kind=kind, vocab_size=400,
-                    prompts=prompt_tokens(["sports", "cooking"]))
-    udf = TokenizePack(str(tmp_path / "t"), seq_len=16, arch=arch,
-                       prompts={0: prompt_token("sports"), 1: prompt_token("cooking")})
+    train_tokenizer(
+        sample_texts(corpus, 50),
+        tmp_path / "t",
+        kind=kind,
+        vocab_size=400,
+        prompts=prompt_tokens(["sports", "cooking"]),
+    )
+    udf = TokenizePack(
+        str(tmp_path / "t"),
+        seq_len=16,
+        arch=arch,
+        prompts={0: prompt_token("sports"), 1: prompt_token("cooking")},
+    )
     texts = generate_documents("sports", 6, 0) + generate_documents("cooking", 6, 0)
-    out = udf({"text": np.array(texts, dtype=object), "domain_id": np.repeat(np.arange(2, dtype=np.int32), 6)})
+    out = udf(
+        {"text": np.array(texts, dtype=object), "domain_id": np.repeat(np.arange(2, dtype=np.int32), 6)}
+    )
     cooking = out["input_ids"][out["domain_id"] == 1]
     rows = out["input_ids"][out["domain_id"] == 0]
     cid = udf.tok.convert_tokens_to_ids(prompt_token("cooking"))
-    assert len(cooking) and (cooking[:, 1 if arch == "bert" else 0] == cid).all()  # each domain its own prompt
+    # each domain its own prompt
+    assert len(cooking) and (cooking[:, 1 if arch == "bert" else 0] == cid).all()
     assert rows.shape[1] == 16 and len(out["input_ids"]) == len(out["domain_id"]) and len(rows) > 0
     tok = udf.tok
     pid = tok.convert_tokens_to_ids(prompt_token("sports"))
@@ -94,8 +108,13 @@ def test_wordpiece_merges_the_most_frequent_pair_first_and_breaks_ties_by_older_
     # a tie (x,##y) 4 vs (y,##x) 4: the pair of lower ids ("x" < "y") merges first
     tie = train_wordpiece_vocab({"xy": 4, "yx": 4}, vocab_size=100, specials=[])
     assert list(tie)[4:] == ["xy", "yx"]
-    assert len(train_wordpiece_vocab({"xy": 4, "yx": 4}, vocab_size=5, specials=[])) == 5  # vocab_size caps it
-    assert list(train_wordpiece_vocab({"xy": 1}, vocab_size=100, specials=[], min_frequency=2)) == ["x", "y", "##y"]
+    # vocab_size caps it
+    assert len(train_wordpiece_vocab({"xy": 4, "yx": 4}, vocab_size=5, specials=[])) == 5
+    assert list(train_wordpiece_vocab({"xy": 1}, vocab_size=100, specials=[], min_frequency=2)) == [
+        "x",
+        "y",
+        "##y",
+    ]
 
 
 @pytest.mark.parametrize("config, runs", [("configs/elle_demo.yaml", 5), ("configs/tune_ki.yaml", 2)])
@@ -111,8 +130,15 @@ def test_a_configs_tokenizer_is_the_same_in_every_process(tmp_path, config, runs
     # the config's demo data, written under tmp_path by the first process (its paths are relative)
     args = [sys.executable, "-m", "ray_lifelong", "tokenizer", str(REPO / config), "demo.train_docs=400"]
     subprocess.run(args + ["--out", str(tmp_path / "first")], check=True, capture_output=True, cwd=tmp_path)
-    procs = [subprocess.Popen(args + ["--out", str(tmp_path / f"t{i}")], cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(runs - 1)]
+    procs = [
+        subprocess.Popen(
+            args + ["--out", str(tmp_path / f"t{i}")],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(runs - 1)
+    ]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
     outs = ["first"] + [f"t{i}" for i in range(runs - 1)]

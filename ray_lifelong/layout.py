@@ -1,0 +1,71 @@
+"""Where a run keeps what it writes: the one owner of the run directory's layout.
+
+``<output_dir>/<run_name>/``::
+
+    config.yaml         resolved config
+    tokenizer/          the HF tokenizer (trained here unless ``tokenizer.path`` is given)
+    packed/             with ``data.pretokenize``: each domain's packed rows (``data.packed_path`` moves it)
+    memory/             with replay: each finished domain's memory (``continual.replay.memory_path`` moves it)
+    checkpoints/        Ray Train storage (``ray.storage_path`` moves it): one run per stage,
+                        ``<run>-stage<i>-<domain>/checkpoint_*``
+    stages/<ii>-<domain>/stage.json  completion marker + the stage's record (and its warmup's, under ``frw``)
+    results.json  report.md  ppl_matrix_and_loss.png
+    final_model/        HF model + tokenizer of the last stage (AutoModelFor...from_pretrained)
+
+A sweep (``ray-lifelong tune``) and a KI experiment (``ray-lifelong ki``) keep their runs beside their own
+files under the same root; see :mod:`ray_lifelong.sweep` and :mod:`ray_lifelong.ki`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray_lifelong.config.schema import LifelongConfig
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+    """The run directory, absolute."""
+    storage: str
+    """Ray Train's storage (local path or URI)."""
+    packed: str
+    """``data.pretokenize``'s packed domains (local path or URI)."""
+    memory: str
+    """Replay memories (local path or URI)."""
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def stages(self) -> Path:
+        return self.root / "stages"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def final_model(self) -> Path:
+        return self.root / "final_model"
+
+    def stage_marker(self, label: str) -> Path:
+        """``stage.json`` of the stage (or warmup) ``label``: present once the stage has finished."""
+        return self.stages / label / "stage.json"
+
+    def has_finished_stages(self) -> bool:
+        return any(self.stages.glob("*/stage.json"))
+
+
+def run_layout(cfg: LifelongConfig) -> RunLayout:
+    """The layout of ``cfg``'s run: ``<output_dir>/<run_name>/`` and the places its keys move."""
+    root = (Path(cfg.output_dir) / cfg.run_name).resolve()
+    return RunLayout(root=root, storage=cfg.ray.storage_path or str(root / "checkpoints"),
+                     packed=cfg.data.packed_path or str(root / "packed"),
+                     memory=cfg.continual.replay.memory_path or str(root / "memory"))
