@@ -1,6 +1,6 @@
 """Depth growth: where new layers go and how they are initialised.
 
-Placement (spec §5):
+Placement:
 
 * ``interleave``: ELLE's scheme. Chosen layers are duplicated and each copy is inserted directly
   above its source. Sources are drawn without replacement while there are enough layers (ELLE's
@@ -11,8 +11,8 @@ Placement (spec §5):
 
 Initialisation:
 
-* ``copy``: the new layer is a copy of its source (ELLE). Not function-preserving (spec §4.4
-  item 4): a layer applied twice is not the layer applied once.
+* ``copy``: the new layer is a copy of its source (ELLE). Not function-preserving: a layer applied twice
+  is not the layer applied once.
 * ``identity``: the new layer computes the identity at the growth point, exactly.
 
   - Pre-LN GPT-2 block ``y = h + M(ln_2(h))``, ``h = x + A(ln_1(x))``: with the output projections
@@ -61,7 +61,7 @@ def layer_sources(n_old: int, n_new: int, placement: str, generator: torch.Gener
         placement: ``"interleave"`` or ``"top"``.
         generator: draws the duplicated layers for ``interleave``.
         sources: the old layers to duplicate (``n_new - n_old`` indices), overriding the draw;
-            lets a caller keep ELLE's cross-stage ``layer_candidates`` bookkeeping (spec §5).
+            lets a caller keep ELLE's cross-stage ``layer_candidates`` bookkeeping.
 
     Returns:
         ``(src, new)``: for each grown layer, the old layer it is built from and whether it is new.

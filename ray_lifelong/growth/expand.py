@@ -1,8 +1,8 @@
 """The public growth operator: :func:`expand` a BERT or GPT-2 model in width and depth.
 
-Width and depth are done in one pass, as in ELLE (spec §4.3): every layer position of the grown
+Width and depth are done in one pass, as in ELLE: every layer position of the grown
 model takes its source layer from the depth plan and then applies the width rules with its own
-head and FFN maps (redrawn per layer position, spec §4.1); the residual map ``g`` is shared by the
+head and FFN maps (redrawn per layer position); the residual map ``g`` is shared by the
 whole model. The input model is only read; the grown model is built on the meta device (no random
 init, no global RNG use) and then filled.
 """
@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from ray_lifelong.growth.depth import DEPTH_INITS, DEPTH_PLACEMENTS, apply_identity_init, layer_sources
+from ray_lifelong.growth.llama import SUPPORTED as LLAMA_SUPPORTED
+from ray_lifelong.growth.llama import expand_llama, llama_arch, llama_sizes
 from ray_lifelong.growth.plan import (
     GrowthMapping,
     ParamPlan,
@@ -41,12 +43,15 @@ def _model_arch(model: nn.Module) -> str:
         return "bert"
     if isinstance(model, GPT2LMHeadModel):
         return "gpt2"
-    raise ValueError(f"cannot grow a {type(model).__name__}: "
-                     "only BertForMaskedLM and GPT2LMHeadModel are supported")
+    raise ValueError(f"cannot grow a {type(model).__name__}: supported are BertForMaskedLM, GPT2LMHeadModel, "
+                     + ", ".join(LLAMA_SUPPORTED))
 
 
 def model_sizes(model: PreTrainedModel) -> dict[str, int]:
-    """The four growable sizes of a supported model (GPT-2's ``n_inner=None`` means ``4 * n_embd``)."""
+    """The growable sizes of a supported model (GPT-2's ``n_inner=None`` means ``4 * n_embd``); Llama-family
+    models also have ``num_key_value_heads``."""
+    if llama_arch(model) is not None:
+        return llama_sizes(model)
     arch = _model_arch(model)
     c = model.config
     if arch == "gpt2":
@@ -147,6 +152,7 @@ def _old_name(spec: ArchSpec, name: str, src: tuple[int, ...]) -> str:
 @overload
 def expand(model: PreTrainedModel, *, num_hidden_layers: int | None = ..., hidden_size: int | None = ...,
            num_attention_heads: int | None = ..., intermediate_size: int | None = ...,
+           num_key_value_heads: int | None = ..., head_dim: int | None = ...,
            depth_init: str = ..., depth_placement: str = ..., noise_std: float = ..., seed: int = ...,
            depth_sources: Sequence[int] | None = ..., return_mapping: Literal[False] = ...
            ) -> PreTrainedModel: ...
@@ -155,6 +161,7 @@ def expand(model: PreTrainedModel, *, num_hidden_layers: int | None = ..., hidde
 @overload
 def expand(model: PreTrainedModel, *, num_hidden_layers: int | None = ..., hidden_size: int | None = ...,
            num_attention_heads: int | None = ..., intermediate_size: int | None = ...,
+           num_key_value_heads: int | None = ..., head_dim: int | None = ...,
            depth_init: str = ..., depth_placement: str = ..., noise_std: float = ..., seed: int = ...,
            depth_sources: Sequence[int] | None = ..., return_mapping: Literal[True]
            ) -> tuple[PreTrainedModel, GrowthMapping]: ...
@@ -163,12 +170,17 @@ def expand(model: PreTrainedModel, *, num_hidden_layers: int | None = ..., hidde
 @torch.no_grad()
 def expand(model: PreTrainedModel, *, num_hidden_layers: int | None = None, hidden_size: int | None = None,
            num_attention_heads: int | None = None, intermediate_size: int | None = None,
+           num_key_value_heads: int | None = None, head_dim: int | None = None,
            depth_init: str = "identity", depth_placement: str = "interleave", noise_std: float = 0.0,
            seed: int = 0, depth_sources: Sequence[int] | None = None, return_mapping: bool = False
            ) -> PreTrainedModel | tuple[PreTrainedModel, GrowthMapping]:
     """Grow a ``BertForMaskedLM`` or ``GPT2LMHeadModel`` in width and depth, preserving its function.
 
-    Width follows bert2BERT/Net2Net FPI (spec §4, without the bugs of §13): the hidden size, the
+    ``LlamaForCausalLM``, ``MistralForCausalLM`` and ``Qwen2ForCausalLM`` are grown by
+    :func:`ray_lifelong.growth.llama.expand_llama` instead (exact for any sizes, no copies; see there,
+    also for what ``noise_std`` does for them).
+
+    Width follows bert2BERT/Net2Net FPI: the hidden size, the
     heads (head size fixed) and the FFN size grow by copying units; weights that read a copied unit
     are divided by its copy count; the tied output embedding is compensated at the last LayerNorm.
     When every unit is copied equally often (integer growth factor; copies are drawn balanced) the
@@ -182,10 +194,11 @@ def expand(model: PreTrainedModel, *, num_hidden_layers: int | None = None, hidd
         hidden_size: target hidden size (None: ``num_attention_heads * head_size`` or unchanged).
         num_attention_heads: target head count (None: ``hidden_size / head_size``).
         intermediate_size: target FFN size (None: unchanged).
+        num_key_value_heads: Llama-family only: target KV head count (None: unchanged).
+        head_dim: Llama-family only: the head size, which must stay what it is.
         depth_init: ``"identity"`` (exact) or ``"copy"`` (ELLE, approximate).
         depth_placement: ``"interleave"`` (ELLE: copy right above its source) or ``"top"``.
-        noise_std: std of the Gaussian noise added to new/copied entries only (spec §6 (a); ELLE's
-            extra noise on every parameter of BERT, §6 (b), is deliberately not applied; 0: none).
+        noise_std: std of the Gaussian noise added to new/copied entries only.
         seed: seeds the unit maps, the duplicated layers and the noise: the same seed gives the
             same model on every rank.
         depth_sources: explicit old layers to duplicate instead of drawing them.
@@ -200,7 +213,15 @@ def expand(model: PreTrainedModel, *, num_hidden_layers: int | None = None, hidd
         ValueError: unknown architecture, shrinking, a hidden size not divisible by the head count,
             a changing head size, or an unknown ``depth_init`` / ``depth_placement``.
     """
+    if llama_arch(model) is not None:
+        return expand_llama(model, num_hidden_layers=num_hidden_layers, hidden_size=hidden_size,
+                            num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+                            intermediate_size=intermediate_size, head_dim=head_dim, depth_init=depth_init,
+                            depth_placement=depth_placement, noise_std=noise_std, seed=seed,
+                            depth_sources=depth_sources, return_mapping=return_mapping)
     arch = _model_arch(model)
+    if num_key_value_heads is not None or head_dim is not None:
+        raise ValueError("num_key_value_heads and head_dim apply to Llama-family models only")
     if depth_init not in DEPTH_INITS:
         raise ValueError(f"depth_init must be one of {DEPTH_INITS}, got {depth_init!r}")
     if depth_placement not in DEPTH_PLACEMENTS:

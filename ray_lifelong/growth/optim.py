@@ -1,6 +1,6 @@
 """Carry Adam/AdamW state across a growth, so training continues instead of restarting.
 
-ELLE builds a fresh optimizer after every growth (spec §7); staged training and MSG carry the
+ELLE builds a fresh optimizer after every growth; staged training and MSG carry the
 state. This module maps ``exp_avg`` / ``exp_avg_sq`` (and ``max_exp_avg_sq`` for AMSGrad) through
 the same :class:`~ray_lifelong.growth.plan.ParamPlan` that built the weights, and keeps ``step``.
 

@@ -6,8 +6,11 @@ A growth is described once, as data, and then used twice: to build the grown par
 state consistent with the weights by construction.
 
 Every grown dimension is a :class:`UnitMap` (new unit ``i`` copies old unit ``index[i]``) plus a flag
-saying whether the copies are *divided* by their group size ("copy÷", Net2WiderNet / bert2BERT FPI,
-spec §4.1) or plainly copied.
+saying whether the copies are *divided* by their group size ("copy÷", Net2WiderNet / bert2BERT FPI)
+or plainly copied.
+A unit with ``index[i] == -1`` copies nothing: it is added afresh (the zero-write growth of
+Llama-family models), gathers as zero, is initialised by the grower and starts with zero optimizer
+moments.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ class UnitMap:
     """Where each unit of one grown dimension comes from.
 
     Attributes:
-        index: ``(n_new,)`` int64, the old unit each new unit copies; the first ``n_old`` entries
-            are ``0..n_old-1`` except in fused maps (see :meth:`concat`).
+        index: ``(n_new,)`` int64, the old unit each new unit copies, or -1 for a unit added afresh;
+            the first ``n_old`` entries are ``0..n_old-1`` except in fused maps (see :meth:`concat`)
+            and in maps built by :meth:`placed`.
         counts: ``(n_new,)`` int64, the size of the copy group of the old unit ``index[i]`` (the
-            original plus its copies), i.e. ``c(j)`` of spec §4.1.
+            original plus its copies), i.e. ``c(j)`` of bert2BERT's FPI
         is_new: ``(n_new,)`` bool, True for the appended copies (the slots that receive noise).
         n_old: the size of the dimension before growth.
     """
@@ -49,6 +53,30 @@ class UnitMap:
     def identity(n: int) -> UnitMap:
         """The map of a dimension that does not grow."""
         return UnitMap.from_copies(n, torch.zeros(0, dtype=torch.long))
+
+    @staticmethod
+    def placed(n_old: int, index: Tensor) -> UnitMap:
+        """Old units moved to new places, every other unit added afresh (``index[i] == -1``).
+
+        Nothing is copied, so every old unit must appear exactly once (group size 1).
+        """
+        index = index.to(torch.long)
+        kept = index[index >= 0]
+        if kept.numel() != n_old or not torch.equal(torch.sort(kept).values, torch.arange(n_old)):
+            raise ValueError(f"a placed map must hold each of the {n_old} old units exactly once")
+        return UnitMap(index, torch.ones_like(index), index < 0, n_old)
+
+    @property
+    def has_fresh(self) -> bool:
+        """Whether some unit is added afresh rather than copied."""
+        return bool((self.index < 0).any())
+
+    @property
+    def is_appended(self) -> bool:
+        """Old units kept in place and only fresh units after them (gathering is then a padding)."""
+        n = self.n_old
+        return (self.n_new >= n and torch.equal(self.index[:n], torch.arange(n))
+                and bool((self.index[n:] < 0).all()))
 
     @staticmethod
     def from_copies(n_old: int, copies: Tensor) -> UnitMap:
@@ -119,6 +147,10 @@ class ParamPlan:
         fresh_state: the optimizer state starts from zero (new identity layers, re-initialised
             LayerNorms); otherwise the moments are gathered from ``source``'s state.
         new_layer: the parameter belongs to an inserted layer (every entry receives noise).
+        scale: the gathered value is multiplied by it. Only for a rescaling that the growth
+            compensates exactly (RMSNorm gains times ``sqrt(d/d')`` over a norm whose statistic
+            shrinks by the same factor): the parameter then affects the function through
+            ``scale * value / scale``, so its gradient is the old one divided by ``scale``.
     """
 
     source: str | None
@@ -126,6 +158,7 @@ class ParamPlan:
     fill: float | None = None
     fresh_state: bool = False
     new_layer: bool = False
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.source is None and self.fill is None:
@@ -137,12 +170,12 @@ class GrowthMapping:
     """Everything :func:`ray_lifelong.growth.expand` decided, enough to replay it on optimizer state.
 
     Attributes:
-        arch: ``"bert"`` or ``"gpt2"``.
+        arch: ``"bert"``, ``"gpt2"``, ``"llama"``, ``"mistral"`` or ``"qwen2"``.
         old_sizes / new_sizes: ``num_hidden_layers``, ``hidden_size``, ``num_attention_heads``,
-            ``intermediate_size`` before and after.
+            ``intermediate_size`` (and ``num_key_value_heads`` for Llama-family models) before and after.
         layer_sources: for each layer of the grown model, the old layer it was built from.
         new_layers: for each layer of the grown model, whether it was inserted.
-        hidden: the residual-stream unit map ``g`` shared by the whole model (spec §4.1).
+        hidden: the residual-stream unit map ``g`` shared by the whole model.
         depth_init: ``"identity"`` or ``"copy"``.
         plans: one :class:`ParamPlan` per parameter name of the grown model
             (``named_parameters()``, so tied weights appear once).
@@ -162,7 +195,7 @@ def balanced_copies(n_old: int, n_extra: int, generator: torch.Generator) -> Ten
     """Which old units the ``n_extra`` new units copy, as evenly as possible.
 
     Draws whole random permutations of ``0..n_old-1`` and takes the first ``n_extra`` entries, so
-    copy counts differ by at most one. ELLE draws with replacement (spec §4.1); balancing changes
+    copy counts differ by at most one. ELLE draws with replacement; balancing changes
     no rule but makes integer-factor growth copy every unit equally often, which keeps LayerNorm
     statistics (and so the function) exact, and minimises their drift otherwise.
 
@@ -183,17 +216,44 @@ def _scaled_gather(t: Tensor, dims: Sequence[DimPlan | None], scales: Sequence[T
     # copy=True: with no growing dim (a layer copied by depth growth) `.to` would return the source's own
     # storage, and the copy would stay tied to its source layer (and to the input model) while training
     out = t.detach().to(torch.float32, copy=True)
+    padded = []
     for d, (dp, s) in enumerate(zip(dims, scales)):
         if dp is None:
+            continue
+        if dp.units.is_appended:
+            # old units in place, fresh ones after: one zero-padding at the end instead of a gather per dim
+            if out.shape[d] != dp.units.n_old:
+                raise ValueError(f"dim {d} of shape {tuple(t.shape)} is not the planned old size "
+                                 f"{dp.units.n_old}")
+            if s is not None:
+                view = [1] * out.ndim
+                view[d] = -1
+                out.mul_(s[:dp.units.n_old].to(out.device).view(view))
+            padded.append((d, dp.units.n_new))
             continue
         if out.shape[d] != dp.units.n_old:
             raise ValueError(f"dim {d} of shape {tuple(t.shape)} is not the planned old size "
                              f"{dp.units.n_old}")
-        out = out.index_select(d, dp.units.index.to(out.device))
+        index = dp.units.index.to(out.device)
+        fresh = dp.units.has_fresh
+        out = out.index_select(d, index.clamp(min=0) if fresh else index)
+        view = [1] * out.ndim
+        view[d] = -1
         if s is not None:
-            view = [1] * out.ndim
-            view[d] = -1
             out = out * s.to(out.device).view(view)
+        if fresh:
+            # a unit added afresh has no old value and no history: zero here, initialised by the grower
+            out.masked_fill_((index < 0).view(view), 0.0)
+    if padded:
+        shape = list(out.shape)
+        for d, n in padded:
+            shape[d] = n
+        full = out.new_zeros(shape)
+        block = full
+        for d in range(out.ndim):
+            block = block.narrow(d, 0, out.shape[d])
+        block.copy_(out)
+        out = full
     return out
 
 
@@ -210,7 +270,8 @@ def gather_value(plan: ParamPlan, old: Tensor | None, shape: torch.Size) -> Tens
                           device=old.device if old is not None else None)
     assert old is not None
     scales = [None if d is None else (d.value_scale() if d.divide else None) for d in plan.dims]
-    return _scaled_gather(old, plan.dims, scales)
+    out = _scaled_gather(old, plan.dims, scales)
+    return out.mul_(plan.scale) if plan.scale != 1.0 else out
 
 
 def gather_moment(plan: ParamPlan, moment: Tensor, power: int) -> Tensor:
@@ -218,20 +279,26 @@ def gather_moment(plan: ParamPlan, moment: Tensor, power: int) -> Tensor:
 
     ``power`` is 1 for first moments (EMA of g) and 2 for second moments (EMA of g**2): the mapped
     moment is what the EMA would be had the same gradients been computed in the grown model, whose
-    gradient is the old one gathered and multiplied by :meth:`DimPlan.grad_scale`.
+    gradient is the old one gathered and multiplied by :meth:`DimPlan.grad_scale` (and divided by
+    :attr:`ParamPlan.scale`). Units added afresh get zero moments, as a fresh AdamW would give them.
     """
     scales = [None if d is None else d.grad_scale() ** power for d in plan.dims]
-    return _scaled_gather(moment, plan.dims, scales)
+    out = _scaled_gather(moment, plan.dims, scales)
+    return out.mul_(plan.scale ** -power) if plan.scale != 1.0 else out
 
 
 def noise_mask(plan: ParamPlan, shape: torch.Size) -> Tensor:
-    """``shape`` bool mask of the entries that receive symmetry-breaking noise (spec §6).
+    """``shape`` bool mask of the entries that receive symmetry-breaking noise.
 
     All entries of an inserted layer; otherwise the entries that belong to at least one new
     (copied) unit along some dimension. Original entries of original layers are never touched.
+    With copies, the noised entries are exactly the added ones.
     """
-    if plan.new_layer:
-        return torch.ones(tuple(shape), dtype=torch.bool)
+    return added_mask(plan, shape)
+
+
+def unit_mask(plan: ParamPlan, shape: torch.Size) -> Tensor:
+    """``shape`` bool mask of the entries that belong to at least one new unit along some dimension."""
     mask = torch.zeros(tuple(shape), dtype=torch.bool)
     for d, dp in enumerate(plan.dims):
         if dp is None:
@@ -240,3 +307,26 @@ def noise_mask(plan: ParamPlan, shape: torch.Size) -> Tensor:
         view[d] = -1
         mask = mask | dp.units.is_new.view(view)
     return mask
+
+
+def added_mask(plan: ParamPlan, shape: torch.Size) -> Tensor:
+    """``shape`` bool mask of the entries the growth added: every entry of an inserted layer, and
+    otherwise the entries of new units (copied or fresh). The rest are the old model's entries, moved
+    or, for RMSNorm gains, rescaled."""
+    if plan.new_layer:
+        return torch.ones(tuple(shape), dtype=torch.bool)
+    return unit_mask(plan, shape)
+
+
+def new_entry_masks(model: torch.nn.Module, mapping: GrowthMapping) -> dict[str, Tensor]:
+    """Per parameter of the grown ``model`` (``named_parameters()`` names), a bool mask of the entries
+    the growth added (see :func:`added_mask`); freezing the rest trains only what was added, as in
+    LLaMA Pro's recipe.
+
+    Raises:
+        ValueError: ``mapping`` does not describe ``model``.
+    """
+    named = dict(model.named_parameters())
+    if set(named) != set(mapping.plans):
+        raise ValueError("the mapping does not describe this model (parameter names differ)")
+    return {name: added_mask(mapping.plans[name], p.shape).to(p.device) for name, p in named.items()}

@@ -1,8 +1,8 @@
 """Width growth rules (hidden size, attention heads, FFN size) for BERT and GPT-2.
 
 The rules are those of bert2BERT's function-preserving initialisation as ELLE's reference HF
-script intends them (spec §4.2 and the recommendation of §4.4), *not* the official code's bugs
-(spec §13 item 1, §4.4 items 2-3):
+script intends them, *not* the bugs of ELLE's official width code (a double division of the
+tied embedding and of the output layer):
 
 * units are copied, weights that *read* a copied unit are divided by its group size (copy÷);
 * the tied output embedding stays the plainly copied input embedding, and the division moves to
@@ -70,7 +70,7 @@ def _bert_spec(tied: bool) -> ArchSpec:
         "bert.embeddings.LayerNorm.weight": ("d",), "bert.embeddings.LayerNorm.bias": ("d",),
         "cls.predictions.transform.dense.weight": ("d", "d/"),
         "cls.predictions.transform.dense.bias": ("d",),
-        # the last LayerNorm before the (tied) decoder takes the division, spec §4.4 item 1
+        # the last LayerNorm before the (tied) decoder takes the division
         "cls.predictions.transform.LayerNorm.weight": head_ln,
         "cls.predictions.transform.LayerNorm.bias": head_ln,
         "cls.predictions.bias": (None,),
@@ -92,7 +92,7 @@ def _gpt2_spec(tied: bool) -> ArchSpec:
         "mlp.c_proj.weight": ("f/", "d"), "mlp.c_proj.bias": ("d",),
     }
     # ELLE's GPT code copies ln_f without division although the output is tied, so copied units
-    # count c times in the logits (spec §4.4 item 3): divide ln_f instead.
+    # count c times in the logits: divide ln_f instead.
     final_ln: Rule = ("d/",) if tied else ("d",)
     top = {
         "transformer.wte.weight": (None, "d"),
