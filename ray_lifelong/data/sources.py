@@ -31,29 +31,49 @@ class DataError(ValueError):
     """Bad or missing input data; the message names the file (and line where there is one)."""
 
 
-def root_cause(e: BaseException) -> str:
-    """The innermost message of a chain of Ray/Train exceptions: our DataError's text if there is one
-    (a bad record found inside a Ray Data task reaches the driver wrapped several levels deep), else the
-    first line of the innermost exception that is not Ray's own wrapper (an ``OSError`` from storage)."""
-    seen, stack, best, inner = set(), [e], None, None
+def _exception_chain(e: BaseException):
+    """Every exception reachable from ``e``: causes, contexts, Ray's ``cause`` and Train's per-worker
+    failures (a worker's error reaches the driver wrapped several levels deep)."""
+    seen, stack = set(), [e]
     while stack:
         cur = stack.pop()
-        if id(cur) in seen or cur is None:
+        if cur is None or id(cur) in seen:
             continue
         seen.add(id(cur))
-        text = str(cur)
-        if "DataError" in type(cur).__name__ or "DataError:" in text:
-            best = text
-        if not type(cur).__module__.startswith("ray.") and text.strip():
-            inner = text
+        yield cur
         stack.extend([cur.__cause__, cur.__context__, getattr(cur, "cause", None)])
-        for sub in (getattr(cur, "worker_failures", None) or {}).values():
-            stack.append(sub)
-    if best:
-        marker = "DataError:"
-        if marker in best:
-            best = best[best.rindex(marker):].splitlines()[0]
-        return best
+        stack.extend((getattr(cur, "worker_failures", None) or {}).values())
+
+
+_DATA_MARKER = "DataError:"
+
+
+def data_error_text(e: BaseException) -> str | None:
+    """The message of a DataError anywhere in ``e``'s chain, without the class name; None if there is
+    none. The DataError itself is preferred; a wrapper that only quotes it in its traceback text (Ray's
+    task errors) is read after its last ``DataError:``."""
+    quoted = None
+    for cur in _exception_chain(e):
+        # by name: Ray's dual class RayTaskError(DataError) is also an instance, with a traceback as text
+        if type(cur).__name__ == "DataError" and str(cur).strip():
+            return str(cur).strip().splitlines()[0]
+        text = str(cur)
+        if _DATA_MARKER in text:
+            quoted = text[text.rindex(_DATA_MARKER) + len(_DATA_MARKER):].strip().splitlines()[0]
+    return quoted
+
+
+def root_cause(e: BaseException) -> str:
+    """The innermost message of a chain of Ray/Train exceptions: our DataError's text if there is one,
+    else the first line of the innermost exception that is not Ray's own wrapper (an ``OSError`` from
+    storage)."""
+    data = data_error_text(e)
+    if data:
+        return data
+    inner = None
+    for cur in _exception_chain(e):
+        if not type(cur).__module__.startswith("ray.") and str(cur).strip():
+            inner = str(cur)
     if inner:
         return inner.strip().splitlines()[0]
     text = str(e).strip().splitlines()

@@ -12,7 +12,7 @@ from ray.train.torch import TorchTrainer
 from ray_lifelong.config.schema import LifelongConfig
 from ray_lifelong.data.memory import memory_dataset
 from ray_lifelong.data.packed import training_rows
-from ray_lifelong.data.sources import DataError, root_cause
+from ray_lifelong.data.sources import DataError, data_error_text, root_cause
 from ray_lifelong.data.stream import StreamOptions, quiet_ray_data
 from ray_lifelong.data.tokenizer import load_tokenizer
 from ray_lifelong.distill.teacher import check_teacher_compatible
@@ -78,10 +78,10 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
     try:
         result = trainer.fit()
     except Exception as e:  # TrainingFailedError wraps the worker's exception several levels deep
-        cause = root_cause(e)
         # bad input found while streaming is the user's to fix (the CLI's exit 2), not a failed stage
-        error = DataError if cause.startswith("DataError:") else StageFailedError
-        raise error(f"stage {spec.index} ({spec.domain}) failed: {cause}") from e
+        bad_input = data_error_text(e)
+        error = DataError if bad_input else StageFailedError
+        raise error(f"stage {spec.index} ({spec.domain}) failed: {bad_input or root_cause(e)}") from e
     wall = time.perf_counter() - t0
     out = result.return_value or {}
     state = out.get("state", {})

@@ -147,3 +147,21 @@ def test_root_cause_finds_the_data_error_or_the_innermost_non_ray_error():
     denied = chain(OSError("When creating key 'run/' in bucket 'packs': AWS Error ACCESS_DENIED\nmore"))
     assert root_cause(denied) == "When creating key 'run/' in bucket 'packs': AWS Error ACCESS_DENIED"
     assert root_cause(Wrapper("only\nlast line")) == "last line"
+
+
+def test_data_error_text_reads_the_error_or_the_wrapper_that_quotes_it():
+    from ray_lifelong.data.sources import data_error_text, root_cause
+
+    quoting = RuntimeError(
+        "Traceback ...\n  ray_lifelong.data.sources.DataError: b.jsonl, line 9: no text\nmore"
+    )
+    assert data_error_text(quoting) == "b.jsonl, line 9: no text" == root_cause(quoting)
+    try:
+        try:
+            raise DataError("c.jsonl, line 2: invalid JSON")
+        except DataError as inner:
+            wrapper = "Traceback\nray_lifelong.data.sources.DataError: c.jsonl, line 2: ..."
+            raise RuntimeError(wrapper) from inner
+    except RuntimeError as outer:
+        assert data_error_text(outer) == "c.jsonl, line 2: invalid JSON"  # the error itself wins
+    assert data_error_text(OSError("disk full")) is None
