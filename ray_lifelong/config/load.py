@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ray_lifelong.config.plan import final_model_sizes
+from ray_lifelong.config.plan import GrowthSizeError, final_model_sizes, grown_sizes, model_sizes_of
 from ray_lifelong.config.schema import LifelongConfig
 
 
@@ -130,10 +130,18 @@ def _across_sections(cfg: LifelongConfig) -> list[str]:
         need(len(d.domains) == 1, "tune.scheduler", "pbt clones trials between segments of one stage: the "
              f"config has {len(d.domains)} domains, keep one")
     names = [dom.name for dom in d.domains]
+    # each growth from the sizes the previous ones leave, as the stages will grow the model
+    sizes = model_sizes_of(m) if not m.problems() else None
     for i, dom in enumerate(d.domains):
         key = f"data.domains[{i}]"
         need(dom.grow is None or i > 0, f"{key}.grow",
              "the first stage has no model to grow; set model.* instead")
+        if dom.grow is not None and sizes is not None:
+            try:
+                sizes = grown_sizes(sizes, dom.grow, m.arch)
+            except GrowthSizeError as e:
+                need(False, f"{key}.grow.{e.field}", str(e))
+                sizes = None  # later growths would be judged from sizes the model never has
         if dom.teacher is not None:
             unknown = sorted(set(dom.teacher.per_domain) - set(names))
             need(not unknown, f"{key}.teacher.per_domain", f"unknown domains {unknown}")

@@ -15,9 +15,9 @@ from ray_lifelong.data.sources import FORMATS, ON_BAD_RECORD
 from ray_lifelong.distill.schedule import SCHEDULES
 from ray_lifelong.eval.classification import METRICS
 from ray_lifelong.growth.depth import DEPTH_INITS, DEPTH_PLACEMENTS
+from ray_lifelong.models.arch import ARCHS
 from ray_lifelong.stage.schedule import LR_DECAYS
 
-ARCHS = ("bert", "gpt2")
 TOKENIZER_KINDS = ("auto", "wordpiece", "bpe")
 PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 """Ray's placement strategies for a stage's workers."""
@@ -33,13 +33,20 @@ def _failed(key: str, checks: list[tuple[bool, str, str]]) -> list[str]:
 class GrowthConfig:
     """Grow the model at the start of a stage (ELLE / bert2BERT function-preserving expansion).
 
-    ``None`` sizes keep the current value; head size is kept fixed, so hidden_size sets the heads.
+    ``None`` sizes keep the current value; head size is kept fixed, so hidden_size sets the heads. The
+    sizes a growth gives, and why a growth is refused, are :func:`ray_lifelong.config.plan.grown_sizes`.
     """
 
     num_layers: Optional[int] = None
     hidden_size: Optional[int] = None
     num_heads: Optional[int] = None
     intermediate_size: Optional[int] = None
+    num_kv_heads: Optional[int] = None
+    """Llama only: key/value heads after the growth. ``None``: unchanged while the query heads are; when they
+    grow, as many as keep the current query heads per KV head (4 heads over 2 KV heads grown to 8 heads: 4
+    KV heads), or the current ones where the new head count is not a multiple of that. The KV heads must
+    divide the query heads, and the query heads per KV head may grow, never shrink (the query heads that
+    share a KV head stay together)."""
     depth_init: str = "identity"
     """``identity`` (exact: new layers start as identities) or ``copy`` (ELLE: copies, approximate)."""
     depth_placement: str = "interleave"
@@ -59,7 +66,8 @@ class GrowthConfig:
              f"must be one of {DEPTH_PLACEMENTS}"),
             (self.optimizer in ("carry", "reset"), "optimizer", "must be carry or reset"),
             (self.noise_std >= 0, "noise_std", "must be >= 0"),
-        ])
+        ] + [(getattr(self, k) is None or getattr(self, k) > 0, k, "must be positive")
+             for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "num_kv_heads")])
 
 
 @dataclass
@@ -152,7 +160,8 @@ class ContinualConfig:
     """What makes a run ELLE or one of its baselines (configs/elle_*.yaml, bench/elle_stream.py)."""
 
     prompts: bool = False
-    """Prepend the domain's prompt token to every sequence (after [CLS] for BERT, first for GPT-2)."""
+    """Prepend the domain's prompt token to every sequence (after [CLS] for BERT, first for GPT-2 and
+    Llama)."""
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     frw: FRWConfig = field(default_factory=FRWConfig)
     logit_kd: LogitKDConfig = field(default_factory=LogitKDConfig)
@@ -275,7 +284,7 @@ class TokenizerConfig:
     path: Optional[str] = None
     """An existing Hugging Face tokenizer directory. ``None``: train one into the run directory."""
     kind: str = "auto"
-    """``auto`` (WordPiece for bert, byte-level BPE for gpt2), ``wordpiece`` or ``bpe``."""
+    """``auto`` (WordPiece for bert, byte-level BPE for gpt2 and llama), ``wordpiece`` or ``bpe``."""
     vocab_size: int = 8000
     min_frequency: int = 2
     sample_docs_per_domain: int = 2000
@@ -290,22 +299,54 @@ class TokenizerConfig:
 @dataclass
 class ModelConfig:
     arch: str = "bert"
-    """``bert`` (BertForMaskedLM, MLM) or ``gpt2`` (GPT2LMHeadModel, causal LM)."""
+    """``bert`` (BertForMaskedLM, MLM), ``gpt2`` (GPT2LMHeadModel, causal LM) or ``llama``
+    (LlamaForCausalLM, causal LM: RMSNorm, rotary positions, SwiGLU FFN, grouped-query attention)."""
     num_layers: int = 2
     hidden_size: int = 128
     num_heads: int = 2
     intermediate_size: int = 512
+    """FFN width; Llama's SwiGLU has three matrices of this width (gate, up, down), BERT's and GPT-2's two."""
+    num_kv_heads: Optional[int] = None
+    """Llama: key/value heads of grouped-query attention; must divide ``num_heads`` (``None``: as many as
+    ``num_heads``, plain multi-head attention). BERT and GPT-2 have one per query head: ``None`` or
+    ``num_heads`` only."""
+    tie_embeddings: Optional[bool] = None
+    """Whether the output layer shares the input embedding's weights. ``None``: the architecture's own
+    (BERT and GPT-2 tied, Llama untied, as Llama 2 and 3). Llama-only as a choice: BERT and GPT-2 are
+    always built tied here (their HF classes' default, which every BERT/GPT-2 run and benchmark so far
+    used), so ``false`` is refused for them rather than silently ignored."""
+    rope_theta: float = 10000.0
+    """Llama: base of the rotary position frequencies (BERT and GPT-2 learn absolute positions instead)."""
     max_position_embeddings: int = 512
     dropout: float = 0.1
     vocab_multiple: int = 64
     """Embedding rows are the tokenizer's size rounded up to this multiple (1: exact). An odd vocabulary
     (GPT-2's 50257) sends the output layer to a slow unaligned GEMM: 1.55x on a GPT-2-small step (H200)."""
 
+    def kv_heads(self) -> int:
+        """Key/value heads of the model as built (``num_heads`` unless Llama's ``num_kv_heads`` is set)."""
+        return self.num_kv_heads or self.num_heads
+
+    def ties_embeddings(self) -> bool:
+        """Whether the built model ties its output layer to the input embedding (``tie_embeddings``)."""
+        return self.tie_embeddings if self.tie_embeddings is not None else self.arch != "llama"
+
     def problems(self, key: str = "model") -> list[str]:
+        llama, kv = self.arch == "llama", self.num_kv_heads
         return _failed(key, [
             (self.arch in ARCHS, "arch", f"must be one of {ARCHS}, got {self.arch!r}"),
+            (self.num_heads > 0, "num_heads", "must be positive"),
             (self.hidden_size % max(self.num_heads, 1) == 0, "hidden_size",
              f"{self.hidden_size} is not divisible by model.num_heads={self.num_heads}"),
+            (kv is None or (kv > 0 and self.num_heads % kv == 0), "num_kv_heads",
+             f"{kv} does not divide model.num_heads={self.num_heads}: every KV head serves the same number "
+             "of query heads"),
+            (llama or kv is None or kv == self.num_heads, "num_kv_heads",
+             f"grouped-query attention is Llama's (model.arch={self.arch} has one KV head per query head)"),
+            (llama or self.tie_embeddings is not False, "tie_embeddings",
+             f"model.arch={self.arch} is always built tied; untied output layers are Llama's "
+             "(model.arch=llama)"),
+            (self.rope_theta > 0, "rope_theta", "must be positive"),
         ])
 
 

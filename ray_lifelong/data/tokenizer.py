@@ -14,6 +14,7 @@ from pathlib import Path
 from ray_lifelong.config.schema import DomainConfig, LifelongConfig, TokenizerConfig
 from ray_lifelong.data.sources import iter_documents, resolve_sources
 from ray_lifelong.data.wordpiece import PREFIX, count_words, train_wordpiece_vocab
+from ray_lifelong.models.arch import is_causal
 
 BERT_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
                  "sep_token": "[SEP]", "mask_token": "[MASK]"}
@@ -30,9 +31,11 @@ def prompt_tokens(domains: Iterable[str], reserved: int = 0) -> list[str]:
 
 
 def tokenizer_kind(cfg: TokenizerConfig, arch: str) -> str:
+    """``tokenizer.kind``; ``auto``: WordPiece for BERT, byte-level BPE for the causal LMs (GPT-2 and Llama
+    alike: one ``<|endoftext|>`` is their BOS, EOS and document separator, no pad token)."""
     if cfg.kind != "auto":
         return cfg.kind
-    return "wordpiece" if arch == "bert" else "bpe"
+    return "bpe" if is_causal(arch) else "wordpiece"
 
 
 def train_tokenizer(

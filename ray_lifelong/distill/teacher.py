@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ray_lifelong.data.tokenizer import load_tokenizer
+from ray_lifelong.models.arch import arch_of_model_type
 from ray_lifelong.models.build import LMObjective, load_model, padded_vocab, position_rows
 
 
@@ -18,7 +19,8 @@ def check_teacher_compatible(teacher_dir: str, tokenizer, arch: str, vocab_multi
         ValueError: naming the teacher directory and what differs.
     """
     cfg = json.loads((Path(teacher_dir) / "config.json").read_text())
-    if cfg.get("model_type") != arch:
+    # by family: a Mistral or Qwen2 teacher computes logits like a Llama student (LMObjective)
+    if arch_of_model_type(cfg.get("model_type")) != arch:
         raise ValueError(f"teacher {teacher_dir}: model type {cfg.get('model_type')!r} does not match the "
                          f"student's architecture {arch!r}")
 

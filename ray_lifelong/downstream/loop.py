@@ -12,6 +12,7 @@ import torch
 from ray_lifelong.config.schema import FinetuneConfig, TrainConfig
 from ray_lifelong.downstream.tasks import EncodedTask, Split
 from ray_lifelong.eval.classification import score
+from ray_lifelong.models.build import load_classifier
 from ray_lifelong.stage.schedule import lr_multiplier
 from ray_lifelong.stage.step import build_optimizer, maybe_no_sync
 
@@ -80,21 +81,15 @@ def finetune_loop(config: dict) -> dict:
 
 
 def _load_classifier(model_uri: str, num_labels: int, pad_id: int):
-    from transformers import AutoModelForSequenceClassification
-
     with ray.train.Checkpoint(model_uri).as_directory() as d:  # a local directory, or fetched from a URI
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(Path(d)), num_labels=num_labels, local_files_only=True
-        )
-    model.config.pad_token_id = pad_id  # GPT-2 pools the last token that is not padding
-    return model
+        return load_classifier(str(Path(d)), num_labels, pad_id)
 
 
 def _pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):  # right padding: BERT attends by mask, GPT-2 pools the last real token
+    for i, r in enumerate(rows):  # right padding: BERT attends by mask, GPT-2/Llama pool the last real token
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
     return ids.to(device), mask.to(device)

@@ -1,4 +1,4 @@
-"""Build BERT (MLM) and GPT-2 (causal LM) models from size fields, and compute their LM outputs.
+"""Build BERT (MLM), GPT-2 and Llama (causal LM) models from size fields, and compute their LM outputs.
 
 Models are randomly initialised from a config: nothing is downloaded.
 """
@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from ray_lifelong.config.schema import ModelConfig
 from ray_lifelong.data.packing import IGNORE_INDEX
+from ray_lifelong.models.arch import arch_of_model_type, is_causal, supported_model_types
 
 
 def padded_vocab(tokens: int, multiple: int) -> int:
@@ -21,9 +22,20 @@ def padded_vocab(tokens: int, multiple: int) -> int:
 
 def build_model(cfg: ModelConfig, vocab_size: int, *, pad_id: int | None = None, eos_id: int | None = None,
                 seed: int = 0):
-    """A fresh ``BertForMaskedLM`` or ``GPT2LMHeadModel`` with the configured sizes and a vocabulary of
-    ``vocab_size`` tokens (rounded up to ``cfg.vocab_multiple`` rows)."""
-    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+    """A fresh ``BertForMaskedLM``, ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` with the configured sizes
+    and a vocabulary of ``vocab_size`` tokens (rounded up to ``cfg.vocab_multiple`` rows).
+
+    ``pad_id``, ``eos_id``: the tokenizer's (``None`` where it has none). The causal LMs take the EOS as
+    their BOS too: packed rows separate documents with it, so it is also what starts the next one.
+    """
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(seed)
     vocab_size = padded_vocab(vocab_size, cfg.vocab_multiple)
@@ -52,32 +64,52 @@ def build_model(cfg: ModelConfig, vocab_size: int, *, pad_id: int | None = None,
             activation_function="gelu_pytorch_tanh",
         )
         return GPT2LMHeadModel(hf)
+    if cfg.arch == "llama":
+        hf = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.kv_heads(),
+            intermediate_size=cfg.intermediate_size,
+            max_position_embeddings=cfg.max_position_embeddings,
+            rope_theta=cfg.rope_theta,
+            tie_word_embeddings=cfg.ties_embeddings(),
+            attention_dropout=cfg.dropout,
+            # no pad fallback to the EOS: Llama's embedding zeroes the gradient of its padding row
+            pad_token_id=pad_id,
+            bos_token_id=eos_id,
+            eos_token_id=eos_id,
+        )
+        return LlamaForCausalLM(hf)
     raise ValueError(f"unknown architecture {cfg.arch!r}")
 
 
 def model_arch(model) -> str:
-    """``bert`` or ``gpt2`` of a loaded model (by its class)."""
-    name = type(model).__name__
-    if name.startswith("Bert"):
-        return "bert"
-    if name.startswith("GPT2"):
-        return "gpt2"
-    raise ValueError(f"unsupported model class {name}")
+    """``bert``, ``gpt2`` or ``llama`` of a loaded model (its config's ``model_type``; Mistral and Qwen2
+    are of the ``llama`` family, :mod:`ray_lifelong.models.arch`)."""
+    arch = arch_of_model_type(getattr(getattr(model, "config", None), "model_type", None))
+    if arch is None:
+        raise ValueError(f"unsupported model class {type(model).__name__}; supported model types: "
+                         f"{supported_model_types()}")
+    return arch
 
 
 def saved_model_arch(model_dir: str) -> str:
-    """``bert`` or ``gpt2`` of a saved HF model directory (its ``config.json``'s ``model_type``).
+    """``bert``, ``gpt2`` or ``llama`` of a saved HF model directory (its ``config.json``'s ``model_type``;
+    Mistral and Qwen2 are of the ``llama`` family).
 
     Raises:
-        ValueError: naming the directory and its model type when it is neither.
+        ValueError: naming the directory and its model type when the project does not train it.
     """
     import json
     from pathlib import Path
 
     kind = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
-    if kind not in ("bert", "gpt2"):
-        raise ValueError(f"{model_dir}: model type {kind!r}; supported: bert, gpt2")
-    return kind
+    arch = arch_of_model_type(kind)
+    if arch is None:
+        raise ValueError(f"{model_dir}: model type {kind!r}; supported: {supported_model_types()}")
+    return arch
 
 
 def find_model_dir(path: str) -> str:
@@ -97,9 +129,9 @@ class LMObjective(nn.Module):
     """Wraps an HF LM so that DDP sees one forward returning logits at the supervised positions only.
 
     For MLM the vocabulary projection runs only at the masked positions (~15%), which at small model
-    sizes is most of the compute (the output layer is d x V). For causal LM every position but the
-    last predicts the next token. Returns ``(logits (M, V), targets (M,))``; the loss is computed by
-    the caller, so distillation (KI) can reuse the same logits.
+    sizes is most of the compute (the output layer is d x V). For causal LM (GPT-2, Llama) every position
+    but the last predicts the next token. Returns ``(logits (M, V), targets (M,))``; the loss is computed
+    by the caller, so distillation (KI) can reuse the same logits.
     """
 
     def __init__(self, model) -> None:
@@ -108,13 +140,14 @@ class LMObjective(nn.Module):
         self.arch = model_arch(model)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
-        if self.arch == "bert":
+        if not is_causal(self.arch):
             hidden = self.model.bert(input_ids=input_ids).last_hidden_state  # (B, T, d)
             keep = labels != IGNORE_INDEX
             return self.model.cls(hidden[keep]), labels[keep]  # (M, V), (M,)
-        hidden = self.model.transformer(input_ids=input_ids, use_cache=False).last_hidden_state[
-            :, :-1
-        ]  # (B, T-1, d)
+        # the decoder without its LM head (GPT-2's ``transformer``, Llama's ``model``), which then runs
+        # only where there are targets
+        body = self.model.transformer if self.arch == "gpt2" else self.model.model
+        hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, d)
         targets = input_ids[:, 1:]
         if labels is not None:
             targets = labels[:, 1:]
@@ -124,7 +157,7 @@ class LMObjective(nn.Module):
 
 def position_rows(labels: torch.Tensor, arch: str) -> torch.Tensor:
     """The batch row of each of :class:`LMObjective`'s supervised positions, in its (row-major) order."""
-    keep = labels != IGNORE_INDEX if arch == "bert" else labels[:, 1:] != IGNORE_INDEX
+    keep = labels[:, 1:] != IGNORE_INDEX if is_causal(arch) else labels != IGNORE_INDEX
     return torch.repeat_interleave(torch.arange(len(labels), device=labels.device), keep.sum(1))
 
 
@@ -141,7 +174,22 @@ def count_parameters(model) -> dict[str, int]:
 
 def load_model(path: str, arch: str | None = None):
     """Load a saved HF model directory (a stage checkpoint's ``model/`` or a final export), offline."""
-    from transformers import BertForMaskedLM, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM, BertForMaskedLM, GPT2LMHeadModel
 
-    cls = {"bert": BertForMaskedLM, "gpt2": GPT2LMHeadModel}[arch or saved_model_arch(path)]
+    # the llama family's saved model_type picks its class (Llama, Mistral or Qwen2)
+    cls = {"bert": BertForMaskedLM, "gpt2": GPT2LMHeadModel, "llama": AutoModelForCausalLM}[
+        arch or saved_model_arch(path)]
     return cls.from_pretrained(path, local_files_only=True)
+
+
+def load_classifier(model_dir: str, num_labels: int, pad_id: int):
+    """A sequence classifier on the pre-trained LM of a local HF directory, its head new: BERT pools
+    ``[CLS]``; GPT-2 and Llama pool the last token that is not ``pad_id`` (so right padding works; their
+    tokenizers have no pad token and pad with the EOS, which the examples do not contain)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels,
+                                                               local_files_only=True)
+    # set after loading: at construction it would make Llama's embedding zero the pad row's gradient
+    model.config.pad_token_id = pad_id
+    return model

@@ -9,9 +9,35 @@ from __future__ import annotations
 
 import time
 
+from ray_lifelong.config.plan import grown_sizes
 from ray_lifelong.config.schema import GrowthConfig, TrainConfig
 from ray_lifelong.growth import expand, logit_errors, model_sizes, remap_optimizer_state
-from ray_lifelong.models.build import count_parameters
+from ray_lifelong.growth.llama import head_size
+from ray_lifelong.models.build import count_parameters, model_arch
+
+
+def expand_sizes(model, grow: GrowthConfig) -> dict[str, int | None]:
+    """The size arguments of :func:`ray_lifelong.growth.expand` for ``grow`` on ``model``.
+
+    BERT and GPT-2 take ``grow``'s sizes as they are (``expand`` derives the rest with the head size fixed,
+    as the config's plan does). A Llama's growth keeps sizes independent (``hidden_size`` does not set the
+    heads there), so it gets every size resolved by the plan's rule
+    (:func:`ray_lifelong.config.plan.grown_sizes`: head size fixed, KV heads from ``grow.num_kv_heads`` or
+    the current grouping), the sizes the stage plan and FLOP counts expect.
+    """
+    if model_arch(model) != "llama":
+        # num_kv_heads is refused there (the config check refuses it first)
+        return {"num_hidden_layers": grow.num_layers, "hidden_size": grow.hidden_size,
+                "num_attention_heads": grow.num_heads, "intermediate_size": grow.intermediate_size,
+                "num_key_value_heads": grow.num_kv_heads}
+    s = model_sizes(model)
+    now = {"num_layers": s["num_hidden_layers"], "hidden_size": s["hidden_size"],
+           "num_heads": s["num_attention_heads"], "num_kv_heads": s["num_key_value_heads"],
+           "intermediate_size": s["intermediate_size"]}
+    new = grown_sizes(now, grow, "llama")
+    return {"num_hidden_layers": new["num_layers"], "hidden_size": new["hidden_size"],
+            "num_attention_heads": new["num_heads"], "num_key_value_heads": new["num_kv_heads"],
+            "intermediate_size": new["intermediate_size"], "head_dim": head_size(model.config)}
 
 
 def grow_model(model, grow: GrowthConfig, *, seed: int, train: TrainConfig, lr: float,
@@ -30,10 +56,9 @@ def grow_model(model, grow: GrowthConfig, *, seed: int, train: TrainConfig, lr: 
     """
     t0 = time.perf_counter()
     before = model_sizes(model)
-    grown, mapping = expand(model, num_hidden_layers=grow.num_layers, hidden_size=grow.hidden_size,
-                            num_attention_heads=grow.num_heads, intermediate_size=grow.intermediate_size,
-                            depth_init=grow.depth_init, depth_placement=grow.depth_placement,
-                            noise_std=grow.noise_std, seed=seed, return_mapping=True)
+    grown, mapping = expand(model, **expand_sizes(model, grow), depth_init=grow.depth_init,
+                            depth_placement=grow.depth_placement, noise_std=grow.noise_std, seed=seed,
+                            return_mapping=True)
     seconds = time.perf_counter() - t0
     carried = None
     if grow.optimizer == "carry":

@@ -11,6 +11,7 @@ import torch
 from ray_lifelong.data.packing import mlm_mask, mlm_mask_fixed
 from ray_lifelong.data.tokenizer import special_token_ids
 from ray_lifelong.distill.losses import KILoss, ki_loss, ki_loss_parts
+from ray_lifelong.models.arch import is_causal
 from ray_lifelong.models.build import lm_loss
 
 # validation masks depend on this seed and each row's content only, so perplexities compare across stages
@@ -18,7 +19,8 @@ EVAL_MASK_SEED = 1234
 
 
 def build_optimizer(model, lr: float, t) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and LayerNorm weights (standard for BERT/GPT-2)."""
+    """AdamW without weight decay on biases and norm gains (BERT's and GPT-2's LayerNorm, Llama's RMSNorm:
+    every 1-D parameter), as is standard."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -31,7 +33,7 @@ def build_optimizer(model, lr: float, t) -> torch.optim.Optimizer:
 
 
 class Masker:
-    """Turns packed ``input_ids`` into (inputs, labels): MLM masking for BERT, identity for GPT-2."""
+    """Turns packed ``input_ids`` into (inputs, labels): MLM masking for BERT, identity for the causal LMs."""
 
     def __init__(self, tokenizer, prob: float, arch: str) -> None:
         self.arch = arch
@@ -39,7 +41,7 @@ class Masker:
                        special_ids=special_token_ids(tokenizer), prob=prob)
 
     def __call__(self, ids: torch.Tensor, gen: torch.Generator | None, fixed: bool = False):
-        if self.arch != "bert":
+        if is_causal(self.arch):
             return ids, ids
         if fixed:
             return mlm_mask_fixed(ids, seed=EVAL_MASK_SEED, **self.kw)
