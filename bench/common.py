@@ -172,7 +172,7 @@ def ray_stage(cfg, tok_dir: str, warmup: int, materialize: bool = False) -> dict
         train_ds = files_dataset([(0, dom)], "train", StreamOptions(tok_dir, cfg.model.arch, cfg.data))
         train_ds = train_ds.limit((cfg.train.steps + 1) * cfg.train.batch_size).materialize()
     res = run_stage(
-        spec, tokenizer_dir=tok_dir, storage_path=storage, valid_ds=valid, bad_log=log, train_ds=train_ds
+        spec, tokenizer_dir=tok_dir, storage_path=storage, valid=valid, bad_log=log, train_ds=train_ds
     )
     hist = [h for h in res.history if h["step"] > warmup]
     first = next(h for h in res.history if h["step"] == warmup)

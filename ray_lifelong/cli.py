@@ -16,18 +16,25 @@ from pathlib import Path
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray-lifelong", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the lifelong pipeline of a config (one Ray Train stage per domain)")
+    on_ray = argparse.ArgumentParser(add_help=False)  # the commands that start or join Ray
+    on_ray.add_argument("--verbose", action="store_true",
+                        help="show Ray's own console messages too (by default: the project's lines and "
+                        "errors)")
+    run = sub.add_parser("run", parents=[on_ray],
+                         help="run the lifelong pipeline of a config (one Ray Train stage per domain)")
     run.add_argument("config", help="YAML config (see configs/)")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50 run_name=x")
     run.add_argument("--resume", action="store_true", help="skip finished stages, resume the unfinished one")
     ki = sub.add_parser(
-        "ki", help="Knowledge Inheritance: teacher, student with KI, student without (baseline)"
+        "ki", parents=[on_ray],
+        help="Knowledge Inheritance: teacher, student with KI, student without (baseline)",
     )
     ki.add_argument("config")
     ki.add_argument("overrides", nargs="*")
     ki.add_argument("--resume", action="store_true", help="reuse finished runs of the experiment")
     tune = sub.add_parser(
         "tune",
+        parents=[on_ray],
         help="Ray Tune sweep over config fields (the config's tune: section); each "
         "trial is a real run on Ray Train",
     )
@@ -36,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--resume", action="store_true", help="restore an interrupted sweep and finish it")
     ft = sub.add_parser(
         "finetune",
+        parents=[on_ray],
         help="fine-tune a pre-trained model on the config's downstream tasks "
         "(finetune: section), every task and seed a Ray Train run",
     )
@@ -49,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     pack = sub.add_parser(
         "pack",
+        parents=[on_ray],
         help="tokenize and pack the config's domains once (data.pretokenize) before the "
         "runs that read them: later runs, or several side by side",
     )
@@ -63,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     tok.add_argument("config")
     tok.add_argument("overrides", nargs="*")
     tok.add_argument("--out", required=True, help="output directory (a Hugging Face tokenizer directory)")
+    status = sub.add_parser("status", help="where a run is (stages done, current stage and step, last "
+                            "metrics, checkpoints), from its files: while it runs or after it died")
+    status.add_argument("run_dir", help="the run directory (<output_dir>/<run_name>)")
     demo = sub.add_parser("demo-data", help="write the embedded synthetic multi-domain corpus")
     demo.add_argument("--out", default="data/demo")
     demo.add_argument("--train-docs", type=int, default=1200)
@@ -113,10 +125,14 @@ def _tokenizer(args) -> int:
 
 
 @contextlib.contextmanager
-def ray_session(cfg):
-    """Ray for one command: joined or started (:func:`init_ray`), shut down however the command ends."""
+def ray_session(cfg, verbose: bool = False):
+    """Ray for one command: joined or started (:func:`init_ray`), its console quiet unless ``verbose``
+    (:mod:`ray_lifelong.console`), shut down however the command ends."""
     import ray
 
+    from ray_lifelong.console import quiet_console
+
+    quiet_console(verbose)  # before ray.init, which installs Ray's printer of forwarded lines
     init_ray(cfg)
     try:
         yield
@@ -129,7 +145,7 @@ def _pack(args) -> int:
 
     cfg = _config(args)
     check_pretokenize(cfg)  # before starting Ray
-    with ray_session(cfg):
+    with ray_session(cfg, args.verbose):
         for rec in pack_domains(cfg, (True, False) if args.both_prompts else None):
             print(f"{rec['domain']}: {rec['rows']} sequences ({rec['tokens']:,} tokens) in {rec['uri']}")
     return 0
@@ -140,7 +156,7 @@ def _run(args) -> int:
 
     cfg = _config(args)
     check_run_start(cfg, args.resume)  # before starting Ray
-    with ray_session(cfg):
+    with ray_session(cfg, args.verbose):
         summary = run_lifelong(cfg, resume=args.resume)
         if cfg.finetune.tasks:  # downstream evaluation of the final model, when the config lists tasks
             from ray_lifelong.downstream.run import run_finetune
@@ -154,7 +170,7 @@ def _ki(args) -> int:
     from ray_lifelong.ki import run_ki_experiment
 
     cfg = _config(args)
-    with ray_session(cfg):
+    with ray_session(cfg, args.verbose):
         summary = run_ki_experiment(cfg, resume=args.resume)
     print("KI saved (step-matched, FLOP-matched):", summary.get("saved_step_matched"),
           summary.get("saved_flop_matched"))
@@ -166,7 +182,7 @@ def _tune(args) -> int:
 
     cfg = _config(args)
     check_sweep_start(cfg, args.resume, args.config)  # before starting Ray
-    with ray_session(cfg):
+    with ray_session(cfg, args.verbose):
         run_sweep(cfg, resume=args.resume, where=args.config)
     return 0
 
@@ -175,13 +191,20 @@ def _finetune(args) -> int:
     from ray_lifelong.downstream.run import run_finetune
 
     cfg = _config(args)
-    with ray_session(cfg):
+    with ray_session(cfg, args.verbose):
         run_finetune(cfg, model=args.model)
     return 0
 
 
+def _status(args) -> int:
+    from ray_lifelong.status import format_status, run_status
+
+    print(format_status(run_status(args.run_dir)))
+    return 0
+
+
 COMMANDS = {"run": _run, "ki": _ki, "tune": _tune, "finetune": _finetune, "pack": _pack,
-            "tokenizer": _tokenizer, "demo-data": _demo_data}
+            "tokenizer": _tokenizer, "demo-data": _demo_data, "status": _status}
 """Subcommand -> the function that runs it (the parser above lists their arguments)."""
 
 
@@ -197,6 +220,9 @@ def init_ray(cfg) -> None:
         "TRANSFORMERS_VERBOSITY": "error",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # Ray Train's controller polls its workers at this interval (2 s by default): each stage's start,
+        # reports and end wait for a poll, so a shorter one takes seconds off every stage
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     }
     for k, v in quiet.items():
         os.environ.setdefault(k, v)
@@ -229,6 +255,9 @@ def init_ray(cfg) -> None:
         # the local cluster's processes inherit this process's environment: no runtime_env, so Ray starts
         # its workers directly (a runtime_env routes every worker start through an extra setup process)
         os.environ.update(env["env_vars"])
+        # no node of a cluster on this machine is preempted: Ray Train's watcher would be one more actor
+        # process started (and warning about its arguments) for every stage
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(num_cpus=cfg.ray.num_cpus, logging_level=logging.WARNING)
         print(
             "[ray] started a local cluster (no ray.address, RAY_ADDRESS or `ray start` cluster found)",

@@ -10,6 +10,8 @@
                         ``<run>-stage<i>-<domain>/checkpoint_*``
     stages/<ii>-<domain>/stage.json  completion marker + the stage's record (and its warmup's, under ``frw``)
     results.json  report.md  ppl_matrix_and_loss.png
+    tensorboard/        TensorBoard event files (``logging.tensorboard``); mlflow_run_id: the MLflow run
+                        a resumed run keeps logging to (``logging.mlflow``)
     final_model/        HF model + tokenizer of the last stage (AutoModelFor...from_pretrained)
 
 A sweep (``ray-lifelong tune``) and a KI experiment (``ray-lifelong ki``) keep their runs beside their own
@@ -52,6 +54,14 @@ class RunLayout:
         return self.root / "results.json"
 
     @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def mlflow_run_id(self) -> Path:
+        return self.root / "mlflow_run_id"
+
+    @property
     def final_model(self) -> Path:
         return self.root / "final_model"
 
@@ -63,9 +73,16 @@ class RunLayout:
         return any(self.stages.glob("*/stage.json"))
 
 
-def run_layout(cfg: LifelongConfig) -> RunLayout:
-    """The layout of ``cfg``'s run: ``<output_dir>/<run_name>/`` and the places its keys move."""
-    root = (Path(cfg.output_dir) / cfg.run_name).resolve()
+def stage_name(run_name: str, index: int, domain: str, segment: int | None = None) -> str:
+    """A stage's Ray Train run name (its checkpoints' folder under the storage): deterministic, so that
+    running the stage again resumes from its checkpoints."""
+    return f"{run_name}-stage{index}-{domain}" + ("" if segment is None else f"-seg{segment}")
+
+
+def run_layout(cfg: LifelongConfig, root: str | Path | None = None) -> RunLayout:
+    """The layout of ``cfg``'s run: ``<output_dir>/<run_name>/`` (or ``root``, a run directory found
+    elsewhere) and the places its keys move."""
+    root = Path(root).resolve() if root is not None else (Path(cfg.output_dir) / cfg.run_name).resolve()
     return RunLayout(root=root, storage=cfg.ray.storage_path or str(root / "checkpoints"),
                      packed=cfg.data.packed_path or str(root / "packed"),
                      memory=cfg.continual.replay.memory_path or str(root / "memory"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from ray_lifelong.layout import run_layout
 from ray_lifelong.report import write_report
 from ray_lifelong.stage.run import run_stage
 from ray_lifelong.stage.spec import StageResult, StageSpec, read_tokenizer_files
+from ray_lifelong.tracking import RunTracker
 
 
 class RunExistsError(ConfigError):
@@ -62,13 +64,27 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
     quiet_ray_data()
     bad_log = bad_record_log()
     opts = StreamOptions(tok_dir, cfg.model.arch, cfg.data)
-    valid_ds = validation_dataset(cfg.data.domains, opts, bad_log, prompts=cfg.continual.prompts)
+    valid = validation_dataset(cfg.data.domains, opts, bad_log, prompts=cfg.continual.prompts)
     results: list[StageResult] = []
     frw_results: dict[int, StageResult] = {}
     memories: list[dict] = []
     plans = stage_plans(cfg)
     replay = cfg.continual.replay
     prev_ckpt = None
+    tracker = RunTracker(cfg)
+    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory")
+
+    def memory_of(i: int, dom) -> dict:
+        uri = memory_uri(lay.memory, i, dom.name)
+        done = read_marker(uri)
+        if done is not None:
+            return done
+        rows = training_rows([(i, dom)], opts, prompts=cfg.continual.prompts, packed_root=lay.packed,
+                             log=bad_log)
+        return write_memory(rows, uri, fraction=replay.memory_fraction,
+                            max_sequences=replay.memory_max_sequences, seed=cfg.train.seed + i)
+    upcoming = None  # the next stage's stream, packed in the background (data.pretokenize)
+    run_step = 0  # optimizer steps of the stages before (warmups included): the metrics' step axis
 
     def finished(label: str) -> StageResult | None:
         marker = lay.stage_marker(label)
@@ -97,10 +113,17 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
         # ELLE: a stage that grows first recovers the old function on the earlier domains' memory
         # (spec.frw_steps)
         res = finished(spec.label)
+        ran_now = res is None
+        # the domain's replay memory depends on its data alone: it is written while the stage trains
+        if ran_now:  # under data.pretokenize the domain is packed first (while the stage before trained)
+            stream = upcoming.result() if upcoming is not None else stage_stream(cfg, i, opts, bad_log)
+        upcoming = None
+        memory = background.submit(memory_of, i, dom) if replay.enabled and i < len(names) - 1 else None
+        if cfg.data.pretokenize and i < len(names) - 1 and not lay.stage_marker(plans[i + 1].label).exists():
+            upcoming = background.submit(stage_stream, cfg, i + 1, opts, bad_log)
         if res is not None:
             print(f"[run] stage {spec.label} already finished: skipped")
         else:
-            stream = stage_stream(cfg, i, opts, bad_log)  # with data.pretokenize this may pack the domain
             print(
                 f"[run] stage {spec.label}: "
                 + (
@@ -114,7 +137,7 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
                 spec,
                 tokenizer_dir=tok_dir,
                 storage_path=lay.storage,
-                valid_ds=valid_ds,
+                valid=valid,
                 bad_log=bad_log,
                 train_ds=stream,
                 callbacks=callbacks,
@@ -128,31 +151,24 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
         frw = res.frw or (finished(spec.frw_label) if spec.frw_steps else None)
         if frw is not None:
             frw_results[i] = frw
-        res.frw = None
         results.append(res)
+        if ran_now:
+            tracker.stage(res, run_step, [[r.ppl[d] for d in names] for r in results], names)
+        run_step += res.steps + (frw.steps if frw is not None else 0)
+        res.frw = None
         prev_ckpt = ray.train.Checkpoint(res.checkpoint_path)
-        if replay.enabled and i < len(cfg.data.domains) - 1:
-            uri = memory_uri(lay.memory, i, dom.name)
-            memories.append(
-                read_marker(uri)
-                or write_memory(
-                    training_rows(
-                        [(i, dom)], opts, prompts=cfg.continual.prompts, packed_root=lay.packed, log=bad_log
-                    ),
-                    uri,
-                    fraction=replay.memory_fraction,
-                    max_sequences=replay.memory_max_sequences,
-                    seed=cfg.train.seed + i,
-                )
-            )
+        if memory is not None:
+            memories.append(memory.result())
             print(
                 f"[run] memory of {dom.name!r}: {memories[-1]['sequences']} sequences -> "
                 f"{memories[-1]['uri']}"
             )
+    background.shutdown()
     summary = results_summary(names, results, frw_results, memories)
     lay.results.write_text(json.dumps(summary, indent=1))
     export_final_model(prev_ckpt, lay.final_model)
     write_report(summary, lay.root)
+    tracker.close(lay.results)
     print(f"[run] done: {lay.results}, report.md, final_model/")
     return summary
 
@@ -217,6 +233,7 @@ def stage_record(r: StageResult) -> dict:
         "growth": r.growth,
         "replayed_sequences": r.replayed_sequences,
         "nodes": r.nodes,
+        "timings": r.timings,
         "history": r.history,
         "evals": r.evals,
     }

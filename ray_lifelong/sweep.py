@@ -314,7 +314,7 @@ def _pbt_trial(
             stop_at=ends[k],
         )
         res = run_stage(
-            spec, tokenizer_dir=tokenizer_dir, storage_path=lay.storage, valid_ds=valid, bad_log=log
+            spec, tokenizer_dir=tokenizer_dir, storage_path=lay.storage, valid=valid, bad_log=log
         )
         resume_from = ray.train.Checkpoint(res.checkpoint_path)
         final = k == len(ends) - 1

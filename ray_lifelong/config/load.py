@@ -111,7 +111,7 @@ def validate(cfg: LifelongConfig, where: str = "<config>") -> None:
     """
     problems = (cfg.model.problems() + cfg.data.problems() + cfg.tokenizer.problems() + cfg.train.problems()
                 + cfg.scaling.problems() + cfg.ray.problems() + cfg.continual.problems() + cfg.tune.problems()
-                + cfg.finetune.problems() + _across_sections(cfg))
+                + cfg.finetune.problems() + cfg.logging.problems() + _across_sections(cfg))
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems))
 

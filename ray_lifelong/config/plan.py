@@ -31,6 +31,11 @@ class StagePlan:
     ki_steps: int
     """Steps over which a KI teacher's weight decays (0: no teacher)."""
 
+    @property
+    def label(self) -> str:
+        """``<ii>-<domain>``: the stage's name in logs, markers and the run directory."""
+        return f"{self.index:02d}-{self.domain}"
+
 
 def ki_steps(teacher: TeacherConfig | None, stage_steps: int) -> int:
     """N_KI: ``teacher.steps``, or ``KI_DEFAULT_SHARE`` of the stage; 0 without a teacher."""

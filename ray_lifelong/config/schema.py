@@ -641,6 +641,27 @@ class FinetuneConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where a run's metrics go besides ``results.json`` (:mod:`ray_lifelong.tracking`)."""
+
+    tensorboard: bool = True
+    """TensorBoard event files under ``<run dir>/tensorboard/``."""
+    mlflow: Optional[str] = None
+    """An MLflow tracking URI (``file:/path``, ``sqlite:///mlflow.db``, ``http://host:5000``): the run is
+    logged there too; ``None``: no MLflow."""
+    mlflow_experiment: str = "ray_lifelong"
+
+    def problems(self, key: str = "logging") -> list[str]:
+        if self.mlflow is None:
+            return []
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            return [f"{key}.mlflow: needs the mlflow package (pip install 'ray_lifelong[mlflow]')"]
+        return []
+
+
+@dataclass
 class DebugConfig:
     """Fault injection for tests: kill one worker process once at this step of this stage."""
 
@@ -667,4 +688,5 @@ class LifelongConfig:
     ki: KIExperimentConfig = field(default_factory=KIExperimentConfig)
     tune: SweepConfig = field(default_factory=SweepConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)

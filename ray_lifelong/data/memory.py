@@ -7,7 +7,7 @@
   tokens and the seed (:func:`select_rows`), not on how Ray Data cut the stream into blocks, so the same
   config and seed
   give the same memory from the text stream or the packed domain, on any cluster size.
-- :func:`memory_dataset` reads the memories of earlier domains back as one Ray dataset.
+- :func:`read_memories` reads the memories of earlier domains back (small: every worker holds them all).
 - :func:`replay_count` and :func:`replay_draw` are the pure per-micro-batch mixing rules the training
   loop uses: how many rows of a micro-batch to replace, and from which memory rows; :func:`memory_epoch`
   deals the memories to the workers as the function-recovering warmup's data.
@@ -21,12 +21,14 @@ what it would have.
 from __future__ import annotations
 
 import hashlib
+import time
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
 from ray_lifelong.data import markers
-from ray_lifelong.data.sources import DataError, join_uri
+from ray_lifelong.data.sources import DataError, filesystem, join_uri
 
 WEIGHTINGS = ("uniform", "proportional")
 """How a replayed row picks its memory: each memory alike, or in proportion to its size."""
@@ -92,6 +94,7 @@ def write_memory(ds, uri: str, *, fraction: float, max_sequences: int | None, se
     done = read_marker(uri)
     if done is not None:
         return done
+    t0 = time.perf_counter()
     markers.reset_dir(uri)
     sample = ds.map_batches(select_rows, batch_format="numpy", fn_kwargs={"fraction": fraction, "seed": seed})
     sample = sample.materialize()
@@ -114,20 +117,36 @@ def write_memory(ds, uri: str, *, fraction: float, max_sequences: int | None, se
 
     # files that read back in one order (Ray's write_parquet may interleave), counted per domain as written
     markers.write_in_order(sample, uri, each=count)
-    record = {"uri": uri, "sequences": n, "by_domain": counts, "fraction": fraction, "seed": seed}
+    record = {"uri": uri, "sequences": n, "by_domain": counts, "fraction": fraction, "seed": seed,
+              "write_s": round(time.perf_counter() - t0, 2)}
     markers.write_marker(uri, MARKER, record)  # last: the memory counts only once complete
     return record
 
 
-def memory_dataset(uris: list[str], num_cpus: float = 1.0):
-    """The rows ``{input_ids, domain_id}`` of the given memories, as one dataset (``num_cpus`` per read
-    task)."""
-    import ray.data
-
+def check_memories(uris: list[str]) -> None:
+    """Raise ``FileNotFoundError`` unless every memory in ``uris`` was written completely."""
     missing = [u for u in uris if read_marker(u) is None]
     if missing:
         raise FileNotFoundError(f"replay memories {missing} are missing or incomplete (no {MARKER})")
-    return ray.data.read_parquet(uris, file_extensions=["parquet"], num_cpus=num_cpus)
+
+
+def read_memories(uris: list[str]) -> tuple[list[torch.Tensor], list[int]]:
+    """The given memories as a worker holds them (:func:`memory_pools`), read straight from their Parquet
+    files: a few % of each earlier domain, which every worker needs whole, so a Ray dataset (a read task
+    per file and an iterator per worker) would only add start-up time."""
+    import pyarrow.parquet as pq
+
+    check_memories(uris)
+    batches = []
+    for uri in uris:
+        fs, path = filesystem(uri)
+        infos = fs.get_file_info(pafs.FileSelector(path))
+        for f in sorted(i.path for i in infos if i.path.endswith(".parquet")):
+            table = pq.read_table(f, filesystem=fs)
+            ids = tensor_column(table, "input_ids").astype(np.int64)
+            domains = table.column("domain_id").to_numpy().astype(np.int64)
+            batches.append({"input_ids": torch.from_numpy(ids), "domain_id": torch.from_numpy(domains)})
+    return memory_pools(batches)
 
 
 def replay_count(rows: int, ratio: float, gen: torch.Generator) -> int:
@@ -154,6 +173,19 @@ def replay_draw(
     pools = torch.multinomial(weights, k, replacement=True, generator=gen)
     rows = (torch.rand(k, generator=gen, dtype=torch.float64) * sizes[pools]).long()
     return pools, rows
+
+
+def tensor_column(table, name: str) -> np.ndarray:
+    """A column of fixed-length rows (Ray Data writes them as its tensor extension type, a list type
+    underneath) as one (rows x length) array, whether or not Ray's extension types are registered."""
+    import pyarrow as pa
+
+    col = table.column(name).combine_chunks()
+    if isinstance(col, pa.ExtensionArray):
+        col = col.storage
+    if len(col) == 0:
+        return np.zeros((0, 0), dtype=np.int64)
+    return col.flatten().to_numpy().reshape(len(col), -1)
 
 
 def memory_pools(batches) -> tuple[list[torch.Tensor], list[int]]:

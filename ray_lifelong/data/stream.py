@@ -14,7 +14,7 @@ import ray
 
 from ray_lifelong.config.schema import DataConfig, DomainConfig
 from ray_lifelong.data.packing import PackSpec, pack
-from ray_lifelong.data.sources import BadRecord, DataError, iter_documents, resolve_sources
+from ray_lifelong.data.sources import BadRecord, DataError, data_error_text, iter_documents, resolve_sources
 from ray_lifelong.data.tokenizer import load_tokenizer, prompt_token
 
 
@@ -189,22 +189,67 @@ def carries_tokens(data: DataConfig) -> bool:
     return data.tokenize_actors <= 1
 
 
+@dataclass(frozen=True)
+class ValidationRows:
+    """Every domain's validation rows in stream order, held as arrays: small (each domain's first
+    ``eval_max_sequences`` rows and those between them), shipped to the workers with the stage, so an
+    evaluation needs no Ray Data iterator."""
+
+    input_ids: np.ndarray
+    """(rows, seq_len)"""
+    domain_id: np.ndarray
+    """(rows,)"""
+
+    def batches(self, size: int):
+        """``{input_ids, domain_id}`` torch batches of ``size`` rows (a last smaller one), in order: the
+        batches ``iter_torch_batches(batch_size=size)`` of the same rows would give."""
+        import torch
+
+        for s in range(0, len(self.domain_id), size):
+            yield {"input_ids": torch.from_numpy(self.input_ids[s : s + size].astype(np.int64)),
+                   "domain_id": torch.from_numpy(self.domain_id[s : s + size].astype(np.int64))}
+
+
 def validation_dataset(
     domains: list[DomainConfig], opts: StreamOptions, log=None, prompts: bool = False
-) -> ray.data.Dataset:
-    """All domains' validation rows, materialised once per run (small) so that every stage evaluates
-    the same sequences; the workers score the first ``eval_max_sequences`` rows of each domain."""
-    ds = files_dataset(list(enumerate(domains)), "valid", opts, log, prompts=prompts).materialize()
-    counts = np.zeros(len(domains), dtype=np.int64)
-    for batch in ds.select_columns(["domain_id"]).iter_batches(batch_size=1024, batch_format="numpy"):
-        counts += np.bincount(batch["domain_id"], minlength=len(domains))
-    empty = [dom.name for dom, n in zip(domains, counts) if n == 0]
+) -> ValidationRows:
+    """All domains' validation rows, read once per run so that every stage evaluates the same sequences;
+    the workers score the first ``eval_max_sequences`` rows of each domain, and the rows after the last of
+    those are not kept."""
+    ds = files_dataset(list(enumerate(domains)), "valid", opts, log, prompts=prompts)
+    try:  # read on a worker: its Ray Data actors' console lines then reach the driver's filter
+        ids, dom = ray.get(_all_rows.remote(ds, opts.data.seq_len))
+    except Exception as e:
+        text = data_error_text(e)
+        if text:
+            raise DataError(text) from None
+        raise
+    counts = np.bincount(dom, minlength=len(domains))
+    empty = [d.name for d, n in zip(domains, counts) if n == 0]
     if empty:
         raise DataError(
             f"domains {empty}: validation sources hold no text (at least one sequence of "
             f"{opts.data.seq_len} tokens is needed)"
         )
-    return ds
+    return scored_rows(ids, dom, len(domains), opts.data.eval_max_sequences)
+
+
+@ray.remote(num_cpus=0)
+def _all_rows(ds, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    ids, dom = [], []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        ids.append(batch["input_ids"])
+        dom.append(batch["domain_id"])
+    if not ids:
+        return np.zeros((0, seq_len), np.int32), np.zeros(0, np.int32)
+    return np.concatenate(ids), np.concatenate(dom)
+
+
+def scored_rows(ids: np.ndarray, domain_id: np.ndarray, domains: int, cap: int) -> ValidationRows:
+    """The rows up to the last one an evaluation scores (each domain's first ``cap``); the rows between
+    stay, so the evaluation's batches are those of the whole stream."""
+    last = max(int(np.flatnonzero(domain_id == d)[:cap][-1]) for d in range(domains))
+    return ValidationRows(np.ascontiguousarray(ids[: last + 1]), np.ascontiguousarray(domain_id[: last + 1]))
 
 
 def quiet_ray_data() -> None:

@@ -29,6 +29,13 @@ class TrainState:
     tokens: int = 0
     data_wait_s: float = 0.0
     compute_s: float = 0.0
+    eval_s: float = 0.0
+    """Seconds spent evaluating (every domain's validation rows)."""
+    checkpoint_s: float = 0.0
+    """Seconds spent in reports: counts synced, checkpoint written and handed to Ray Train."""
+    first_batch_s: float | None = None
+    """Seconds from the worker's start to the phase's first micro-batch (the first run of it: a restart
+    keeps the first value)."""
     restarts: int = 0
     history: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)

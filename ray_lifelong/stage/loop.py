@@ -23,8 +23,10 @@ import ray.train.torch
 import torch
 from torch import distributed as dist
 
-from ray_lifelong.data.memory import memory_epoch, memory_pools, replay_count, replay_draw
+from ray_lifelong.config.plan import stage_plans
+from ray_lifelong.data.memory import memory_epoch, read_memories, replay_count, replay_draw
 from ray_lifelong.data.sources import DataError
+from ray_lifelong.data.stream import ValidationRows
 from ray_lifelong.data.tokenizer import load_tokenizer
 from ray_lifelong.distill import inheritance_rate, teacher_needed
 from ray_lifelong.distill.teacher import load_teacher, teacher_logits
@@ -46,8 +48,10 @@ from ray_lifelong.stage.step import Masker, build_optimizer, maybe_no_sync, stag
 
 def train_loop_per_worker(config: dict) -> dict:
     spec: StageSpec = config["spec"]
+    valid: ValidationRows = config["valid"]
     cfg, t = spec.cfg, spec.cfg.train
     started = time.perf_counter()
+    entered = time.time()  # wall clock: the driver measures the worker group's start against it
     ctx = ray.train.get_context()  # [ray]
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()  # [ray]
@@ -75,7 +79,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
     # [3] data: this worker's share of the domain stream, the (unsplit) replay memories and validation sets
     train_shard = ray.train.get_dataset_shard("train")  # [ray]
-    memory = _load_memory() if spec.replay_uris else None
+    memory = read_memories(spec.replay_uris) if spec.replay_uris else None
     if state.phase == "frw" and memory is None:
         raise ValueError(
             f"stage {spec.label}: a function-recovering warmup needs the earlier domains' "
@@ -97,6 +101,8 @@ def train_loop_per_worker(config: dict) -> dict:
         previous=previous,
         previous_fwd=_forward_flops(previous.model, cfg) if previous else 0.0,
         synced=_counts(state),
+        entered=entered,
+        valid=valid,
     )
     if state.growth and state.step == 0:
         g = state.growth
@@ -132,8 +138,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 batch_size=t.micro_batch_size,
             ),
         )
-        ppl = _evaluate(inner, spec, w.masker, device, rank, world)
-        state.evals.append({"step": state.step, "tokens": state.tokens, "ppl": ppl})
+        ppl = _evaluate_into(w, state)
         _sync_counts(w, state)  # the warmup's record holds every rank's counts
         done = {k: v for k, v in state.__dict__.items() if k != "frw"}
         state = TrainState(
@@ -153,8 +158,8 @@ def train_loop_per_worker(config: dict) -> dict:
     rp, kd = cfg.continual.replay, cfg.continual.logit_kd
     w.say(
         spec.label,
-        f"start at step {state.step}/{spec.end} (workers={world}, accumulation={w.accum}, "
-        f"restarts={state.restarts})",
+        f"stage {spec.index + 1} of {len(cfg.data.domains)}: start at step {state.step}/{spec.end}, "
+        f"{_sizes_text(inner.model)} (workers={world}, accumulation={w.accum}, restarts={state.restarts})",
     )
     if memory is not None:
         w.say(
@@ -182,10 +187,11 @@ def train_loop_per_worker(config: dict) -> dict:
     )
 
     # [5] final evaluation on every domain, final checkpoint
-    ppl = _evaluate(inner, spec, w.masker, device, rank, world)
-    state.evals.append({"step": state.step, "tokens": state.tokens, "ppl": ppl})
+    ppl = _evaluate_into(w, state)
     _report(w, state, ppl, optimizer, scheduler, final=True)
     return {
+        "entered": entered,
+        "exited": time.time(),
         "state": state.__dict__,
         "ppl": ppl,
         "sizes": model_sizes(inner.model),
@@ -276,10 +282,24 @@ class _Worker:
     previous_fwd: float
     synced: dict
     """The counts of :func:`_counts` at the last report, summed over the ranks (see :func:`_sync_counts`)."""
+    entered: float
+    """``time.time()`` when the worker's loop began."""
+    valid: ValidationRows
+    """Every domain's validation rows."""
+
+    phase_start: tuple[float, int] = (0.0, 0)
+    """When the running phase's step loop began, and at which step (its ETA's rate)."""
 
     def say(self, label: str, text: str) -> None:
         if self.rank == 0:
             print(f"[stage {label}] {text}", flush=True)
+
+    def steps_after_phase(self, label: str) -> int:
+        """Optimizer steps the run has left after the phase ``label`` (the domain after its warmup, the
+        later stages with theirs): the run's ETA at the running phase's rate, stage starts left out."""
+        plans = stage_plans(self.spec.cfg)[self.spec.index + 1:]
+        later = sum(p.steps + p.frw_steps for p in plans)
+        return later + (self.spec.steps if label == self.spec.frw_label else 0)
 
 
 def _phase_optimizer(w: _Worker, phase: str, start: _Start | None = None):
@@ -351,6 +371,7 @@ def _train(
     seq_tokens = spec.batch_size * cfg.data.seq_len
     micro, loss_acc, ce_acc, kl_acc, alpha = 0, 0.0, 0.0, 0.0, 0.0
     since = (time.perf_counter(), state.tokens)  # the last log line's time and token count
+    w.phase_start = (time.perf_counter(), state.step)
     while state.step < end:
         seen = 0
         wait0 = time.perf_counter()
@@ -361,6 +382,8 @@ def _train(
                 continue
             c0 = time.perf_counter()
             state.data_wait_s += c0 - wait0
+            if state.first_batch_s is None:
+                state.first_batch_s = time.time() - w.entered
             gen = torch.Generator().manual_seed(
                 hash((t.seed, spec.index, w.rank, state.step, micro)) % (2**62)
             )
@@ -422,9 +445,7 @@ def _train(
                 if state.step >= end:
                     break
                 if t.eval_every and state.step % t.eval_every == 0:
-                    ppl = _evaluate(w.inner, spec, w.masker, device, w.rank, w.world)
-                    state.evals.append({"step": state.step, "tokens": state.tokens, "ppl": ppl})
-                    _report(w, state, ppl, optimizer, scheduler)
+                    _report(w, state, _evaluate_into(w, state), optimizer, scheduler)
                 elif state.step % t.checkpoint_every == 0:
                     _report(w, state, None, optimizer, scheduler)
             else:
@@ -477,8 +498,26 @@ def _log_step(w: _Worker, state: TrainState, label: str, end: int, scheduler, si
                           "teacher_s": state.teacher_s})
     parts = {"ki": f" alpha {alpha:.2f} ce {ce:.3f} kl {kl:.3f}", "kd": f" ce {ce:.3f} kd {kl:.3f}"}
     extra = parts.get(note, "")
-    w.say(label, f"step {state.step}/{end} loss {loss:.4f}{extra} lr {lr:.2e} tok/s {tps:,.0f}")
+    per_step = (now - w.phase_start[0]) / max(1, state.step - w.phase_start[1])
+    left = end - state.step
+    later = w.steps_after_phase(label)
+    eta = f"ETA stage {_clock(left * per_step)}, run ~{_clock((left + later) * per_step)}"
+    w.say(label, f"step {state.step}/{end} loss {loss:.4f}{extra} lr {lr:.2e} tok/s {tps:,.0f} {eta}")
     return now, state.tokens
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def _sizes_text(model) -> str:
+    z = model_sizes(model)
+    kv = z.get("num_key_value_heads")
+    heads = f"{z['num_attention_heads']} heads"
+    if kv and kv != z["num_attention_heads"]:
+        heads += f", {kv} KV"
+    return f"{z['num_hidden_layers']} layers x {z['hidden_size']} ({heads}, FFN {z['intermediate_size']})"
 
 
 def _worker_nodes(world: int) -> list[str]:
@@ -489,16 +528,6 @@ def _worker_nodes(world: int) -> list[str]:
     nodes: list = [None] * world
     torch.distributed.all_gather_object(nodes, node)
     return nodes
-
-
-def _load_memory() -> tuple[list[torch.Tensor], list[int]]:
-    """This worker's copy of the replay memories (small: a few % of each earlier domain), read once from
-    the (unsplit) ``replay`` dataset."""
-    return memory_pools(
-        ray.train.get_dataset_shard("replay").iter_torch_batches(  # [ray]
-            batch_size=1024, dtypes=torch.long
-        )
-    )
 
 
 def _mix_replay(ids: torch.Tensor, domain_ids: torch.Tensor, memory, rp, gen: torch.Generator):
@@ -551,6 +580,7 @@ def _sync_counts(w: _Worker, state: TrainState) -> None:
 def _report(w: _Worker, state, ppl, optimizer, scheduler, *, final=False) -> None:
     """All workers call ``ray.train.report`` (a barrier); only rank 0 attaches the checkpoint."""
     spec = w.spec
+    t0 = time.perf_counter()
     _sync_counts(w, state)
     metrics = {"stage": spec.index, "step": state.step, "tokens": state.tokens, "final": final}
     if ppl:
@@ -570,13 +600,24 @@ def _report(w: _Worker, state, ppl, optimizer, scheduler, *, final=False) -> Non
             )
             ckpt = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=ckpt)  # [ray]
+    state.checkpoint_s += time.perf_counter() - t0
+
+
+def _evaluate_into(w: _Worker, state: TrainState) -> dict:
+    """Evaluate every domain now, record it in ``state.evals`` and its time in ``state.eval_s``."""
+    t0 = time.perf_counter()
+    ppl = _evaluate(w.inner, w.spec, w.valid, w.masker, w.device, w.rank, w.world)
+    state.evals.append({"step": state.step, "tokens": state.tokens, "ppl": ppl})
+    state.eval_s += time.perf_counter() - t0
+    return ppl
 
 
 @torch.no_grad()
-def _evaluate(inner: LMObjective, spec: StageSpec, masker: Masker, device, rank: int, world: int) -> dict:
+def _evaluate(inner: LMObjective, spec: StageSpec, valid: ValidationRows, masker: Masker, device, rank: int,
+              world: int) -> dict:
     """Perplexity on every domain's validation rows (the first ``eval_max_sequences`` of each).
 
-    Every worker iterates the whole (small, materialised) validation set and scores the rows whose
+    Every worker iterates the whole (small) validation set and scores the rows whose
     index is ``rank`` modulo the world size; the sums are all-reduced, so the result does not depend
     on the number of workers.
     """
@@ -586,9 +627,7 @@ def _evaluate(inner: LMObjective, spec: StageSpec, masker: Masker, device, rank:
     totals = torch.zeros(2 * n, dtype=torch.float64, device=device)  # [nll sums..., counts...]
     taken = [0] * n
     row = 0
-    for batch in ray.train.get_dataset_shard("valid").iter_torch_batches(  # [ray] unsplit
-        batch_size=spec.cfg.train.micro_batch_size, dtypes=torch.long
-    ):
+    for batch in valid.batches(spec.cfg.train.micro_batch_size):
         for d in batch["domain_id"].unique().tolist():
             ids = batch["input_ids"][batch["domain_id"] == d]
             ids = ids[: max(0, cap - taken[d])]

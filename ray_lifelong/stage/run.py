@@ -10,14 +10,14 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from ray_lifelong.config.schema import LifelongConfig
-from ray_lifelong.data.memory import memory_dataset
+from ray_lifelong.data.memory import check_memories
 from ray_lifelong.data.packed import training_rows
 from ray_lifelong.data.sources import DataError, data_error_text, root_cause
-from ray_lifelong.data.stream import StreamOptions, quiet_ray_data
+from ray_lifelong.data.stream import StreamOptions, ValidationRows, quiet_ray_data
 from ray_lifelong.data.tokenizer import load_tokenizer
 from ray_lifelong.distill.teacher import check_teacher_compatible
 from ray_lifelong.flops import sequence_flops
-from ray_lifelong.layout import run_layout
+from ray_lifelong.layout import run_layout, stage_name
 from ray_lifelong.models.build import find_model_dir
 from ray_lifelong.stage.checkpoint import checkpoint_uri
 from ray_lifelong.stage.loop import train_loop_per_worker
@@ -28,17 +28,12 @@ class StageFailedError(RuntimeError):
     """A stage that Ray Train could not finish; the message carries the root cause."""
 
 
-def stage_name(run_name: str, index: int, domain: str, segment: int | None = None) -> str:
-    """Deterministic Ray Train run name: re-running with it resumes from the stage's checkpoints."""
-    return f"{run_name}-stage{index}-{domain}" + ("" if segment is None else f"-seg{segment}")
-
-
-def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_ds, bad_log=None,
+def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid: ValidationRows, bad_log=None,
               train_ds=None, callbacks=None) -> StageResult:
     """Train ``spec.domain`` on Ray Train and evaluate every domain; return the stage record.
 
     Args:
-        valid_ds: the run's materialised validation rows (:func:`validation_dataset`).
+        valid: the run's validation rows (:func:`validation_dataset`).
         bad_log: a :class:`BadRecordLog` actor collecting skipped records.
         train_ds: the training stream (rows ``{input_ids, domain_id}``); ``None`` streams the domain's
             own training files.
@@ -54,12 +49,10 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
         i = index[spec.domain]
         train_ds = training_rows([(i, cfg.data.domains[i])], opts, prompts=cfg.continual.prompts, log=bad_log,
                                  packed_root=run_layout(cfg).packed)
-    replay = {}
-    if spec.replay_uris:
-        replay = {"replay": memory_dataset(spec.replay_uris, num_cpus=cfg.data.read_num_cpus)}
+    check_memories(spec.replay_uris)  # read by the workers themselves: a missing one is said here
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec},
+        train_loop_config={"spec": spec, "valid": valid},
         # a stage may take its own workers, e.g. more after growth
         scaling_config=ray_scaling(spec.domain_cfg.scaling or cfg.scaling),
         run_config=RunConfig(
@@ -69,12 +62,12 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
                                          controller_failure_limit=cfg.ray.startup_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             logging_config=LoggingConfig(log_level="WARNING"), callbacks=callbacks),
-        datasets={"train": train_ds, "valid": valid_ds, **replay},
-        # validation and replay memories are not split: every worker scores all validation rows (its
+        # validation rows and replay memories travel apart: every worker scores all validation rows (its
         # share by index) and draws replayed rows from the whole memory
+        datasets={"train": train_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    t0 = time.perf_counter()
+    t0, fit_started = time.perf_counter(), time.time()
     try:
         result = trainer.fit()
     except Exception as e:  # TrainingFailedError wraps the worker's exception several levels deep
@@ -82,7 +75,7 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
         bad_input = data_error_text(e)
         error = DataError if bad_input else StageFailedError
         raise error(f"stage {spec.index} ({spec.domain}) failed: {bad_input or root_cause(e)}") from e
-    wall = time.perf_counter() - t0
+    wall, fit_ended = time.perf_counter() - t0, time.time()
     out = result.return_value or {}
     state = out.get("state", {})
     sizes = out.get("sizes", {})  # the trained model's sizes: after growth they differ from cfg.model
@@ -124,6 +117,8 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid_d
         checkpoint=checkpoint_uri(result.checkpoint.path, result.checkpoint.filesystem, storage_path),
     )
     res.bad_records, res.teacher_flops, res.frw = _bad_records(bad_log), teacher_flops, frw
+    if "entered" in out:  # what the worker group's start and end cost around the workers' own time
+        res.timings.update(start_s=out["entered"] - fit_started, end_s=fit_ended - out["exited"])
     return res
 
 
@@ -160,6 +155,8 @@ def _phase_result(
         phase=phase,
         replayed_sequences=state.get("replayed", 0),
         nodes=nodes,
+        timings={k: state.get(k) for k in ("first_batch_s", "compute_s", "data_wait_s", "eval_s",
+                                            "checkpoint_s")},
     )
 
 

@@ -91,7 +91,8 @@ class StageSpec:
 
     @property
     def label(self) -> str:
-        return f"{self.index:02d}-{self.domain}" + ("" if self.segment is None else f"-seg{self.segment}")
+        base = f"{self.index:02d}-{self.domain}"  # StagePlan.label
+        return base + ("" if self.segment is None else f"-seg{self.segment}")
 
     @property
     def frw_label(self) -> str:
@@ -132,6 +133,10 @@ class StageResult:
     replayed_sequences: int = 0
     nodes: list[str] = field(default_factory=list)
     """Ray node id of each worker rank."""
+    timings: dict = field(default_factory=dict)
+    """Where the phase's wall time went (seconds): ``first_batch_s`` (worker start to first micro-batch),
+    ``compute_s``, ``data_wait_s``, ``eval_s``, ``checkpoint_s``; for the run's last phase also ``start_s``
+    (``fit()`` called to the workers' loop) and ``end_s`` (loop returned to ``fit()`` returned)."""
     frw: "StageResult | None" = None
     """The function-recovering warmup that ran first in this stage's Ray Train run (``phase="frw"``; its
     ``checkpoint_path`` is empty: the model after it is where the domain phase starts, not kept apart)."""

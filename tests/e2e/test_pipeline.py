@@ -87,6 +87,34 @@ def test_results_json_has_full_matrix_and_metrics(finished_run):
     assert "step 8/8" in proc.stdout + proc.stderr  # progress lines reach the terminal
 
 
+def test_the_console_holds_the_projects_lines_and_nothing_of_rays_internals(finished_run):
+    """Every line a run prints is the project's own (or the command's closing AP line)."""
+    from ray_lifelong.console import OWN
+
+    _, _, proc = finished_run
+    text = proc.stdout + proc.stderr
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    foreign = [ln for ln in lines if not OWN.match(ln) and not ln.startswith("AP (geometric)")]
+    if "Found multiple active Ray instances" in text:
+        # a real error of Ray Train's placement-group cleaner, which looks its cluster up by address and
+        # fails when another Ray cluster runs on the same machine (a test run beside this one): not noise
+        foreign = [ln for ln in foreign if "PlacementGroupCleaner" not in ln]
+    assert not foreign, "\n".join(foreign[:10])
+    assert any("ETA stage" in ln for ln in lines) and any("stage 2 of 2" in ln for ln in lines)
+
+
+def test_tensorboard_curves_and_status_of_the_finished_run(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _, _ = finished_run
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12, 14, 16]  # log_every=2
+    assert [e.step for e in acc.Scalars("stage/ppl/sports")] == [8, 16]
+    proc = cli("status", str(run))
+    assert proc.returncode == 0 and "done, final AP" in proc.stdout and "[done] 01-astronomy" in proc.stdout
+
+
 def test_run_directory_layout(finished_run):
     run, _, _ = finished_run
     for name in ("config.yaml", "report.md", "ppl_matrix_and_loss.png", "tokenizer/tokenizer.json",

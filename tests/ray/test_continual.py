@@ -198,7 +198,7 @@ def test_the_domain_phase_after_the_warmup_trains_as_its_own_run_would(ray_4cpus
         spec,
         tokenizer_dir=tok,
         storage_path=str(tmp_path / "alone"),
-        valid_ds=validation_dataset(cfg.data.domains, opts, None, prompts=True),
+        valid=validation_dataset(cfg.data.domains, opts, None, prompts=True),
         train_ds=stage_stream(cfg, 1, opts, None),
     )
     s1 = res["stages"][1]

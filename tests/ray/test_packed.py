@@ -166,19 +166,16 @@ def test_the_memory_of_the_packed_domain_is_the_memory_of_its_text(setup, tmp_pa
     ]
     assert capped[0]["sequences"] == capped[1]["sequences"] == 7
     assert pq.read_table(str(tmp_path / "ct")).equals(pq.read_table(str(tmp_path / "cp")))
-    # the same sample written in another order and other files, read back by Ray Data in whatever order its
-    # blocks come: the workers' pools (replay draws and the warmup pick rows by position in them) are the same
-    from ray_lifelong.data.memory import keyed_shuffle, memory_dataset, memory_pools
+    # the same sample written in another order and other files: the workers' pools (replay draws and the
+    # warmup pick rows by position in them) are the same
+    from ray_lifelong.data.memory import keyed_shuffle, read_memories
 
     cut = write_memory(
         keyed_shuffle(packed_dataset([rec]), seed=9).repartition(3), str(tmp_path / "cut"), **kw
     )
     assert cut["sequences"] == text["sequences"]
     assert not pq.read_table(str(tmp_path / "cut")).equals(pq.read_table(str(tmp_path / "packed")))
-    pools = [
-        memory_pools(memory_dataset([str(tmp_path / n)]).iter_torch_batches(batch_size=3, dtypes=torch.long))
-        for n in ("text", "packed", "cut")
-    ]
+    pools = [read_memories([str(tmp_path / n)]) for n in ("text", "packed", "cut")]
     assert all(p[1] == [1] and torch.equal(p[0][0], pools[0][0][0]) for p in pools)
     # the shuffle of a joint stage and of the FRW's memory stream: one order for both block layouts
     from ray_lifelong.data.memory import keyed_shuffle

@@ -37,7 +37,7 @@ def make_stage(root, out, extra=(), steps=12):
     log = BadRecordLog.remote()
     valid = validation_dataset(cfg.data.domains, StreamOptions(tok_dir, cfg.model.arch, cfg.data), log)
     return spec, dict(
-        tokenizer_dir=tok_dir, storage_path=str(Path(out) / "ckpt"), valid_ds=valid, bad_log=log
+        tokenizer_dir=tok_dir, storage_path=str(Path(out) / "ckpt"), valid=valid, bad_log=log
     )
 
 

@@ -167,3 +167,37 @@ def test_an_empty_memory_is_a_clear_error():
 
     with pytest.raises(DataError, match="hold no sequence"):
         memory_pools([])
+
+
+def test_memories_read_back_from_their_files_in_any_cut_as_one_canonical_pool(tmp_path):
+    """Workers read the memories straight from Parquet: the pools are those of the rows, however the
+    writer cut them into files, and a memory without its marker is refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ray_lifelong.data import markers
+    from ray_lifelong.data.memory import MARKER, memory_pools, read_memories
+
+    rng = np.random.default_rng(0)
+    rows = {3: rng.integers(0, 50, (7, 4), dtype=np.int32), 5: rng.integers(0, 50, (4, 4), dtype=np.int32)}
+
+    def write(name: str, cuts: list[int], d: int) -> str:
+        uri = str(tmp_path / name)
+        (tmp_path / name).mkdir()
+        for i, part in enumerate(np.split(rows[d], cuts)):
+            table = pa.table({"input_ids": pa.array(list(part), type=pa.list_(pa.int32())),
+                              "domain_id": pa.array(np.full(len(part), d, np.int32))})
+            pq.write_table(table, f"{uri}/part-{i:06d}.parquet")
+        markers.write_marker(uri, MARKER, {"uri": uri})
+        return uri
+
+    one = read_memories([write("a", [], 3), write("b", [1, 3], 5)])
+    cut = read_memories([write("c", [2, 5], 3), write("d", [], 5)])
+    direct = memory_pools([{"input_ids": torch.from_numpy(rows[d]).long(),
+                            "domain_id": torch.full((len(rows[d]),), d)} for d in (5, 3)])
+    for pools in (one, cut):
+        assert pools[1] == [3, 5] == direct[1]
+        assert all(torch.equal(p, q) for p, q in zip(pools[0], direct[0]))
+    (tmp_path / "e").mkdir()
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        read_memories([str(tmp_path / "e")])

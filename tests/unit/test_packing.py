@@ -77,3 +77,19 @@ def test_fixed_mask_depends_on_row_content_not_batch():
     assert torch.equal(a_in, b_in.flip(0)) and torch.equal(a_lab, b_lab.flip(0))
     c_in, _ = mlm_mask_fixed(ids, seed=4, **kw)
     assert not torch.equal(a_in, c_in)
+
+
+def test_validation_rows_keep_every_scored_row_and_batch_as_the_stream():
+    """An evaluation scores each domain's first ``cap`` rows in stream order; the rows kept end at the last
+    of those, and their batches are consecutive slices of the stream."""
+    from ray_lifelong.data.stream import scored_rows
+
+    dom = np.array([0, 0, 0, 1, 0, 1, 1, 1, 2, 2, 1], np.int32)
+    ids = np.arange(len(dom) * 2, dtype=np.int32).reshape(-1, 2)
+    kept = scored_rows(ids, dom, 3, cap=2)
+    assert len(kept.domain_id) == 10  # domain 2's second row is the last one scored
+    kept = scored_rows(ids, dom, 3, cap=1)
+    assert len(kept.domain_id) == 9
+    batches = list(scored_rows(ids, dom, 3, cap=99).batches(4))
+    assert [len(b["domain_id"]) for b in batches] == [4, 4, 3]
+    assert torch.equal(torch.cat([b["input_ids"] for b in batches]), torch.from_numpy(ids).long())

@@ -1,0 +1,37 @@
+"""The console filter: Ray's known internal messages dropped, the project's lines and real errors kept."""
+
+from ray_lifelong.console import keep_lines
+
+# lines as Ray forwards them from its worker processes (captured from a demo run)
+RAY_NOISE = [
+    "[2026-12-07 01:11:24,058 E 4785 4815] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+    "and ID: '31fc8ffb89ad29c0340fa7b801000000' has constructor arguments in the object store and "
+    "max_restarts > 0. If the arguments in the object store go out of scope or are lost, the actor restart "
+    "will fail. See https://github.com/ray-project/ray/issues/53727 for more details.",
+    "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars "
+    "= True`.",
+    "Reporting training result 1: TrainingReport(checkpoint=None, metrics={'stage': 0, 'step': 30}, "
+    "validation=False) from rank 1",
+    "/x/ray/data/_internal/execution/interfaces/execution_options.py:436: RayDeprecationWarning: "
+    "`ExecutionOptions.exclude_resources` is deprecated and will be removed after January 2027.",
+    "  self.exclude_resources = exclude_resources",
+    "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = "
+    "True`.\x1b[32m [repeated 2x across cluster] (Ray deduplicates logs by default. Set "
+    "RAY_DEDUP_LOGS=0)\x1b[0m",
+]
+
+
+def test_ray_noise_is_dropped_and_the_projects_lines_and_errors_kept():
+    own_lines = ["[stage 00-sports] step 10/60 loss 4.8683 lr 1.75e-03 tok/s 1,171 ETA stage 0:12, run ~1:02",
+                 "[run] memory of 'sports': 75 sequences -> /r/memory/00-sports"]
+    errors = ["Traceback (most recent call last):", '  File "loop.py", line 3, in f',
+              "ValueError: the tokenizer has 12 tokens but the model's vocabulary only 8"]
+    own, other = keep_lines(RAY_NOISE[:3] + own_lines[:1] + RAY_NOISE[3:] + own_lines[1:] + errors)
+    assert own == own_lines
+    assert other == errors  # a traceback's indented lines stay: only a dropped warning's source line goes
+
+
+def test_a_repeated_line_of_our_own_loses_rays_dedup_suffix():
+    repeated = "[stage 01-cooking] start at step 0/60\x1b[32m [repeated 2x across cluster]\x1b[0m"
+    own, other = keep_lines([repeated])
+    assert own == ["[stage 01-cooking] start at step 0/60"] and other == []

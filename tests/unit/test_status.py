@@ -1,0 +1,45 @@
+"""``ray-lifelong status``: a run's progress from its files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ray_lifelong.cli import main
+from ray_lifelong.config import load_config
+from ray_lifelong.config.load import save_config
+from ray_lifelong.layout import run_layout, stage_name
+from ray_lifelong.status import run_status
+
+
+def test_status_reads_done_stages_and_the_current_stages_newest_complete_checkpoint(tmp_path, capsys):
+    doms = "[{name: a, train: [x], valid: [x]}, {name: b, train: [x], valid: [x], steps: 30}]"
+    cfg = load_config(None, [f"output_dir={tmp_path}", "run_name=r", f"data.domains={doms}",
+                             "train.steps=20"])
+    lay = run_layout(cfg)
+    lay.root.mkdir(parents=True)
+    save_config(cfg, lay.config)
+    assert run_status(lay.root)["current"] == {"label": "00-a", "checkpoint": None}
+    lay.stage_marker("00-a").parent.mkdir(parents=True)
+    lay.stage_marker("00-a").write_text(json.dumps({"ppl": {"a": 12.5, "b": 80.0}, "wall_time_s": 33.0}))
+    run = lay.root / "checkpoints" / stage_name("r", 1, "b")
+    for name, step in (("checkpoint_2026-01-01_00-00-01.1", 10), ("checkpoint_2026-01-01_00-00-02.1", 20)):
+        (run / name).mkdir(parents=True)
+        hist = [{"step": step, "loss": 3.5, "lr": 1e-3, "tokens_per_s": 900.0}]
+        (run / name / "state.json").write_text(json.dumps({"phase": "main", "step": step, "history": hist}))
+    (run / "checkpoint_2026-01-01_00-00-03.1").mkdir()  # being written: no state.json yet
+    st = run_status(lay.root)
+    assert [s["done"] for s in st["stages"]] == [True, False] and st["stages"][0]["ppl"] == 12.5
+    assert st["current"]["label"] == "01-b" and st["current"]["step"] == 20
+    assert st["current"]["last"] == {"loss": 3.5, "lr": 1e-3, "tokens_per_s": 900.0}
+    assert main(["status", str(lay.root)]) == 0
+    out = capsys.readouterr().out
+    assert "[done] 00-a: 20 steps, PPL on its domain 12.50" in out and "01-b (main) at step 20" in out
+    assert main(["status", str(tmp_path)]) == 2  # not a run directory: a user's mistake
+    assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_status_of_a_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        run_status(tmp_path / "nope")
