@@ -160,6 +160,7 @@ def _phase_result(
         phase=phase,
         replayed_sequences=state.get("replayed", 0),
         nodes=nodes,
+        initial_ppl=state.get("initial_ppl"),
     )
 
 
