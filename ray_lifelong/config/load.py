@@ -29,6 +29,7 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     where = str(path) if path is not None else "<defaults>"
     schema = OmegaConf.structured(LifelongConfig)
     given: set[str] = set()  # the model.* fields the user set, which a checkpoint's values may not override
+    required = False  # a file marks model.init_from ??? (continue a checkpoint the user names)
     try:
         merged = schema
         if path is not None:
@@ -36,6 +37,7 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
                 raise ConfigError(f"config file not found: {path}")
             raw = OmegaConf.load(path)
             given |= _model_keys(raw)
+            required = _requires_init_from(raw)
             merged = OmegaConf.merge(schema, raw)
         for item in overrides:
             if "=" in item:
@@ -56,9 +58,13 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
                 where += f" + {item}"
                 raw = OmegaConf.load(item)
                 given |= _model_keys(raw)
+                required = required or _requires_init_from(raw)
                 merged = OmegaConf.merge(merged, raw)
             else:
                 raise ConfigError(f"override {item!r} is neither key=value nor a .yaml overlay")
+        if required and merged.model.init_from is None:
+            raise ConfigError(f"{where}: model.init_from is ??? (required): give the checkpoint to start "
+                              "from, e.g. model.init_from=PATH")
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
@@ -70,6 +76,13 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     take_checkpoint_fields(cfg, given, where)
     validate(cfg, where)
     return apply_growth_mode(cfg)
+
+
+def _requires_init_from(raw) -> bool:
+    """Whether a YAML file marks ``model.init_from`` as ``???``: merged over the schema's ``None`` it would
+    vanish (OmegaConf keeps the default), and the run would quietly train a fresh model."""
+    model = raw.get("model") if isinstance(raw, DictConfig) else None
+    return isinstance(model, DictConfig) and OmegaConf.is_missing(model, "init_from")
 
 
 def _model_keys(raw) -> set[str]:

@@ -15,7 +15,7 @@ import ray
 from ray_lifelong.config.schema import DataConfig, DomainConfig
 from ray_lifelong.data.packing import PackSpec, pack
 from ray_lifelong.data.sources import BadRecord, DataError, iter_documents, resolve_sources
-from ray_lifelong.data.tokenizer import load_tokenizer, prompt_token
+from ray_lifelong.data.tokenizer import document_bos, load_tokenizer, prompt_token
 
 
 @ray.remote(num_cpus=0)
@@ -119,13 +119,6 @@ def pack_spec(tokenizer, seq_len: int, arch: str, prompt: str | None = None) -> 
         )
     return PackSpec(seq_len, tokenizer.eos_token_id, prompt_ids, (), doc_prefix=document_bos(tokenizer))
 
-
-def document_bos(tokenizer) -> tuple[int, ...]:
-    """``(bos,)`` when the tokenizer puts a BOS other than its EOS before every text, else ``()``."""
-    bos = tokenizer.bos_token_id
-    if bos is None or bos == tokenizer.eos_token_id:
-        return ()
-    return (bos,) if tokenizer("a")["input_ids"][:1] == [bos] else ()
 
 
 @dataclass(frozen=True)

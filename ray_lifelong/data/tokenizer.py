@@ -125,6 +125,15 @@ def sample_texts(domains: list[DomainConfig], docs_per_domain: int) -> Iterable[
         yield from itertools.islice(docs, docs_per_domain)
 
 
+def document_bos(tokenizer) -> tuple[int, ...]:
+    """``(bos,)`` when the tokenizer puts a BOS other than its EOS before every text (Llama's and Mistral's
+    ``<s>``), else ``()`` (GPT-2's ``<|endoftext|>`` is BOS and EOS alike, the trained BPE's too)."""
+    bos = tokenizer.bos_token_id
+    if bos is None or bos == tokenizer.eos_token_id:
+        return ()
+    return (bos,) if tokenizer("a")["input_ids"][:1] == [bos] else ()
+
+
 def special_token_ids(tokenizer) -> list[int]:
     """Ids never selected for MLM masking (specials and prompts)."""
     return sorted(set(tokenizer.all_special_ids))

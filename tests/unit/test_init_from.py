@@ -12,7 +12,7 @@ import torch
 from ray_lifelong.config import ConfigError, load_config, save_config
 from ray_lifelong.config.plan import stage_plans
 from ray_lifelong.data.stream import pack_spec
-from ray_lifelong.data.tokenizer import load_tokenizer
+from ray_lifelong.data.tokenizer import document_bos, load_tokenizer
 from ray_lifelong.models.build import LMObjective, load_model, padded_vocab
 from ray_lifelong.models.init_from import add_token_rows, inspect_checkpoint, local_model_dir
 from ray_lifelong.pipeline import prepare_start
@@ -257,7 +257,13 @@ def test_rows_follow_the_checkpoint_tokenizers_specials(checkpoints, demo_corpus
         roberta.convert_tokens_to_ids("</s>"),) == (spec.separator,)
     gpt2_style = checkpoint_tokenizer(demo_texts(demo_corpus)[:50], "llama")
     gpt2_style.bos_token = gpt2_style.eos_token  # one token is BOS, EOS and separator: no BOS of its own
-    assert pack_spec(gpt2_style, 16, "gpt2").doc_prefix == ()
+    assert pack_spec(gpt2_style, 16, "gpt2").doc_prefix == () == document_bos(gpt2_style)
+    # a downstream example reads like a pre-training row: prompt, then the document's own BOS
+    from ray_lifelong.downstream.tasks import encode_text
+
+    ids = encode_text(llama, "the ball", arch="llama", max_length=16, prompt_id=7)
+    assert ids[:2] == [7, llama.bos_token_id] and ids[2:] == llama("the ball", add_special_tokens=False)[
+        "input_ids"]
 
 
 def test_roberta_objective_is_the_full_forward_at_the_masked_positions():
