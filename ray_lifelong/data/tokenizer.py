@@ -128,8 +128,8 @@ def sample_texts(domains: list[DomainConfig], docs_per_domain: int) -> Iterable[
 def document_bos(tokenizer) -> tuple[int, ...]:
     """``(bos,)`` when the tokenizer puts a BOS other than its EOS before every text (Llama's and Mistral's
     ``<s>``), else ``()`` (GPT-2's ``<|endoftext|>`` is BOS and EOS alike, the trained BPE's too)."""
-    bos = tokenizer.bos_token_id
-    if bos is None or bos == tokenizer.eos_token_id:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or bos == getattr(tokenizer, "eos_token_id", None):
         return ()
     return (bos,) if tokenizer("a")["input_ids"][:1] == [bos] else ()
 

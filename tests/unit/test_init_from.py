@@ -52,6 +52,15 @@ def test_the_architecture_and_sizes_come_from_the_checkpoint(checkpoints, demo_c
     assert (roberta.arch, roberta.max_position_embeddings, roberta.dropout) == ("bert", 64, 0.1)
 
 
+def test_a_sweeps_values_are_checked_against_the_checkpoint_too(checkpoints, demo_corpus, tmp_path):
+    from ray_lifelong.config import with_values
+
+    cfg = load_config(None, overrides(demo_corpus, tmp_path, checkpoints["llama"]))
+    assert with_values(cfg, {"train.lr": 0.01}).model == cfg.model
+    with pytest.raises(ConfigError, match=r"model\.hidden_size=64 \(the checkpoint's: 32\)"):
+        with_values(cfg, {"model.hidden_size": 64})
+
+
 def test_a_run_directory_and_a_stage_checkpoint_lead_to_their_model(checkpoints, tmp_path):
     shutil.copytree(checkpoints["llama"], tmp_path / "run" / "final_model")
     shutil.copytree(checkpoints["llama"], tmp_path / "checkpoint_000001" / "model")
