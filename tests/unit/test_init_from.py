@@ -302,3 +302,32 @@ def test_the_report_shows_the_starting_perplexities_above_stage_0(tmp_path):
     write_report(summary, tmp_path)
     table = (tmp_path / "report.md").read_text().split("## Lifelong metrics")[0]
     assert table.index("| before stage 0 (model.init_from) | 50.00 | 60.00 |") < table.index("| 0 (a) |")
+
+
+def test_a_checkpoint_on_s3_is_inspected_in_place_and_copied_once(checkpoints, demo_corpus, tmp_path):
+    import pyarrow.fs as pafs
+
+    from tests.conftest import moto_server
+
+    with moto_server() as endpoint:
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1",
+                               access_key="test", secret_key="test", allow_bucket_creation=True)
+        fs.create_dir("models")
+        for f in checkpoints["llama"].iterdir():  # as a run's directory holds its model
+            with fs.open_output_stream(f"models/run/final_model/{f.name}", compression=None) as out:
+                out.write(f.read_bytes())
+        query = f"?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+        cfg = load_config(None, overrides(demo_corpus, tmp_path, f"s3://models/run{query}",
+                                          "continual.prompts=true"))
+        assert cfg.model.arch == "llama" and inspect_checkpoint(cfg.model.init_from).model_dir == (
+            f"s3://models/run/final_model{query}")
+        tok_dir, _ = prepare_start(cfg)
+        source = tmp_path / "run" / "init" / "source"
+        assert json.loads((source / "source.json").read_text())["uri"].startswith("s3://models/run/final_model")
+        assert load_tokenizer(tok_dir).convert_tokens_to_ids("<dom:sports>") == len(
+            load_tokenizer(checkpoints["llama"]))
+        copied = (source / "source.json").stat().st_mtime_ns
+        prepare_start(cfg)
+        assert (source / "source.json").stat().st_mtime_ns == copied
+        with pytest.raises(ConfigError, match=r"s3://models/none\?endpoint_override=.*: no config\.json"):
+            load_config(None, overrides(demo_corpus, tmp_path, f"s3://models/none{query}"))
