@@ -27,7 +27,7 @@ def continue_overrides(root, out, checkpoint, name: str) -> list[str]:
         "data.seq_len=32", "data.eval_max_sequences=8",
         "train.steps=5", "train.batch_size=4", "train.micro_batch_size=4", "train.lr=3e-3",
         "train.log_every=5", "train.checkpoint_every=5", "train.warmup_ratio=0.2",
-        "scaling.num_workers=1", "scaling.cpus_per_worker=0.5", "ray.max_failures=0",
+        "scaling.num_workers=1", "scaling.cpus_per_worker=0.5", "ray.max_failures=1",
         "continual.prompts=true", "continual.replay.enabled=true", "continual.replay.memory_fraction=0.3",
         "continual.replay.ratio=0.25", "continual.frw.steps=2", "continual.frw.warmup_steps=1",
     ]
