@@ -152,10 +152,12 @@ def _pack(args) -> int:
 
 
 def _run(args) -> int:
-    from ray_lifelong.pipeline import check_run_start, run_lifelong
+    from ray_lifelong.pipeline import check_run_start, prepare_start, run_lifelong
 
     cfg = _config(args)
     check_run_start(cfg, args.resume)  # before starting Ray
+    if cfg.model.init_from:  # its tokenizer and starting model too (a URI is copied now, once)
+        prepare_start(cfg)
     with ray_session(cfg, args.verbose):
         summary = run_lifelong(cfg, resume=args.resume)
         if cfg.finetune.tasks:  # downstream evaluation of the final model, when the config lists tasks

@@ -3,7 +3,10 @@
 ``<output_dir>/<run_name>/``::
 
     config.yaml         resolved config
-    tokenizer/          the HF tokenizer (trained here unless ``tokenizer.path`` is given)
+    tokenizer/          the HF tokenizer (trained here unless ``tokenizer.path`` or ``model.init_from``
+                        gives one; with ``continual.prompts`` a checkpoint's gets the domains' prompts)
+    init/               with ``model.init_from``: stage 0's starting model (``model/``, prompt rows added)
+                        and, for a URI, the copy of it (``source/``)
     packed/             with ``data.pretokenize``: each domain's packed rows (``data.packed_path`` moves it)
     memory/             with replay: each finished domain's memory (``continual.replay.memory_path`` moves it)
     checkpoints/        Ray Train storage (``ray.storage_path`` moves it): one run per stage,
@@ -44,6 +47,12 @@ class RunLayout:
     @property
     def tokenizer(self) -> Path:
         return self.root / "tokenizer"
+
+    @property
+    def init(self) -> Path:
+        """``model.init_from``'s checkpoint as stage 0 starts from it: ``model/`` beside ``init.json``, which
+        says what it was made from (see :func:`ray_lifelong.models.init_from.prepare_start_model`)."""
+        return self.root / "init"
 
     @property
     def stages(self) -> Path:

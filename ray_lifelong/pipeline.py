@@ -22,9 +22,10 @@ from ray_lifelong.data.demo import prepare_demo
 from ray_lifelong.data.memory import keyed_shuffle, memory_uri, read_marker, write_memory
 from ray_lifelong.data.packed import pack_domain, training_rows
 from ray_lifelong.data.stream import StreamOptions, bad_record_log, quiet_ray_data, validation_dataset
-from ray_lifelong.data.tokenizer import prepare_tokenizer
+from ray_lifelong.data.tokenizer import checkpoint_vocab, load_tokenizer, prepare_tokenizer
 from ray_lifelong.eval.metrics import average_increased_perplexity, average_perplexity
 from ray_lifelong.layout import run_layout
+from ray_lifelong.models.init_from import prepare_start_model
 from ray_lifelong.report import write_report
 from ray_lifelong.stage.run import run_stage
 from ray_lifelong.stage.spec import StageResult, StageSpec, read_tokenizer_files
@@ -55,10 +56,8 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
     lay = run_layout(cfg)
     if resume and lay.config.exists() and lay.config.read_text() != to_yaml(cfg):
         print(f"[run] note: config differs from the one saved in {lay.config}; the new one is used and saved")
-    lay.root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, lay.config)
-    prepare_demo(cfg)
-    tok_dir = prepare_tokenizer(cfg, lay.tokenizer)
+    tok_dir, prev_ckpt = prepare_start(cfg)
     tok_files = read_tokenizer_files(tok_dir)
     names = [d.name for d in cfg.data.domains]
     quiet_ray_data()
@@ -70,7 +69,6 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
     memories: list[dict] = []
     plans = stage_plans(cfg)
     replay = cfg.continual.replay
-    prev_ckpt = None
     tracker = RunTracker(cfg)
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory")
 
@@ -153,9 +151,14 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
             frw_results[i] = frw
         results.append(res)
         if ran_now:
+            if res.initial_ppl:
+                tracker.initial(res.initial_ppl)
             tracker.stage(res, run_step, [[r.ppl[d] for d in names] for r in results], names)
         run_step += res.steps + (frw.steps if frw is not None else 0)
         res.frw = None
+        if res.initial_ppl:
+            print("[run] model.init_from before training: "
+                  + ", ".join(f"{d} ppl {p:.2f}" for d, p in res.initial_ppl.items()))
         prev_ckpt = ray.train.Checkpoint(res.checkpoint_path)
         if memory is not None:
             memories.append(memory.result())
@@ -171,6 +174,28 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
     tracker.close(lay.results)
     print(f"[run] done: {lay.results}, report.md, final_model/")
     return summary
+
+
+def prepare_start(cfg: LifelongConfig) -> tuple[str, ray.train.Checkpoint | None]:
+    """What a run starts from, made before any Ray work (the CLI calls it before starting Ray, so that a
+    checkpoint that does not fit fails first): the run's tokenizer directory, and stage 0's model, ``None``
+    for a fresh one of ``model.*`` or ``model.init_from`` prepared under the run's ``init/`` (its URI
+    copied once, the domains' prompt tokens given embedding rows).
+
+    Raises:
+        ConfigError: the checkpoint's tokenizer does not fit (see :func:`checkpoint_tokenizer`).
+    """
+    lay = run_layout(cfg)
+    lay.root.mkdir(parents=True, exist_ok=True)
+    prepare_demo(cfg)
+    tok_dir = prepare_tokenizer(cfg, lay.tokenizer)
+    if not cfg.model.init_from:
+        return tok_dir, None
+    known = checkpoint_vocab(cfg)
+    vocab = load_tokenizer(tok_dir).get_vocab()
+    new_ids = sorted(i for t, i in vocab.items() if t not in known)
+    start = prepare_start_model(cfg, tokens=len(vocab), new_ids=new_ids, known=len(known))
+    return tok_dir, ray.train.Checkpoint(start)
 
 
 def check_pretokenize(cfg: LifelongConfig) -> None:
@@ -245,12 +270,14 @@ def results_summary(
     frw: dict[int, StageResult] | None = None,
     memories: list[dict] | None = None,
 ) -> dict:
-    """``results.json``: the PPL matrix (rows = after stage i, columns = domains), AP, AP+ and costs.
+    """``results.json``: the PPL matrix (rows = after stage i, columns = domains), the starting checkpoint's
+    perplexities (``initial_ppl``, in the domains' order), AP, AP+ and costs.
 
     A stage's FLOPs and wall time include its function-recovering warmup (recorded under ``frw``).
     """
     frw = frw or {}
     matrix = [[r.ppl[d] for d in domains] for r in results]
+    initial = results[0].initial_ppl if results else None
     cum_flops = 0.0
     stages = []
     for i, r in enumerate(results):
@@ -269,6 +296,8 @@ def results_summary(
     return {
         "domains": domains,
         "ppl_matrix": matrix,
+        # model.init_from's perplexity before the first stage (the row above the matrix); None otherwise
+        "initial_ppl": [initial[d] for d in domains] if initial else None,
         "AP": average_perplexity(matrix, geometric=True),
         "AP_arithmetic": average_perplexity(matrix, geometric=False),
         "AP_plus": average_increased_perplexity(matrix),

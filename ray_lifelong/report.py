@@ -21,6 +21,9 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def write_report(summary: dict, out_dir: Path) -> None:
     doms = summary["domains"]
+    # a run from model.init_from: the checkpoint as it started, above the stages' rows
+    initial = summary.get("initial_ppl")
+    initial = [["before stage 0 (model.init_from)"] + initial] if initial else []
     parts = [
         "# Lifelong pre-training report",
         "",
@@ -28,7 +31,7 @@ def write_report(summary: dict, out_dir: Path) -> None:
         "",
         markdown_table(
             ["after stage"] + doms,
-            [
+            initial + [
                 [f"{i} ({s['domain']})"] + row
                 for i, (s, row) in enumerate(zip(summary["stages"], summary["ppl_matrix"]))
             ],

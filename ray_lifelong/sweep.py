@@ -30,7 +30,7 @@ from ray_lifelong.data.stream import StreamOptions, bad_record_log, validation_d
 from ray_lifelong.data.tokenizer import prepare_tokenizer
 from ray_lifelong.ki import variants
 from ray_lifelong.layout import run_layout
-from ray_lifelong.pipeline import results_summary, run_lifelong
+from ray_lifelong.pipeline import prepare_start, results_summary, run_lifelong
 from ray_lifelong.stage.run import run_stage
 from ray_lifelong.stage.spec import StageSpec, read_tokenizer_files
 
@@ -96,6 +96,7 @@ def absolute_paths(cfg: LifelongConfig) -> LifelongConfig:
 
     c = copy.deepcopy(cfg)
     c.output_dir, c.demo.dir, c.tokenizer.path = fix(c.output_dir), fix(c.demo.dir), fix(c.tokenizer.path)
+    c.model.init_from = fix(c.model.init_from)
     c.ray.storage_path, c.tune.storage_path = fix(c.ray.storage_path), fix(c.tune.storage_path)
     c.continual.replay.memory_path, c.data.packed_path = (
         fix(c.continual.replay.memory_path),
@@ -298,6 +299,7 @@ def _pbt_trial(
         print(f"[pbt] {trial_id}: segment {start} continues {last['checkpoint']} ({last['trial_id']})")
     log = bad_record_log()
     valid = validation_dataset(c.data.domains, StreamOptions(tokenizer_dir, c.model.arch, c.data), log)
+    init = prepare_start(c)[1]  # model.init_from's model for the first segment (None: a fresh one)
     for k in range(start, len(ends)):
         spec = StageSpec(
             cfg=c,
@@ -309,6 +311,7 @@ def _pbt_trial(
             lr=plan.lr,
             schedule=plan.schedule,
             tokenizer_files=read_tokenizer_files(tokenizer_dir),
+            init_checkpoint=init,
             segment=k,
             resume_from=resume_from,
             stop_at=ends[k],

@@ -95,6 +95,15 @@ class RunTracker:
                 self.mlflow.log_metrics(metrics, step=step)
             self.mlflow.log_metrics({f"stage/{k}": v for k, v in summary.items()}, step=last)
 
+    def initial(self, ppl: dict[str, float]) -> None:
+        """The starting checkpoint's perplexity on every domain (``model.init_from``), at run step 0."""
+        if self.tb is not None:
+            for d, v in ppl.items():
+                self.tb.add_scalar(f"stage/ppl/{d}", v, 0)
+            self.tb.flush()
+        if self.mlflow is not None:
+            self.mlflow.log_metrics({f"stage/ppl/{d}": v for d, v in ppl.items()}, step=0)
+
     def close(self, results_path=None) -> None:
         if self.tb is not None:
             self.tb.close()

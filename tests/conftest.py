@@ -83,6 +83,65 @@ def elle_overrides(root, out, *extra) -> list[str]:
     ]
 
 
+def demo_texts(root: Path, domains=("sports", "astronomy")) -> list[str]:
+    """The training documents of demo domains written by :func:`write_demo_corpus`."""
+    from ray_lifelong.data.sources import iter_documents, resolve_sources
+
+    return [t for d in domains for f in resolve_sources([f"{root}/{d}/train-*.jsonl.gz"], d)
+            for t in iter_documents(f)]
+
+
+def checkpoint_tokenizer(texts: list[str], style: str, vocab_size: int = 300):
+    """A byte-level BPE tokenizer in a published family's conventions, trained on ``texts`` (offline):
+    ``llama``: ``<unk> <s> </s>``, every text starts with ``<s>`` (a BOS other than the EOS ``</s>``);
+    ``roberta``: ``<s> <pad> </s> <unk> <mask>`` (padding index 1), texts wrapped as ``<s> ... </s>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"llama": ["<unk>", "<s>", "</s>"],
+                "roberta": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]}[style]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    ids = {t: specials.index(t) for t in specials}
+    if style == "llama":
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                           special_tokens=[("<s>", ids["<s>"])])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                       unk_token="<unk>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", ids["<s>"]), ("</s>", ids["</s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   cls_token="<s>", sep_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                   mask_token="<mask>")
+
+
+def save_checkpoint_dir(out: Path, texts: list[str], style: str, seed: int = 0) -> Path:
+    """A tiny published-style checkpoint (random weights, its own tokenizer) saved as a Hugging Face model
+    directory: ``llama`` a 1-layer Llama (hidden 32, 2 heads over 1 KV head, untied output), ``roberta`` a
+    1-layer RoBERTa masked LM (hidden 32, 2 heads, 66 position rows: 64 positions after the padding index)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, RobertaConfig, RobertaForMaskedLM
+
+    tok = checkpoint_tokenizer(texts, style)
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=64)
+    if style == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**sizes, num_key_value_heads=1, max_position_embeddings=64,
+                                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    else:
+        model = RobertaForMaskedLM(RobertaConfig(**sizes, max_position_embeddings=66, type_vocab_size=1,
+                                                 pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                                 eos_token_id=tok.eos_token_id))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def ray_4cpus():
     """One local Ray instance per test module (logical CPUs oversubscribe the 2 cores on purpose). Its

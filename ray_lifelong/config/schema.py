@@ -282,7 +282,10 @@ class DataConfig:
 @dataclass
 class TokenizerConfig:
     path: Optional[str] = None
-    """An existing Hugging Face tokenizer directory. ``None``: train one into the run directory."""
+    """An existing Hugging Face tokenizer directory. ``None``: train one into the run directory, or with
+    ``model.init_from`` take the checkpoint's. With ``model.init_from`` a path must fit the checkpoint's
+    embeddings: the same token ids as the checkpoint's own tokenizer (where it has one; prompt tokens
+    ``<dom:NAME>`` may be extra), and no more tokens than embedding rows."""
     kind: str = "auto"
     """``auto`` (WordPiece for bert, byte-level BPE for gpt2 and llama), ``wordpiece`` or ``bpe``."""
     vocab_size: int = 8000
@@ -298,9 +301,18 @@ class TokenizerConfig:
 
 @dataclass
 class ModelConfig:
+    init_from: Optional[str] = None
+    """Start the first stage from a saved model instead of a fresh one: a local Hugging Face model directory
+    (``config.json``, safetensors weights, tokenizer files), a run directory (its ``final_model/``), a stage
+    checkpoint (its ``model/``), or a URI of one (``s3://...``, copied once into the run directory). Its
+    ``model_type`` (BERT, RoBERTa, GPT-2, Llama, Mistral, Qwen2) gives ``arch``, and its ``config.json`` the
+    sizes below; its tokenizer is the run's (``tokenizer.*`` training is skipped). Checked when the config
+    is loaded: a size or ``arch`` set here that disagrees with the checkpoint is refused, one left unset is
+    filled in (the saved config holds the checkpoint's). ``dropout`` alone may differ: it is applied."""
     arch: str = "bert"
     """``bert`` (BertForMaskedLM, MLM), ``gpt2`` (GPT2LMHeadModel, causal LM) or ``llama``
-    (LlamaForCausalLM, causal LM: RMSNorm, rotary positions, SwiGLU FFN, grouped-query attention)."""
+    (LlamaForCausalLM, causal LM: RMSNorm, rotary positions, SwiGLU FFN, grouped-query attention). With
+    ``init_from``: the checkpoint's (RoBERTa is ``bert``, Mistral and Qwen2 are ``llama``)."""
     num_layers: int = 2
     hidden_size: int = 128
     num_heads: int = 2
@@ -318,6 +330,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     """Llama: base of the rotary position frequencies (BERT and GPT-2 learn absolute positions instead)."""
     max_position_embeddings: int = 512
+    """Positions a sequence may use (``data.seq_len`` must fit); RoBERTa's table holds two more rows, for
+    the padding index and the one before the first position."""
     dropout: float = 0.1
     vocab_multiple: int = 64
     """Embedding rows are the tokenizer's size rounded up to this multiple (1: exact). An odd vocabulary

@@ -1,7 +1,8 @@
 """Pure functions that turn token ids into training sequences and batches (no Ray, no I/O).
 
-- :func:`pack` concatenates documents (each followed by a separator) into fixed-length rows, with an
-  optional prefix per row (BERT's ``[CLS]``, an ELLE domain prompt) and suffix (BERT's ``[SEP]``).
+- :func:`pack` concatenates documents (each followed by a separator, and preceded by a BOS where the
+  tokenizer starts its texts with one) into fixed-length rows, with an optional prefix per row (BERT's
+  ``[CLS]``, an ELLE domain prompt) and suffix (BERT's ``[SEP]``).
 - :func:`mlm_mask` applies BERT's dynamic masking: of the selected positions (``prob``) 80% become
   ``[MASK]``, 10% a random token and 10% stay, and only those positions carry a label.
 """
@@ -24,9 +25,12 @@ class PackSpec:
 
     seq_len: int
     separator: int
-    """Appended after every document (``[SEP]`` for BERT, ``<|endoftext|>`` for GPT-2)."""
+    """Appended after every document (``[SEP]`` for BERT, ``</s>`` for RoBERTa, the EOS for the causal LMs:
+    ``<|endoftext|>`` for GPT-2, ``</s>`` for Llama)."""
     prefix: tuple[int, ...] = ()
     suffix: tuple[int, ...] = ()
+    doc_prefix: tuple[int, ...] = ()
+    """Put before every document: the BOS of a tokenizer that starts its texts with one (Llama's ``<s>``)."""
 
     @property
     def body_len(self) -> int:
@@ -51,6 +55,7 @@ def pack(
         raise ValueError(f"seq_len {spec.seq_len} leaves no room after prefix/suffix")
     stream = list(carry)
     for doc in docs:
+        stream.extend(spec.doc_prefix)
         stream.extend(doc)
         stream.append(spec.separator)
     n = len(stream) // spec.body_len

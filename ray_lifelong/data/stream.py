@@ -15,7 +15,7 @@ import ray
 from ray_lifelong.config.schema import DataConfig, DomainConfig
 from ray_lifelong.data.packing import PackSpec, pack
 from ray_lifelong.data.sources import BadRecord, DataError, data_error_text, iter_documents, resolve_sources
-from ray_lifelong.data.tokenizer import load_tokenizer, prompt_token
+from ray_lifelong.data.tokenizer import document_bos, load_tokenizer, prompt_token
 
 
 @ray.remote(num_cpus=0)
@@ -107,13 +107,18 @@ class TokenizePack:
 
 
 def pack_spec(tokenizer, seq_len: int, arch: str, prompt: str | None = None) -> PackSpec:
-    """Row layout per architecture: BERT ``[CLS] (prompt) body [SEP]``, GPT-2 ``(prompt) body``."""
+    """Row layout per architecture, in the tokenizer's own specials: the masked LMs ``[CLS] (prompt) body
+    [SEP]`` (RoBERTa's ``<s> ... </s>``), every document of the body followed by the ``[SEP]``; the causal
+    LMs ``(prompt) body``, every document followed by the EOS and, for a tokenizer that starts its texts
+    with a BOS of its own (Llama's and Mistral's ``<s>``, unlike GPT-2's ``<|endoftext|>``), preceded by it,
+    as the checkpoint saw its texts in pre-training."""
     prompt_ids = (tokenizer.convert_tokens_to_ids(prompt),) if prompt else ()
     if arch == "bert":
         return PackSpec(
             seq_len, tokenizer.sep_token_id, (tokenizer.cls_token_id, *prompt_ids), (tokenizer.sep_token_id,)
         )
-    return PackSpec(seq_len, tokenizer.eos_token_id, prompt_ids, ())
+    return PackSpec(seq_len, tokenizer.eos_token_id, prompt_ids, (), doc_prefix=document_bos(tokenizer))
+
 
 
 @dataclass(frozen=True)

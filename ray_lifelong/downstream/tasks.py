@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ray_lifelong.config.schema import TaskConfig
 from ray_lifelong.data.sources import DataError, iter_records, resolve_sources
-from ray_lifelong.data.tokenizer import prompt_token
+from ray_lifelong.data.tokenizer import document_bos, prompt_token
 from ray_lifelong.models.arch import is_causal
 
 
@@ -64,10 +64,12 @@ def map_labels(records: list[tuple[str, int, str, str]], mapping: dict[str, int]
 def encode_text(tokenizer, text: str, *, arch: str, max_length: int, prompt_id: int | None) -> list[int]:
     """Token ids of one example, the prompt prepended once: ``[CLS] <dom> text [SEP]`` for BERT (where the
     pre-training put it, after the start token), ``<dom> text`` for GPT-2 and Llama (the last token is
-    pooled)."""
+    pooled), the text after its BOS where the tokenizer has its own (``<dom> <s> text``, as pre-training
+    rows hold documents)."""
     body = tokenizer(text, add_special_tokens=False)["input_ids"]
     head = [] if prompt_id is None else [prompt_id]
     if is_causal(arch):
+        head += document_bos(tokenizer)
         return [*head, *body[: max_length - len(head)]]
     room = max_length - 2 - len(head)
     return [tokenizer.cls_token_id, *head, *body[:room], tokenizer.sep_token_id]

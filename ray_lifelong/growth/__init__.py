@@ -1,8 +1,8 @@
-"""Function-preserving model growth (ELLE / bert2BERT) for BERT and GPT-2, and exact growth of
+"""Function-preserving model growth (ELLE / bert2BERT) for BERT, RoBERTa and GPT-2, and exact growth of
 Llama-family decoders (Llama, Mistral, Qwen2), pure torch/transformers.
 
-* :func:`expand` grows a ``BertForMaskedLM``, ``GPT2LMHeadModel``, ``LlamaForCausalLM``,
-  ``MistralForCausalLM`` or ``Qwen2ForCausalLM`` in width and depth.
+* :func:`expand` grows a ``BertForMaskedLM``, ``RobertaForMaskedLM``, ``GPT2LMHeadModel``,
+  ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM`` in width and depth.
 * :func:`new_entry_masks` says which entries of the grown model the growth added (to train only those).
 * :func:`remap_optimizer_state` carries AdamW's state onto the grown parameters.
 * :func:`max_logit_error` / :func:`logit_errors` measure how well a growth preserved the function.

@@ -48,7 +48,8 @@ _BERT_ZERO = ("attention.output.dense.weight", "attention.output.dense.bias",
               "output.dense.weight", "output.dense.bias")
 _BERT_IN_LN = "attention.output.LayerNorm."
 _BERT_OUT_LN = "output.LayerNorm."
-_BERT_EMB_LN = "bert.embeddings.LayerNorm."
+_POST_LN = ("bert", "roberta")
+"""Post-LN encoders (RoBERTa is BERT's layout under ``roberta.``)."""
 
 
 def layer_sources(n_old: int, n_new: int, placement: str, generator: torch.Generator,
@@ -97,7 +98,7 @@ def apply_identity_init(arch: str, plans: dict[str, ParamPlan], layer_prefix: st
     """Rewrite the plans of inserted layers so that each computes the identity (module docstring).
 
     Args:
-        arch: ``"bert"`` or ``"gpt2"``.
+        arch: ``"bert"``, ``"roberta"`` or ``"gpt2"``.
         plans: plans of the grown model's parameters, the new layers planned as copies.
         layer_prefix: e.g. ``"transformer.h."``.
         new_layers: for each grown layer, whether it was inserted.
@@ -116,9 +117,9 @@ def apply_identity_init(arch: str, plans: dict[str, ParamPlan], layer_prefix: st
             local = name[len(pre):]
             zero = local in (_GPT2_ZERO if arch == "gpt2" else _BERT_ZERO)
             out[name] = replace(out[name], fill=0.0 if zero else None, fresh_state=True)
-        if arch != "bert":
+        if arch not in _POST_LN:
             continue
-        below = f"{layer_prefix}{p - 1}.{_BERT_OUT_LN}" if p > 0 else _BERT_EMB_LN
+        below = f"{layer_prefix}{p - 1}.{_BERT_OUT_LN}" if p > 0 else f"{arch}.embeddings.LayerNorm."
         for part, unit in (("weight", 1.0), ("bias", 0.0)):
             out[pre + _BERT_IN_LN + part] = replace(out[pre + _BERT_IN_LN + part], fill=unit)
             # the affine of the LayerNorm below moves up into this layer's last LayerNorm ...

@@ -1,4 +1,4 @@
-"""The public growth operator: :func:`expand` a BERT or GPT-2 model in width and depth.
+"""The public growth operator: :func:`expand` a BERT, RoBERTa or GPT-2 model in width and depth.
 
 Width and depth are done in one pass, as in ELLE: every layer position of the grown
 model takes its source layer from the depth plan and then applies the width rules with its own
@@ -36,15 +36,18 @@ SIZE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "interme
 
 
 def _model_arch(model: nn.Module) -> str:
-    """``"bert"`` for ``BertForMaskedLM``, ``"gpt2"`` for ``GPT2LMHeadModel``; ValueError otherwise."""
-    from transformers import BertForMaskedLM, GPT2LMHeadModel
+    """``"bert"`` for ``BertForMaskedLM``, ``"roberta"`` for ``RobertaForMaskedLM``, ``"gpt2"`` for
+    ``GPT2LMHeadModel``; ValueError otherwise."""
+    from transformers import BertForMaskedLM, GPT2LMHeadModel, RobertaForMaskedLM
 
     if isinstance(model, BertForMaskedLM):
         return "bert"
+    if isinstance(model, RobertaForMaskedLM):
+        return "roberta"
     if isinstance(model, GPT2LMHeadModel):
         return "gpt2"
-    raise ValueError(f"cannot grow a {type(model).__name__}: supported are BertForMaskedLM, GPT2LMHeadModel, "
-                     + ", ".join(LLAMA_SUPPORTED))
+    raise ValueError(f"cannot grow a {type(model).__name__}: supported are BertForMaskedLM, "
+                     "RobertaForMaskedLM, GPT2LMHeadModel, " + ", ".join(LLAMA_SUPPORTED))
 
 
 def model_sizes(model: PreTrainedModel) -> dict[str, int]:
@@ -98,7 +101,7 @@ def _resolve_sizes(old: dict[str, int], num_hidden_layers: int | None, hidden_si
 
 def _grown_config(model: nn.Module, arch: str, sizes: dict[str, int]):
     cfg = copy.deepcopy(model.config)
-    if arch == "bert":
+    if arch in ("bert", "roberta"):
         for k in SIZE_KEYS:
             setattr(cfg, k, sizes[k])
     else:
@@ -174,7 +177,8 @@ def expand(model: PreTrainedModel, *, num_hidden_layers: int | None = None, hidd
            depth_init: str = "identity", depth_placement: str = "interleave", noise_std: float = 0.0,
            seed: int = 0, depth_sources: Sequence[int] | None = None, return_mapping: bool = False
            ) -> PreTrainedModel | tuple[PreTrainedModel, GrowthMapping]:
-    """Grow a ``BertForMaskedLM`` or ``GPT2LMHeadModel`` in width and depth, preserving its function.
+    """Grow a ``BertForMaskedLM``, ``RobertaForMaskedLM`` or ``GPT2LMHeadModel`` in width and depth,
+    preserving its function.
 
     ``LlamaForCausalLM``, ``MistralForCausalLM`` and ``Qwen2ForCausalLM`` are grown by
     :func:`ray_lifelong.growth.llama.expand_llama` instead (exact for any sizes, no copies; see there,

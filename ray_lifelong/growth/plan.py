@@ -170,7 +170,7 @@ class GrowthMapping:
     """Everything :func:`ray_lifelong.growth.expand` decided, enough to replay it on optimizer state.
 
     Attributes:
-        arch: ``"bert"``, ``"gpt2"``, ``"llama"``, ``"mistral"`` or ``"qwen2"``.
+        arch: ``"bert"``, ``"roberta"``, ``"gpt2"``, ``"llama"``, ``"mistral"`` or ``"qwen2"``.
         old_sizes / new_sizes: ``num_hidden_layers``, ``hidden_size``, ``num_attention_heads``,
             ``intermediate_size`` (and ``num_key_value_heads`` for Llama-family models) before and after.
         layer_sources: for each layer of the grown model, the old layer it was built from.

@@ -1,4 +1,4 @@
-"""Width growth rules (hidden size, attention heads, FFN size) for BERT and GPT-2.
+"""Width growth rules (hidden size, attention heads, FFN size) for BERT, RoBERTa and GPT-2.
 
 The rules are those of bert2BERT's function-preserving initialisation as ELLE's reference HF
 script intends them, *not* the bugs of ELLE's official width code (a double division of the
@@ -38,7 +38,7 @@ class ArchSpec:
     """Parameter layout of one supported architecture.
 
     Attributes:
-        name: ``"bert"`` or ``"gpt2"``.
+        name: ``"bert"``, ``"roberta"`` or ``"gpt2"``.
         layer_prefix: prefix of the per-layer parameters, followed by ``{index}.``.
         layer_rules: rule per parameter name relative to its layer.
         top_rules: rule per full parameter name outside the layers.
@@ -50,8 +50,9 @@ class ArchSpec:
     top_rules: Mapping[str, Rule]
 
 
-def _bert_spec(tied: bool) -> ArchSpec:
-    layer = {
+def _bert_layer_rules() -> dict[str, Rule]:
+    """BERT's post-LN layer, which RoBERTa shares under its own prefix."""
+    return {
         # nn.Linear weights are (out, in): rows produce units, columns read them
         "attention.self.query.weight": ("a", "d/"), "attention.self.query.bias": ("a",),
         "attention.self.key.weight": ("a", "d/"), "attention.self.key.bias": ("a",),
@@ -62,6 +63,9 @@ def _bert_spec(tied: bool) -> ArchSpec:
         "output.dense.weight": ("d", "f/"), "output.dense.bias": ("d",),
         "output.LayerNorm.weight": ("d",), "output.LayerNorm.bias": ("d",),
     }
+
+
+def _bert_spec(tied: bool) -> ArchSpec:
     head_ln: Rule = ("d/",) if tied else ("d",)
     top = {
         "bert.embeddings.word_embeddings.weight": (None, "d"),
@@ -78,7 +82,28 @@ def _bert_spec(tied: bool) -> ArchSpec:
     }
     if not tied:
         top["cls.predictions.decoder.weight"] = (None, "d/")
-    return ArchSpec("bert", "bert.encoder.layer.", layer, top)
+    return ArchSpec("bert", "bert.encoder.layer.", _bert_layer_rules(), top)
+
+
+def _roberta_spec(tied: bool) -> ArchSpec:
+    """RoBERTa is BERT under ``roberta.`` with its MLM head named ``lm_head`` (dense, layer_norm, decoder,
+    bias); its position ids start after the padding index, which growth does not touch."""
+    head_ln: Rule = ("d/",) if tied else ("d",)
+    top = {
+        "roberta.embeddings.word_embeddings.weight": (None, "d"),
+        "roberta.embeddings.position_embeddings.weight": (None, "d"),
+        "roberta.embeddings.token_type_embeddings.weight": (None, "d"),
+        "roberta.embeddings.LayerNorm.weight": ("d",), "roberta.embeddings.LayerNorm.bias": ("d",),
+        "lm_head.dense.weight": ("d", "d/"),
+        "lm_head.dense.bias": ("d",),
+        "lm_head.layer_norm.weight": head_ln,
+        "lm_head.layer_norm.bias": head_ln,
+        "lm_head.bias": (None,),
+        "lm_head.decoder.bias": (None,),
+    }
+    if not tied:
+        top["lm_head.decoder.weight"] = (None, "d/")
+    return ArchSpec("roberta", "roberta.encoder.layer.", _bert_layer_rules(), top)
 
 
 def _gpt2_spec(tied: bool) -> ArchSpec:
@@ -105,9 +130,12 @@ def _gpt2_spec(tied: bool) -> ArchSpec:
 
 
 def arch_spec(arch: str, tied: bool) -> ArchSpec:
-    """The :class:`ArchSpec` of ``arch`` (``"bert"`` or ``"gpt2"``) with a tied or untied output layer."""
+    """The :class:`ArchSpec` of ``arch`` (``"bert"``, ``"roberta"`` or ``"gpt2"``) with a tied or untied
+    output layer."""
     if arch == "bert":
         return _bert_spec(tied)
+    if arch == "roberta":
+        return _roberta_spec(tied)
     if arch == "gpt2":
         return _gpt2_spec(tied)
     raise ValueError(f"unknown architecture {arch!r}")

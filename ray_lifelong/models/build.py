@@ -1,6 +1,7 @@
-"""Build BERT (MLM), GPT-2 and Llama (causal LM) models from size fields, and compute their LM outputs.
+"""Build BERT (MLM), GPT-2 and Llama (causal LM) models from size fields, load saved ones (RoBERTa too),
+and compute their LM outputs.
 
-Models are randomly initialised from a config: nothing is downloaded.
+Models are randomly initialised from a config or loaded from local directories: nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -141,9 +142,13 @@ class LMObjective(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
         if not is_causal(self.arch):
-            hidden = self.model.bert(input_ids=input_ids).last_hidden_state  # (B, T, d)
+            # the encoder (BERT's ``bert``, RoBERTa's ``roberta``, which numbers positions after its
+            # padding index itself), then the MLM head (``cls``, RoBERTa's ``lm_head``) at the masked
+            # positions only
+            hidden = self.model.base_model(input_ids=input_ids).last_hidden_state  # (B, T, d)
+            head = self.model.cls if hasattr(self.model, "cls") else self.model.lm_head
             keep = labels != IGNORE_INDEX
-            return self.model.cls(hidden[keep]), labels[keep]  # (M, V), (M,)
+            return head(hidden[keep]), labels[keep]  # (M, V), (M,)
         # the decoder without its LM head (GPT-2's ``transformer``, Llama's ``model``), which then runs
         # only where there are targets
         body = self.model.transformer if self.arch == "gpt2" else self.model.model
@@ -173,13 +178,15 @@ def count_parameters(model) -> dict[str, int]:
 
 
 def load_model(path: str, arch: str | None = None):
-    """Load a saved HF model directory (a stage checkpoint's ``model/`` or a final export), offline."""
-    from transformers import AutoModelForCausalLM, BertForMaskedLM, GPT2LMHeadModel
+    """Load a saved HF model directory (a stage checkpoint's ``model/``, a final export or the checkpoint of
+    ``model.init_from``), offline, in float32: a checkpoint published in bf16 trains with float32 weights and
+    optimizer state like every other (bf16 is autocast's, on GPU)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, GPT2LMHeadModel
 
-    # the llama family's saved model_type picks its class (Llama, Mistral or Qwen2)
-    cls = {"bert": BertForMaskedLM, "gpt2": GPT2LMHeadModel, "llama": AutoModelForCausalLM}[
+    # the saved model_type picks the class within a family (BERT or RoBERTa; Llama, Mistral or Qwen2)
+    cls = {"bert": AutoModelForMaskedLM, "gpt2": GPT2LMHeadModel, "llama": AutoModelForCausalLM}[
         arch or saved_model_arch(path)]
-    return cls.from_pretrained(path, local_files_only=True)
+    return cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
 
 
 def load_classifier(model_dir: str, num_labels: int, pad_id: int):

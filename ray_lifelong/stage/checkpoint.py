@@ -53,6 +53,9 @@ class TrainState:
     ``main``: training on the domain."""
     frw: dict | None = None
     """The finished warmup of this stage: its counters (this class's fields), ``ppl`` and ``wall_s``."""
+    initial_ppl: dict | None = None
+    """Stage 0 of a run from ``model.init_from``: the checkpoint's validation perplexity on every domain,
+    measured before the first step (kept here so that a restarted stage does not measure a trained model)."""
 
 
 def save_checkpoint(directory: str | Path, *, model, tokenizer, optimizer, scheduler, state: TrainState,

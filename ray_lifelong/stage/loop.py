@@ -63,7 +63,7 @@ def train_loop_per_worker(config: dict) -> dict:
     torch.manual_seed(t.seed + 1000 * spec.index + rank)
 
     # [1] model and state: a retry of this stage > the previous stage's model > a fresh model
-    start = _initial_model(spec, tokenizer, device)
+    start = _initial_model(spec, tokenizer, device, valid)
     model, state, previous = start.model, start.state, start.previous
     # from_pretrained gives a model in eval mode: without this, dropout would stay off in every stage that
     # continues a checkpoint (a later domain, a restart, a PBT segment) until its first evaluation
@@ -216,10 +216,12 @@ class _Start:
     """Logit-KD baseline: the previous stage's model, frozen."""
 
 
-def _initial_model(spec: StageSpec, tokenizer, device) -> _Start:
+def _initial_model(spec: StageSpec, tokenizer, device, valid: ValidationRows) -> _Start:
     """The model a worker trains, in this order: a retry of the stage resumes its last checkpoint (or a PBT
     segment the checkpoint it continues); else the previous stage's model, grown where the stage grows (the
-    same seed on every rank, so every rank grows the same model); else a fresh model of ``model.*``."""
+    same seed on every rank, so every rank grows the same model), or for stage 0 the checkpoint of
+    ``model.init_from`` (prepared on the driver), whose perplexity on every domain is measured first; else a
+    fresh model of ``model.*``."""
     cfg, t = spec.cfg, spec.cfg.train
     resume = ray.train.get_checkpoint()  # [ray]
     own = resume is not None
@@ -246,6 +248,8 @@ def _initial_model(spec: StageSpec, tokenizer, device) -> _Start:
                     start.model, grow, seed=t.seed + spec.index, train=t,
                     lr=spec.frw_lr if spec.frw_steps else spec.lr, optimizer_state=prev_opt,
                     build_optimizer=build_optimizer)
+        if spec.index == 0 and cfg.model.init_from:  # a retry resumes with the state that holds it
+            start.state.initial_ppl = _initial_ppl(spec, start.model, tokenizer, device, valid)
     else:
         start.model = build_model(cfg.model, len(tokenizer), pad_id=tokenizer.pad_token_id,
                                   eos_id=tokenizer.eos_token_id, seed=t.seed)
@@ -256,6 +260,19 @@ def _initial_model(spec: StageSpec, tokenizer, device) -> _Start:
         with spec.init_checkpoint.as_directory() as d:
             start.previous = LMObjective(load_teacher(str(Path(d) / "model"), device, t.bf16))
     return start
+
+
+def _initial_ppl(spec: StageSpec, model, tokenizer, device, valid: ValidationRows) -> dict:
+    """The perplexity of ``model`` on every domain's validation rows, before any training: the row above
+    stage 0 in the run's matrix (every rank takes part, as in every evaluation)."""
+    ctx = ray.train.get_context()  # [ray]
+    masker = Masker(tokenizer, spec.cfg.data.mlm_probability, spec.cfg.model.arch)
+    ppl = _evaluate(LMObjective(model.to(device)), spec, valid, masker, device, ctx.get_world_rank(),
+                    ctx.get_world_size())
+    if ctx.get_world_rank() == 0:
+        print(f"[stage {spec.label}] model.init_from before training: "
+              + ", ".join(f"{d} ppl {p:.2f}" for d, p in ppl.items()), flush=True)
+    return ppl
 
 
 @dataclass

@@ -157,6 +157,7 @@ def _phase_result(
         nodes=nodes,
         timings={k: state.get(k) for k in ("first_batch_s", "compute_s", "data_wait_s", "eval_s",
                                             "checkpoint_s")},
+        initial_ppl=state.get("initial_ppl"),
     )
 
 

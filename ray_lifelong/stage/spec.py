@@ -27,7 +27,8 @@ class StageSpec:
     tokenizer_files: dict[str, bytes]
     """The tokenizer directory's files, shipped by value so workers on any node can load it."""
     init_checkpoint: Any = None
-    """``ray.train.Checkpoint`` of the previous stage (``None``: fresh model)."""
+    """``ray.train.Checkpoint`` of the previous stage, or for stage 0 the run's starting model
+    (``model.init_from``, prepared with its ``model/``); ``None``: a fresh model of ``model.*``."""
     schedule: tuple[int, int] | None = None
     """``(offset, total)``: this stage follows one LR schedule of ``total`` steps from step ``offset``
     (``train.lr_scope: run``); ``None``: its own schedule over ``steps``."""
@@ -140,6 +141,9 @@ class StageResult:
     frw: "StageResult | None" = None
     """The function-recovering warmup that ran first in this stage's Ray Train run (``phase="frw"``; its
     ``checkpoint_path`` is empty: the model after it is where the domain phase starts, not kept apart)."""
+    initial_ppl: dict[str, float] | None = None
+    """Stage 0 of a run from ``model.init_from``: the checkpoint's perplexity on every domain before
+    training."""
 
 
 def read_tokenizer_files(path: str | os.PathLike) -> dict[str, bytes]:

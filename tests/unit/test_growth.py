@@ -12,7 +12,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    RobertaConfig,
+    RobertaForMaskedLM,
+)
 from transformers.utils import logging as hf_logging
 
 from ray_lifelong.config import TrainConfig
@@ -31,20 +38,22 @@ torch.set_num_threads(1)
 hf_logging.set_verbosity_error()
 
 VOCAB = 61
-ARCHS = ("bert", "gpt2")
+ARCHS = ("bert", "gpt2", "roberta")
 TOL_WIDTH = 1e-4
-TOL_DEPTH = {"bert": 1e-4, "gpt2": 1e-5}
+TOL_DEPTH = {"bert": 1e-4, "gpt2": 1e-5, "roberta": 1e-4}
 FEW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def make(arch: str, *, hidden: int = 16, layers: int = 2, heads: int = 2, ffn: int = 24, tied: bool = True,
          seed: int = 0, scale: float = 0.3):
     """A tiny model, dropout off, every parameter perturbed by N(0, scale^2) to look 'trained'."""
-    if arch == "bert":
-        cfg = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=32,
-                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, tie_word_embeddings=tied)
-        cls = BertForMaskedLM
+    if arch in ("bert", "roberta"):
+        # RoBERTa: BERT's layer under ``roberta.``, positions numbered after its padding index (1)
+        config, cls = (BertConfig, BertForMaskedLM) if arch == "bert" else (RobertaConfig, RobertaForMaskedLM)
+        cfg = config(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=32,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, tie_word_embeddings=tied,
+                     pad_token_id=0 if arch == "bert" else 1)
     else:
         cfg = GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=heads, n_inner=ffn,
                          n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
@@ -468,14 +477,16 @@ def test_grown_parameters_own_their_storage(arch, width):
                 {"transformer.wte.weight", "lm_head.weight"},
                 {"bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"},
                 {"cls.predictions.bias", "cls.predictions.decoder.bias"},
+                {"roberta.embeddings.word_embeddings.weight", "lm_head.decoder.weight"},
+                {"lm_head.bias", "lm_head.decoder.bias"},
             ), (seen[ptr], name)
         seen[ptr] = name
 
 
 def _ffn_twins(model) -> int:
     """How many first-FFN units of layer 0 have a twin (the same fan-in weights and bias, to rounding)."""
-    if isinstance(model, BertForMaskedLM):
-        lin = model.bert.encoder.layer[0].intermediate.dense
+    if not isinstance(model, GPT2LMHeadModel):  # BERT's layer (RoBERTa's too)
+        lin = model.base_model.encoder.layer[0].intermediate.dense
         fan_in = torch.cat([lin.weight, lin.bias[:, None]], 1)
     else:
         conv = model.transformer.h[0].mlp.c_fc  # Conv1D: weight is (in, out)

@@ -144,8 +144,9 @@ def test_mistral_and_qwen2_are_of_the_llama_family_because_growth_supports_them(
     from ray_lifelong.growth.llama import SUPPORTED
 
     assert set(LLAMA_FAMILY) == set(SUPPORTED.values()) == {"llama", "mistral", "qwen2"}
-    assert [arch_of_model_type(t) for t in ("bert", "gpt2", "llama", "mistral", "qwen2", "opt", None)] == [
-        "bert", "gpt2", "llama", "llama", "llama", None, None]
+    kinds = ("bert", "roberta", "gpt2", "llama", "mistral", "qwen2", "opt", None)
+    assert [arch_of_model_type(t) for t in kinds] == ["bert", "bert", "gpt2", "llama", "llama", "llama", None,
+                                                      None]
     cfg = MistralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
     torch.manual_seed(0)
@@ -158,7 +159,8 @@ def test_mistral_and_qwen2_are_of_the_llama_family_because_growth_supports_them(
     opt = tmp_path / "opt"
     opt.mkdir()
     (opt / "config.json").write_text(json.dumps({"model_type": "opt"}))
-    with pytest.raises(ValueError, match="model type 'opt'; supported: bert, gpt2, llama, mistral, qwen2"):
+    with pytest.raises(ValueError, match="model type 'opt'; supported: bert, roberta, gpt2, llama, mistral, "
+                                         "qwen2"):
         saved_model_arch(str(opt))
 
 
