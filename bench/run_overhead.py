@@ -51,13 +51,13 @@ REPO = Path(__file__).resolve().parents[1]
 PHASE_KEYS = ("start_s", "first_batch_s", "compute_s", "data_wait_s", "eval_s", "checkpoint_s", "end_s")
 
 
-def ray_run(config: str, work: Path, code: Path = REPO) -> dict:
+def ray_run(config: str, work: Path, code: Path = REPO, overrides: tuple[str, ...] = ()) -> dict:
     """``ray-lifelong run`` of the code in ``code`` in ``work`` (a fresh directory); its wall time and its
     stages' timings (an earlier code without per-phase timings: training compute from its step history)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(code)}
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "ray_lifelong", "run", str(code / "configs" / f"{config}.yaml"),
-           f"output_dir={work / 'runs'}"]
+           f"output_dir={work / 'runs'}", *overrides]
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -95,14 +95,15 @@ def domain_rows(tok_dir: str, cfg, index: int, split: str) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(out).astype(np.int64))
 
 
-def plain_run(config: str, work: Path, threads: int) -> dict:
+def plain_run(config: str, work: Path, threads: int, overrides: tuple[str, ...] = ()) -> dict:
     """The same run in one process, no Ray: data, tokenizer, stages (growth, warmup, replay), validation."""
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     cwd = os.getcwd()
     os.chdir(work)  # the demo's data paths are relative to where the run starts, as for the Ray run
     try:
-        cfg = load_config(str(REPO / "configs" / f"{config}.yaml"), [f"output_dir={work / 'runs'}"])
+        cfg = load_config(str(REPO / "configs" / f"{config}.yaml"),
+                          [f"output_dir={work / 'runs'}", *overrides])
         prepare_demo(cfg)
         tok_dir = prepare_tokenizer(cfg, work / "tokenizer")
         tok = load_tokenizer(tok_dir)
@@ -114,14 +115,17 @@ def plain_run(config: str, work: Path, threads: int) -> dict:
     prep = time.perf_counter() - t0
     t, rp = cfg.train, cfg.continual.replay
     masker = Masker(tok, cfg.data.mlm_probability, cfg.model.arch)
-    model = build_model(cfg.model, len(tok), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, seed=t.seed)
+    device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    model = build_model(cfg.model, len(tok), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                        seed=t.seed).to(device)
     memories: list[torch.Tensor] = []
     matrix = []
     for plan in stage_plans(cfg):
         i, grow = plan.index, cfg.data.domains[plan.index].grow
         if grow is not None and i > 0:
-            model, _, _ = grow_model(model, grow, seed=t.seed + i, train=t, lr=plan.lr, optimizer_state=None,
-                                     build_optimizer=build_optimizer)
+            model, _, _ = grow_model(model.cpu(), grow, seed=t.seed + i, train=t, lr=plan.lr,
+                                     optimizer_state=None, build_optimizer=build_optimizer)
+            model = model.to(device)
         if plan.frw_steps:
             pool = torch.cat(memories)
             order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(t.seed + i))
@@ -157,7 +161,9 @@ def _steps(model, masker, cfg, rows, steps, batch, lr, *, warmup, decay, memory=
                 for j, (w, row) in enumerate(zip(which.tolist(), r.tolist())):
                     ids[len(ids) - k + j] = memory[w][row]
             inputs, labels = masker(ids, gen)
-            logits, targets = obj(inputs, labels)
+            device = next(model.parameters()).device
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" and t.bf16):
+                logits, targets = obj(inputs.to(device), labels.to(device))
             (lm_loss(logits, targets) / (batch // micro)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
@@ -171,8 +177,9 @@ def _ppl(model, masker, valid: torch.Tensor, micro: int) -> float:
     tot, n = 0.0, 0
     for i in range(0, len(valid), micro):
         inputs, labels = masker(valid[i : i + micro], None, fixed=True)
-        logits, targets = obj(inputs, labels)
-        tot += float(lm_loss(logits, targets, reduction="sum"))
+        device = next(model.parameters()).device
+        logits, targets = obj(inputs.to(device), labels.to(device))
+        tot += float(lm_loss(logits.float(), targets, reduction="sum"))
         n += targets.numel()
     model.train()
     return float(np.exp(tot / n))
@@ -183,6 +190,8 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["demo", "elle_demo"])
     ap.add_argument("--name", default="run_overhead", help="result files bench/results/<name>.{json,md}")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--set", nargs="*", default=[], help="key=value overrides for both sides, e.g. "
+                    "scaling.use_gpu=true on a GPU node")
     ap.add_argument("--before", type=Path, default=None,
                     help="a checkout of an earlier commit: its Ray run of each config too, in the same "
                     "invocation")
@@ -192,14 +201,14 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
             if args.before is not None:
                 with tempfile.TemporaryDirectory() as c:
-                    old = ray_run(config, Path(c), args.before.resolve())
+                    old = ray_run(config, Path(c), args.before.resolve(), tuple(args.set))
                 old.pop("console")
                 before[config] = {"wall_s": old["wall_s"], "stages": old["stages"],
                                   "fixed_s_per_stage": round(sum(s["fixed_s"] for s in old["stages"])
                                                              / len(old["stages"]), 1),
                                   "console_lines": old["console_lines"], "AP": old["AP"]}
-            ray = ray_run(config, Path(a))
-            plain = plain_run(config, Path(b), args.threads)
+            ray = ray_run(config, Path(a), overrides=tuple(args.set))
+            plain = plain_run(config, Path(b), args.threads, tuple(args.set))
         consoles[config] = ray.pop("console")
         stages = ray["stages"]
         payload[config] = {
