@@ -57,7 +57,8 @@ def main() -> None:
             f"model.max_position_embeddings={seq}",
             f"data.seq_len={seq}", "data.eval_max_sequences=4", "tokenizer.vocab_size=8000",
             f"train.steps={steps}", f"train.batch_size={batch}", f"train.micro_batch_size={batch}",
-            "train.log_every=5", f"train.checkpoint_every={steps + 1}", "train.bf16=true",
+            f"train.log_every={1 if args.smoke else 5}", f"train.checkpoint_every={steps + 1}",
+            "train.bf16=true",
             "scaling.num_workers=1", "scaling.cpus_per_worker=2", f"scaling.use_gpu={str(gpu).lower()}",
         ])
         prepare_demo(cfg)
