@@ -33,6 +33,9 @@ done
 $PY -m pip install -q --no-deps --no-compile --only-binary=:all: --python-version 3.12 --implementation cp \
     $PLATFORMS --target "$work/site" "$work"/wheels/*.whl
 rm -rf "$work/site/ray/jars" "$work/site/bin"
+# pip records where each wheel came from (a temporary path): drop it, and its line in RECORD
+find "$work/site" -name direct_url.json -path '*.dist-info/*' -delete
+find "$work/site" -name RECORD -path '*.dist-info/*' -exec sed -i '/direct_url.json/d' {} +
 find "$work/site" -name '*.map' -delete
 find "$work/site" -name '__pycache__' -prune -exec rm -rf {} +
 mkdir -p "$(dirname "$OUT")"
