@@ -149,7 +149,7 @@ def ray_stage(cfg, tok_dir: str, warmup: int, materialize: bool = False) -> dict
     ``materialize=False`` streams from the Ray Data pipeline (read, tokenize, pack) while training;
     ``True`` tokenizes the same rows first, to isolate Ray Train's own overhead.
     """
-    from ray_lifelong.data.stream import BadRecordLog, StreamOptions, files_dataset, validation_dataset
+    from ray_lifelong.data.stream import BadRecordLog, StreamOptions, files_dataset, validation_rows
     from ray_lifelong.stage.run import run_stage
     from ray_lifelong.stage.spec import StageSpec, read_tokenizer_files
 
@@ -165,7 +165,7 @@ def ray_stage(cfg, tok_dir: str, warmup: int, materialize: bool = False) -> dict
         tokenizer_files=read_tokenizer_files(tok_dir),
     )
     log = BadRecordLog.remote()
-    valid = validation_dataset(cfg.data.domains, StreamOptions(tok_dir, cfg.model.arch, cfg.data), log)
+    valid = validation_rows(cfg.data.domains, StreamOptions(tok_dir, cfg.model.arch, cfg.data), log)
     storage = str(Path(cfg.output_dir) / f"ray-{time.time_ns()}")
     train_ds = None
     if materialize:

@@ -21,7 +21,7 @@ from ray_lifelong.config.schema import LifelongConfig
 from ray_lifelong.data.demo import prepare_demo
 from ray_lifelong.data.memory import keyed_shuffle, memory_uri, read_marker, write_memory
 from ray_lifelong.data.packed import pack_domain, training_rows
-from ray_lifelong.data.stream import StreamOptions, bad_record_log, quiet_ray_data, validation_dataset
+from ray_lifelong.data.stream import StreamOptions, bad_record_log, quiet_ray_data, validation_rows
 from ray_lifelong.data.tokenizer import checkpoint_vocab, load_tokenizer, prepare_tokenizer
 from ray_lifelong.eval.metrics import average_increased_perplexity, average_perplexity
 from ray_lifelong.layout import run_layout
@@ -63,7 +63,7 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
     quiet_ray_data()
     bad_log = bad_record_log()
     opts = StreamOptions(tok_dir, cfg.model.arch, cfg.data)
-    valid = validation_dataset(cfg.data.domains, opts, bad_log, prompts=cfg.continual.prompts)
+    valid = validation_rows(cfg.data.domains, opts, bad_log, prompts=cfg.continual.prompts)
     results: list[StageResult] = []
     frw_results: dict[int, StageResult] = {}
     memories: list[dict] = []

@@ -26,7 +26,7 @@ from ray_lifelong.config.plan import stage_plans
 from ray_lifelong.config.schema import SearchDim
 from ray_lifelong.data.demo import prepare_demo
 from ray_lifelong.data.sources import join_uri
-from ray_lifelong.data.stream import StreamOptions, bad_record_log, validation_dataset
+from ray_lifelong.data.stream import StreamOptions, bad_record_log, validation_rows
 from ray_lifelong.data.tokenizer import prepare_tokenizer
 from ray_lifelong.ki import variants
 from ray_lifelong.layout import run_layout
@@ -298,7 +298,7 @@ def _pbt_trial(
         start, resume_from = last["segment"] + 1, ray.train.Checkpoint(last["checkpoint"])
         print(f"[pbt] {trial_id}: segment {start} continues {last['checkpoint']} ({last['trial_id']})")
     log = bad_record_log()
-    valid = validation_dataset(c.data.domains, StreamOptions(tokenizer_dir, c.model.arch, c.data), log)
+    valid = validation_rows(c.data.domains, StreamOptions(tokenizer_dir, c.model.arch, c.data), log)
     init = prepare_start(c)[1]  # model.init_from's model for the first segment (None: a fresh one)
     for k in range(start, len(ends)):
         spec = StageSpec(

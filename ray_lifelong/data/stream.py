@@ -2,7 +2,7 @@
 
 The datasets are lazy; they execute while the Ray Train workers pull batches through
 ``get_dataset_shard(...).iter_torch_batches``, so the corpus is never materialised whole. Only the
-small capped validation sets are materialised once per stage.
+small validation rows are read once per run (:func:`validation_rows`) and travel to the workers as arrays.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ class ValidationRows:
                    "domain_id": torch.from_numpy(self.domain_id[s : s + size].astype(np.int64))}
 
 
-def validation_dataset(
+def validation_rows(
     domains: list[DomainConfig], opts: StreamOptions, log=None, prompts: bool = False
 ) -> ValidationRows:
     """All domains' validation rows, read once per run so that every stage evaluates the same sequences;

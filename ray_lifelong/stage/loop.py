@@ -9,6 +9,7 @@ with ``# [ray]``.
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import os
@@ -311,12 +312,15 @@ class _Worker:
         if self.rank == 0:
             print(f"[stage {label}] {text}", flush=True)
 
+    @functools.cached_property
+    def later_stages_steps(self) -> int:
+        """Optimizer steps of the stages after this one, their warmups included (planned once)."""
+        return sum(p.steps + p.frw_steps for p in stage_plans(self.spec.cfg)[self.spec.index + 1:])
+
     def steps_after_phase(self, label: str) -> int:
         """Optimizer steps the run has left after the phase ``label`` (the domain after its warmup, the
         later stages with theirs): the run's ETA at the running phase's rate, stage starts left out."""
-        plans = stage_plans(self.spec.cfg)[self.spec.index + 1:]
-        later = sum(p.steps + p.frw_steps for p in plans)
-        return later + (self.spec.steps if label == self.spec.frw_label else 0)
+        return self.later_stages_steps + (self.spec.steps if label == self.spec.frw_label else 0)
 
 
 def _phase_optimizer(w: _Worker, phase: str, start: _Start | None = None):

@@ -33,7 +33,7 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid: 
     """Train ``spec.domain`` on Ray Train and evaluate every domain; return the stage record.
 
     Args:
-        valid: the run's validation rows (:func:`validation_dataset`).
+        valid: the run's validation rows (:func:`validation_rows`).
         bad_log: a :class:`BadRecordLog` actor collecting skipped records.
         train_ds: the training stream (rows ``{input_ids, domain_id}``); ``None`` streams the domain's
             own training files.

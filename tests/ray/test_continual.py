@@ -152,7 +152,7 @@ def test_the_domain_phase_after_the_warmup_trains_as_its_own_run_would(ray_4cpus
 
     import ray.train
 
-    from ray_lifelong.data.stream import StreamOptions, validation_dataset
+    from ray_lifelong.data.stream import StreamOptions, validation_rows
     from ray_lifelong.pipeline import stage_stream
     from ray_lifelong.stage.run import run_stage
     from ray_lifelong.stage.spec import StageSpec, read_tokenizer_files
@@ -198,7 +198,7 @@ def test_the_domain_phase_after_the_warmup_trains_as_its_own_run_would(ray_4cpus
         spec,
         tokenizer_dir=tok,
         storage_path=str(tmp_path / "alone"),
-        valid=validation_dataset(cfg.data.domains, opts, None, prompts=True),
+        valid=validation_rows(cfg.data.domains, opts, None, prompts=True),
         train_ds=stage_stream(cfg, 1, opts, None),
     )
     s1 = res["stages"][1]

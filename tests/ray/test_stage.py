@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.ray]
 
 
 def make_stage(root, out, extra=(), steps=12):
-    from ray_lifelong.data.stream import BadRecordLog, StreamOptions, validation_dataset
+    from ray_lifelong.data.stream import BadRecordLog, StreamOptions, validation_rows
 
     cfg = load_config(None, tiny_overrides(root, out, steps=steps) + list(extra))
     tok_dir = prepare_tokenizer(cfg, Path(out) / "tok")
@@ -35,7 +35,7 @@ def make_stage(root, out, extra=(), steps=12):
         tokenizer_files=read_tokenizer_files(tok_dir),
     )
     log = BadRecordLog.remote()
-    valid = validation_dataset(cfg.data.domains, StreamOptions(tok_dir, cfg.model.arch, cfg.data), log)
+    valid = validation_rows(cfg.data.domains, StreamOptions(tok_dir, cfg.model.arch, cfg.data), log)
     return spec, dict(
         tokenizer_dir=tok_dir, storage_path=str(Path(out) / "ckpt"), valid=valid, bad_log=log
     )
