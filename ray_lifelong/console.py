@@ -25,6 +25,8 @@ NOISE = tuple(re.compile(p) for p in (
     r"(Ray)?DeprecationWarning: ",
     r"PYTHON worker processes have been started on node: .* maximum expected startup concurrency",
     r"^Token authentication is enabled for this Ray cluster",
+    # Ray Train's placement-group cleaner polling the state API on a loaded machine; it keeps monitoring
+    r"Failed to query Ray Train Controller actor state\. State API may be temporarily unavailable",
 ))
 """Ray's internal messages that a run's user cannot act on."""
 

@@ -15,6 +15,8 @@ RAY_NOISE = [
     "/x/ray/data/_internal/execution/interfaces/execution_options.py:436: RayDeprecationWarning: "
     "`ExecutionOptions.exclude_resources` is deprecated and will be removed after January 2027.",
     "  self.exclude_resources = exclude_resources",
+    "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. Continuing "
+    "to monitor.",
     "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = "
     "True`.\x1b[32m [repeated 2x across cluster] (Ray deduplicates logs by default. Set "
     "RAY_DEDUP_LOGS=0)\x1b[0m",
