@@ -9,8 +9,8 @@
                         and, for a URI, the copy of it (``source/``)
     packed/             with ``data.pretokenize``: each domain's packed rows (``data.packed_path`` moves it)
     memory/             with replay: each finished domain's memory (``continual.replay.memory_path`` moves it)
-    checkpoints/        Ray Train storage (``ray.storage_path`` moves it): one run per stage,
-                        ``<run>-stage<i>-<domain>/checkpoint_*``
+    checkpoints/        Ray Train storage (``ray.storage_path`` moves it): one run for consecutive stages
+                        of one ``scaling``, named after its first, ``<run>-stage<i>-<domain>/checkpoint_*``
     stages/<ii>-<domain>/stage.json  completion marker + the stage's record (and its warmup's, under ``frw``)
     results.json  report.md  ppl_matrix_and_loss.png
     tensorboard/        TensorBoard event files (``logging.tensorboard``); mlflow_run_id: the MLflow run

@@ -10,24 +10,32 @@ import json
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import ray.train
 
 from ray_lifelong.config.load import ConfigError, save_config, to_yaml
-from ray_lifelong.config.plan import stage_plans
+from ray_lifelong.config.plan import stage_groups, stage_plans
 from ray_lifelong.config.schema import LifelongConfig
 from ray_lifelong.data.demo import prepare_demo
-from ray_lifelong.data.memory import keyed_shuffle, memory_uri, read_marker, write_memory
+from ray_lifelong.data.memory import (
+    clear_failure,
+    keyed_shuffle,
+    memory_uri,
+    read_marker,
+    write_failure,
+    write_memory,
+)
 from ray_lifelong.data.packed import pack_domain, training_rows
+from ray_lifelong.data.sources import data_error_text, root_cause
 from ray_lifelong.data.stream import StreamOptions, bad_record_log, quiet_ray_data, validation_rows
 from ray_lifelong.data.tokenizer import checkpoint_vocab, load_tokenizer, prepare_tokenizer
 from ray_lifelong.eval.metrics import average_increased_perplexity, average_perplexity
-from ray_lifelong.layout import run_layout
+from ray_lifelong.layout import run_layout, stage_name
 from ray_lifelong.models.init_from import prepare_start_model
 from ray_lifelong.report import write_report
-from ray_lifelong.stage.run import run_stage
+from ray_lifelong.stage.run import run_stages
 from ray_lifelong.stage.spec import StageResult, StageSpec, read_tokenizer_files
 from ray_lifelong.tracking import RunTracker
 
@@ -49,131 +57,125 @@ def check_run_start(cfg: LifelongConfig, resume: bool) -> None:
 def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -> dict:
     """Run every stage (skipping finished ones when ``resume``) and write the results; return them.
 
-    ``callbacks``: Ray Train ``UserCallback``s given to every stage (``ray-lifelong tune`` reports through
-    them).
+    Consecutive stages with the same workers train in one Ray Train run (:func:`stage_groups`), each from
+    the model the stage before left; each stage's record is written (``stages/<label>/stage.json``) as soon
+    as it finishes. ``callbacks``: Ray Train ``UserCallback``s given to every run (``ray-lifelong tune``
+    reports through them).
     """
     check_run_start(cfg, resume)
     lay = run_layout(cfg)
     if resume and lay.config.exists() and lay.config.read_text() != to_yaml(cfg):
         print(f"[run] note: config differs from the one saved in {lay.config}; the new one is used and saved")
     save_config(cfg, lay.config)
-    tok_dir, prev_ckpt = prepare_start(cfg)
+    tok_dir, start_ckpt = prepare_start(cfg)
     tok_files = read_tokenizer_files(tok_dir)
     names = [d.name for d in cfg.data.domains]
     quiet_ray_data()
     bad_log = bad_record_log()
     opts = StreamOptions(tok_dir, cfg.model.arch, cfg.data)
     valid = validation_rows(cfg.data.domains, opts, bad_log, prompts=cfg.continual.prompts)
-    results: list[StageResult] = []
-    frw_results: dict[int, StageResult] = {}
-    memories: list[dict] = []
     plans = stage_plans(cfg)
     replay = cfg.continual.replay
     tracker = RunTracker(cfg)
-    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory")
-
-    def memory_of(i: int, dom) -> dict:
-        uri = memory_uri(lay.memory, i, dom.name)
-        done = read_marker(uri)
-        if done is not None:
-            return done
-        rows = training_rows([(i, dom)], opts, prompts=cfg.continual.prompts, packed_root=lay.packed,
-                             log=bad_log)
-        return write_memory(rows, uri, fraction=replay.memory_fraction,
-                            max_sequences=replay.memory_max_sequences, seed=cfg.train.seed + i)
-    upcoming = None  # the next stage's stream, packed in the background (data.pretokenize)
-    run_step = 0  # optimizer steps of the stages before (warmups included): the metrics' step axis
-
-    def finished(label: str) -> StageResult | None:
-        marker = lay.stage_marker(label)
-        if not marker.exists():
-            return None
-        rec = json.loads(marker.read_text())
-        frw = rec.pop("frw", None)
-        return StageResult(**rec, frw=StageResult(**frw) if frw else None)
-
-    for i, dom in enumerate(cfg.data.domains):
-        plan = plans[i]
-        earlier = [m["uri"] for m in memories]
-        spec = StageSpec(
-            cfg=cfg,
-            index=i,
-            domain=dom.name,
-            eval_domains=names,
-            tokenizer_files=tok_files,
-            batch_size=plan.batch_size,
-            steps=plan.steps,
-            lr=plan.lr,
-            init_checkpoint=prev_ckpt,
-            schedule=plan.schedule,
-            replay_uris=earlier if replay.enabled else [],
-        )
-        # ELLE: a stage that grows first recovers the old function on the earlier domains' memory
-        # (spec.frw_steps)
-        res = finished(spec.label)
-        ran_now = res is None
-        # the domain's replay memory depends on its data alone: it is written while the stage trains
-        if ran_now:  # under data.pretokenize the domain is packed first (while the stage before trained)
-            stream = upcoming.result() if upcoming is not None else stage_stream(cfg, i, opts, bad_log)
-        upcoming = None
-        memory = background.submit(memory_of, i, dom) if replay.enabled and i < len(names) - 1 else None
-        if cfg.data.pretokenize and i < len(names) - 1 and not lay.stage_marker(plans[i + 1].label).exists():
-            upcoming = background.submit(stage_stream, cfg, i + 1, opts, bad_log)
+    # a domain's memory depends on its data alone: written in the background while the stages train
+    kept = [i for i in range(len(names) - 1)] if replay.enabled else []
+    memory_uris = {i: memory_uri(lay.memory, i, names[i]) for i in kept}
+    specs = [
+        StageSpec(cfg=cfg, index=p.index, domain=p.domain, eval_domains=names, tokenizer_files=tok_files,
+                  batch_size=p.batch_size, steps=p.steps, lr=p.lr, schedule=p.schedule,
+                  replay_uris=[memory_uris[j] for j in kept if j < p.index])
+        for p in plans
+    ]
+    done: dict[int, StageResult] = {}
+    for spec in specs:
+        res = _finished(lay, spec.label)
         if res is not None:
+            # (run dirs of earlier versions hold the warmup's record as a stage of its own)
+            res.frw = res.frw or (_finished(lay, spec.frw_label) if plans[spec.index].frw_steps else None)
+            done[spec.index] = res
             print(f"[run] stage {spec.label} already finished: skipped")
-        else:
-            print(
-                f"[run] stage {spec.label}: "
-                + (
-                    f"function-recovering warmup on the memory ({spec.frw_steps} steps), then "
-                    if spec.frw_steps
-                    else ""
-                )
-                + f"{spec.steps} steps"
-            )
-            res = run_stage(
-                spec,
-                tokenizer_dir=tok_dir,
-                storage_path=lay.storage,
-                valid=valid,
-                bad_log=bad_log,
-                train_ds=stream,
-                callbacks=callbacks,
-            )
-            marker = lay.stage_marker(spec.label)
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            tmp = marker.with_suffix(".tmp")
-            tmp.write_text(json.dumps(asdict(res), indent=1))  # the warmup's record inside the stage's
-            os.replace(tmp, marker)  # the marker appears only once the record is complete
-        # (run dirs of earlier versions hold the warmup's record as a stage of its own)
-        frw = res.frw or (finished(spec.frw_label) if spec.frw_steps else None)
-        if frw is not None:
-            frw_results[i] = frw
-        results.append(res)
-        if ran_now:
-            if res.initial_ppl:
-                tracker.initial(res.initial_ppl)
-            tracker.stage(res, run_step, [[r.ppl[d] for d in names] for r in results], names)
-        run_step += res.steps + (frw.steps if frw is not None else 0)
-        res.frw = None
-        if res.initial_ppl:
-            print("[run] model.init_from before training: "
-                  + ", ".join(f"{d} ppl {p:.2f}" for d, p in res.initial_ppl.items()))
-        prev_ckpt = ray.train.Checkpoint(res.checkpoint_path)
-        if memory is not None:
-            memories.append(memory.result())
-            print(
-                f"[run] memory of {dom.name!r}: {memories[-1]['sequences']} sequences -> "
-                f"{memories[-1]['uri']}"
-            )
-    background.shutdown()
-    summary = results_summary(names, results, frw_results, memories)
+    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory")
+    memories: dict = {}
+    results: dict[int, StageResult] = dict(done)
+
+    def record(res: StageResult) -> None:  # a stage has finished (called while the run goes on)
+        marker = lay.stage_marker(specs[res.index].label)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(res), indent=1))  # the warmup's record inside the stage's
+        os.replace(tmp, marker)  # the marker appears only once the record is complete
+        results[res.index] = res
+        if res.initial_ppl:  # (the workers said it when they measured it)
+            tracker.initial(res.initial_ppl)
+        run_step = sum(p.steps + p.frw_steps for p in plans[: res.index])
+        rows = [[results[j].ppl[d] for d in names] for j in range(res.index + 1)]
+        tracker.stage(res, run_step, rows, names)
+        print(f"[run] stage {specs[res.index].label} done: "
+              + ", ".join(f"{d} ppl {p:.2f}" for d, p in res.ppl.items()) + f" -> {res.checkpoint_path}")
+
+    prev_ckpt = start_ckpt
+    try:
+        for group in stage_groups(cfg):
+            todo = [i for i in group if i not in done]
+            if todo:
+                first = todo[0]
+                if first > 0:
+                    prev_ckpt = ray.train.Checkpoint(results[first - 1].checkpoint_path)
+                run_specs = [replace(specs[i], init_checkpoint=prev_ckpt if i == first else None,
+                                     continues=i != first) for i in todo]
+                # packed first (data.pretokenize), so that the memories read the packed domains
+                streams = {i: stage_stream(cfg, i, opts, bad_log) for i in todo}
+                for i in kept:
+                    if i not in memories and i <= todo[-1] and read_marker(memory_uris[i]) is None:
+                        memories[i] = background.submit(_memory_of, cfg, i, memory_uris[i], opts, bad_log)
+                pending = tuple(memory_uris[i] for i, f in memories.items() if not f.done())
+                print(f"[run] stages {specs[first].label} to {specs[todo[-1]].label}: one Ray Train run"
+                      if len(todo) > 1 else f"[run] stage {specs[first].label}")
+                run_stages(run_specs, tokenizer_dir=tok_dir, storage_path=lay.storage, valid=valid,
+                           bad_log=bad_log, streams=streams, callbacks=callbacks, on_result=record,
+                           recorded=first - 1, written_meanwhile=pending,
+                           name=stage_name(cfg.run_name, group[0], names[group[0]]))
+            prev_ckpt = ray.train.Checkpoint(results[group[-1]].checkpoint_path)
+        mem_records = [memories[i].result() if i in memories else read_marker(memory_uris[i]) for i in kept]
+    finally:
+        background.shutdown(wait=False, cancel_futures=True)
+    ordered = [results[i] for i in range(len(names))]
+    frw_results = {i: r.frw for i, r in enumerate(ordered) if r.frw is not None}
+    for r in ordered:
+        r.frw = None
+    summary = results_summary(names, ordered, frw_results, mem_records)
     lay.results.write_text(json.dumps(summary, indent=1))
     export_final_model(prev_ckpt, lay.final_model)
     write_report(summary, lay.root)
     tracker.close(lay.results)
     print(f"[run] done: {lay.results}, report.md, final_model/")
     return summary
+
+
+def _finished(lay, label: str) -> StageResult | None:
+    """The record of the stage (or warmup) ``label`` if it has finished."""
+    marker = lay.stage_marker(label)
+    if not marker.exists():
+        return None
+    rec = json.loads(marker.read_text())
+    frw = rec.pop("frw", None)
+    return StageResult(**rec, frw=StageResult(**frw) if frw else None)
+
+
+def _memory_of(cfg: LifelongConfig, i: int, uri: str, opts: StreamOptions, bad_log) -> dict:
+    """Write domain ``i``'s replay memory (once); a failure is left at ``uri`` for the waiting workers."""
+    dom, replay, lay = cfg.data.domains[i], cfg.continual.replay, run_layout(cfg)
+    clear_failure(uri)
+    try:
+        rows = training_rows([(i, dom)], opts, prompts=cfg.continual.prompts, packed_root=lay.packed,
+                             log=bad_log)
+        rec = write_memory(rows, uri, fraction=replay.memory_fraction,
+                           max_sequences=replay.memory_max_sequences, seed=cfg.train.seed + i)
+    except Exception as e:
+        write_failure(uri, data_error_text(e) or f"writing the memory of {dom.name!r}: {root_cause(e)}")
+        raise
+    print(f"[run] memory of {dom.name!r}: {rec['sequences']} sequences -> {rec['uri']}")
+    return rec
 
 
 def prepare_start(cfg: LifelongConfig) -> tuple[str, ray.train.Checkpoint | None]:

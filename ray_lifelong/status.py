@@ -2,7 +2,8 @@
 after it finished or after it died.
 
 A stage is done once its ``stages/<label>/stage.json`` exists; the stage after the last done one is
-the current one, and its latest Ray Train checkpoint (``state.json``: phase, step, the last logged step's
+the current one, and its latest checkpoint in its Ray Train run (which trains the stages of its group,
+:func:`stage_groups`) (``state.json``: phase, step, the last logged step's
 loss, learning rate and tokens/s) says how far it got. Checkpoints are read from the run's storage
 (a local path or a URI, as the run wrote them).
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from ray_lifelong.config.load import load_config
-from ray_lifelong.config.plan import stage_plans
+from ray_lifelong.config.plan import stage_groups, stage_plans
 from ray_lifelong.data.sources import filesystem, join_uri
 from ray_lifelong.layout import run_layout, stage_name
 
@@ -34,7 +35,9 @@ def run_status(run_dir: str | Path) -> dict:
     cfg = load_config(root / "config.yaml")
     lay = run_layout(cfg, root)
     stages, current = [], None
-    for plan in stage_plans(cfg):
+    group_of = {i: g[0] for g in stage_groups(cfg) for i in g}
+    plans = stage_plans(cfg)
+    for plan in plans:
         label = plan.label
         marker = lay.stage_marker(label)
         entry = {"label": label, "steps": plan.steps, "frw_steps": plan.frw_steps, "done": marker.exists()}
@@ -42,8 +45,9 @@ def run_status(run_dir: str | Path) -> dict:
             rec = json.loads(marker.read_text())
             entry.update(ppl=rec["ppl"].get(plan.domain), wall_s=rec.get("wall_time_s"))
         elif current is None:
-            current = {"label": label,
-                       **_latest_checkpoint(lay.storage, cfg.run_name, plan.index, plan.domain)}
+            first = plans[group_of[plan.index]]
+            run = join_uri(lay.storage, stage_name(cfg.run_name, first.index, first.domain))
+            current = {"label": label, **_latest_checkpoint(run, plan.index)}
         stages.append(entry)
     out = {"run": str(root), "stages": stages, "current": current, "done": lay.results.exists()}
     if out["done"]:
@@ -51,9 +55,9 @@ def run_status(run_dir: str | Path) -> dict:
     return out
 
 
-def _latest_checkpoint(storage: str, run_name: str, index: int, domain: str) -> dict:
-    """The newest checkpoint of a stage's Ray Train run."""
-    run = join_uri(storage, stage_name(run_name, index, domain))
+def _latest_checkpoint(run: str, index: int) -> dict:
+    """The newest checkpoint of stage ``index`` in the Ray Train run ``run`` (which may train stages before
+    and after it)."""
     fs, path = filesystem(run)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
@@ -66,6 +70,8 @@ def _latest_checkpoint(storage: str, run_name: str, index: int, domain: str) -> 
             continue
         with fs.open_input_stream(f"{ckpt}/state.json") as f:
             state = json.loads(f.read().decode())
+        if state.get("stage", index) != index:
+            continue
         last = (state.get("history") or [{}])[-1]
         return {"checkpoint": ckpt, "phase": state.get("phase", "main"), "step": state.get("step", 0),
                 "restarts": state.get("restarts", 0),

@@ -175,3 +175,17 @@ def stage_plans(cfg: LifelongConfig) -> list[StagePlan]:
         )
         for i, (d, size) in enumerate(zip(doms, stage_model_sizes(cfg)))
     ]
+
+
+def stage_groups(cfg: LifelongConfig) -> list[list[int]]:
+    """The stages, in order, cut where a stage's workers (``scaling``) differ from the stage before: each
+    group trains in one Ray Train run, one worker group taking its stages in turn."""
+    groups: list[list[int]] = []
+    last = object()
+    for i, d in enumerate(cfg.data.domains):
+        scaling = d.scaling or cfg.scaling
+        if scaling != last:
+            groups.append([])
+        groups[-1].append(i)
+        last = scaling
+    return groups

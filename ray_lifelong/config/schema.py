@@ -15,6 +15,7 @@ from ray_lifelong.data.sources import FORMATS, ON_BAD_RECORD
 from ray_lifelong.distill.schedule import SCHEDULES
 from ray_lifelong.eval.classification import METRICS
 from ray_lifelong.growth.depth import DEPTH_INITS, DEPTH_PLACEMENTS
+from ray_lifelong.growth.plan import GROWTH_TRAIN
 from ray_lifelong.models.arch import ARCHS
 from ray_lifelong.stage.schedule import LR_DECAYS
 
@@ -58,6 +59,11 @@ class GrowthConfig:
     the small one. ``0`` makes the expansion exactly function-preserving, for checks."""
     optimizer: str = "reset"
     """``carry``: map AdamW's moments onto the grown parameters; ``reset``: a fresh optimizer (ELLE)."""
+    train: str = "all"
+    """``new``: the stage that follows the growth (its warmup and its domain) trains only the entries the
+    growth added, new blocks and new units, as LLaMA Pro trains its added blocks; the old entries stay as
+    they were, and parameters with no added entry are frozen and get no optimizer state. ``all``: every
+    parameter trains."""
 
     def problems(self, key: str) -> list[str]:
         return _failed(key, [
@@ -65,6 +71,7 @@ class GrowthConfig:
             (self.depth_placement in DEPTH_PLACEMENTS, "depth_placement",
              f"must be one of {DEPTH_PLACEMENTS}"),
             (self.optimizer in ("carry", "reset"), "optimizer", "must be carry or reset"),
+            (self.train in GROWTH_TRAIN, "train", f"must be one of {GROWTH_TRAIN}"),
             (self.noise_std >= 0, "noise_std", "must be >= 0"),
         ] + [(getattr(self, k) is None or getattr(self, k) > 0, k, "must be positive")
              for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "num_kv_heads")])
@@ -259,6 +266,10 @@ class DataConfig:
     """Documents per block emitted by a file reader, so a large file streams instead of loading whole."""
     shuffle_buffer: int = 0
     """Per-worker local shuffle buffer in sequences (0 = stream order)."""
+    epoch_cache_mb: int = 512
+    """A worker keeps the rows of its first epoch in memory, up to this many MB, and trains later epochs of
+    the stage from them instead of streaming the domain again (a stage longer than its domain); 0: always
+    stream. Used with ``shuffle_buffer: 0`` only, where every epoch is the stream's order."""
     eval_max_sequences: int = 128
     """Cap on validation sequences per domain (keeps the PPL matrix cheap)."""
     pretokenize: bool = False
@@ -276,6 +287,7 @@ class DataConfig:
             (0 < self.mlm_probability < 1, "mlm_probability", "must be in (0, 1)"),
             (self.on_bad_record in ON_BAD_RECORD, "on_bad_record", f"must be one of {ON_BAD_RECORD}"),
             (len(set(names)) == len(names), "domains", f"domain names repeat: {names}"),
+            (self.epoch_cache_mb >= 0, "epoch_cache_mb", "must be >= 0"),
         ]) + [p for i, d in enumerate(self.domains) for p in d.problems(f"{key}.domains[{i}]")]
 
 
@@ -442,13 +454,14 @@ class RayConfig:
     storage_path: Optional[str] = None
     """Where Ray Train writes checkpoints (local, NFS or ``s3://``); ``None``: ``<run dir>/checkpoints``."""
     max_failures: int = 2
-    """Worker-group restarts per stage before it fails (each restart resumes from the last checkpoint)."""
+    """Worker-group restarts per Ray Train run (the consecutive stages of one ``scaling``) before it fails;
+    each restart resumes from the last checkpoint."""
     startup_failures: int = -1
     """Times a stage's workers may fail to get their resources (each try waits
     ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, 60 s by default) before the stage fails with Ray Train's
     message; -1 waits for ever, e.g. for the autoscaler to add GPU nodes or a lost node to come back."""
     num_to_keep: int = 2
-    """Checkpoints kept per stage."""
+    """Checkpoints kept per Ray Train run besides every stage's final one (the latest are kept)."""
 
     def problems(self, key: str = "ray") -> list[str]:
         return _failed(key, [(self.startup_failures >= -1, "startup_failures",

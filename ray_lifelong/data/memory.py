@@ -45,6 +45,29 @@ def read_marker(uri: str) -> dict | None:
     return markers.read_marker(uri, MARKER)
 
 
+FAILED = "_failed.json"
+
+
+def write_failure(uri: str, error: str) -> None:
+    """Say at ``uri`` why its memory could not be written: the workers waiting for it stop with this."""
+    fs, path = filesystem(uri)
+    fs.create_dir(path, recursive=True)
+    markers.write_marker(uri, FAILED, {"error": error})
+
+
+def memory_failure(uri: str) -> str | None:
+    """The error :func:`write_failure` left at ``uri``, if any."""
+    rec = markers.read_marker(uri, FAILED)
+    return rec["error"] if rec else None
+
+
+def clear_failure(uri: str) -> None:
+    """Forget an earlier run's failure at ``uri`` before writing the memory again."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(f"{path}/{FAILED}").type == pafs.FileType.File:
+        fs.delete_file(f"{path}/{FAILED}")
+
+
 def row_keys(ids: np.ndarray, seed: int) -> np.ndarray:
     """A pseudo-random number in [0, 1) per row of ``ids`` (rows x tokens), from the row's tokens and
     ``seed`` alone (a keyed BLAKE2b hash)."""

@@ -37,9 +37,13 @@ def check_teacher_compatible(teacher_dir: str, tokenizer, arch: str, vocab_multi
 
 def load_teacher(teacher_dir: str, device: torch.device, bf16: bool):
     """A frozen teacher: eval mode, no gradients, no optimizer, never DDP-wrapped; bf16 on GPU."""
-    model = load_model(teacher_dir).eval().requires_grad_(False)
+    return frozen(load_model(teacher_dir), device, bf16)
+
+
+def frozen(model, device: torch.device, bf16: bool):
+    """``model`` as a teacher: eval mode, no gradients, on ``device``; bf16 on GPU."""
     dtype = torch.bfloat16 if (bf16 and device.type == "cuda") else torch.float32
-    return model.to(device=device, dtype=dtype)
+    return model.eval().requires_grad_(False).to(device=device, dtype=dtype)
 
 
 @torch.no_grad()

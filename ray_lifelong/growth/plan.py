@@ -309,6 +309,11 @@ def unit_mask(plan: ParamPlan, shape: torch.Size) -> Tensor:
     return mask
 
 
+GROWTH_TRAIN = ("all", "new")
+"""What the stage after a growth trains: every parameter, or only the entries the growth added (LLaMA Pro's
+recipe, :func:`new_entry_masks`)."""
+
+
 def added_mask(plan: ParamPlan, shape: torch.Size) -> Tensor:
     """``shape`` bool mask of the entries the growth added: every entry of an inserted layer, and
     otherwise the entries of new units (copied or fresh). The rest are the old model's entries, moved

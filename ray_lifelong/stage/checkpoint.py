@@ -53,6 +53,10 @@ class TrainState:
     ``main``: training on the domain."""
     frw: dict | None = None
     """The finished warmup of this stage: its counters (this class's fields), ``ppl`` and ``wall_s``."""
+    stage: int | None = None
+    """The stage these counters belong to (a Ray Train run may train several stages in turn)."""
+    done: bool = False
+    """The stage has finished: this is its final checkpoint (the next stage starts from it)."""
     initial_ppl: dict | None = None
     """Stage 0 of a run from ``model.init_from``: the checkpoint's validation perplexity on every domain,
     measured before the first step (kept here so that a restarted stage does not measure a trained model)."""

@@ -7,11 +7,14 @@ kept.
 
 from __future__ import annotations
 
+import functools
 import time
+
+import torch
 
 from ray_lifelong.config.plan import grown_sizes
 from ray_lifelong.config.schema import GrowthConfig, TrainConfig
-from ray_lifelong.growth import expand, logit_errors, model_sizes, remap_optimizer_state
+from ray_lifelong.growth import expand, logit_errors, model_sizes, new_entry_masks, remap_optimizer_state
 from ray_lifelong.growth.llama import head_size
 from ray_lifelong.models.build import count_parameters, model_arch
 
@@ -41,7 +44,7 @@ def expand_sizes(model, grow: GrowthConfig) -> dict[str, int | None]:
 
 
 def grow_model(model, grow: GrowthConfig, *, seed: int, train: TrainConfig, lr: float,
-               optimizer_state: dict | None, build_optimizer) -> tuple[object, dict | None, dict]:
+               optimizer_state: dict | None, build_optimizer) -> tuple:
     """Grow ``model`` as ``grow`` says.
 
     Args:
@@ -51,8 +54,10 @@ def grow_model(model, grow: GrowthConfig, *, seed: int, train: TrainConfig, lr: 
             carried state has the parameter order the stage's optimizer will have.
 
     Returns:
-        ``(grown_model, carried_optimizer_state_dict | None, event)``; ``event`` records sizes, parameter
-        counts, the measured logit error on random inputs and the seconds the growth took.
+        ``(grown_model, carried_optimizer_state_dict | None, event, old)``; ``event`` records sizes,
+        parameter counts, the measured logit error on random inputs and the seconds the growth took;
+        ``old``: with ``grow.train: new``, the :class:`OldEntries` that keep what the growth did not add
+        (its frozen parameters get no carried state), else ``None``.
     """
     t0 = time.perf_counter()
     before = model_sizes(model)
@@ -60,6 +65,7 @@ def grow_model(model, grow: GrowthConfig, *, seed: int, train: TrainConfig, lr: 
                             depth_placement=grow.depth_placement, noise_std=grow.noise_std, seed=seed,
                             return_mapping=True)
     seconds = time.perf_counter() - t0
+    old = OldEntries(grown, new_entry_masks(grown, mapping)) if grow.train == "new" else None
     carried = None
     if grow.optimizer == "carry":
         if optimizer_state is None:
@@ -85,5 +91,61 @@ def grow_model(model, grow: GrowthConfig, *, seed: int, train: TrainConfig, lr: 
         "depth_placement": grow.depth_placement,
         "noise_std": grow.noise_std,
         "optimizer": grow.optimizer,
+        "train": grow.train,
+        "trainable_params": old.trainable if old is not None else count_parameters(grown)["total"],
     }
-    return grown, carried, event
+    return grown, carried, event, old
+
+
+class OldEntries:
+    """``grow.train: new``: the stage after a growth trains only the entries the growth added.
+
+    A parameter with no added entry is frozen (``requires_grad`` off, so DDP and the optimizer leave it
+    out and it holds no optimizer state); in a parameter that mixes old and added entries (a grown matrix),
+    the old entries' gradients are zeroed and, after every optimizer step, their values are put back, which
+    also undoes AdamW's decoupled weight decay on them. ``release`` makes every parameter trainable again
+    for the next stage.
+    """
+
+    def __init__(self, model, added: dict[str, torch.Tensor]):
+        self.added = {n: m.cpu() for n, m in added.items()}
+        self.mixed: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []
+        self.handles: list = []
+        self.trainable = 0
+        for name, p in model.named_parameters():
+            m = self.added[name]
+            self.trainable += int(m.sum())
+            if not m.any():
+                p.requires_grad_(False)
+            elif not m.all():
+                keep = ~m
+                self.handles.append(p.register_hook(functools.partial(self._zero_old, len(self.mixed))))
+                self.mixed.append((p, keep, p.detach()[keep].clone()))
+        self.params = [p for p, *_ in self.mixed] + [p for p in model.parameters() if not p.requires_grad]
+
+    def attach(self, optimizer) -> None:
+        """Put the old entries back after every step of ``optimizer``."""
+        self.handles.append(optimizer.register_step_post_hook(self._restore))
+
+    def _on_device(self, i: int) -> tuple:
+        p, keep, values = self.mixed[i]
+        if keep.device != p.device:  # the model moved to its device after the growth
+            self.mixed[i] = (p, keep.to(p.device), values.to(p.device))
+        return self.mixed[i]
+
+    def _zero_old(self, i: int, grad: torch.Tensor) -> torch.Tensor:
+        return grad.masked_fill(self._on_device(i)[1], 0)
+
+    @torch.no_grad()
+    def _restore(self, optimizer, args, kwargs) -> None:
+        for i in range(len(self.mixed)):
+            p, keep, values = self._on_device(i)
+            p[keep] = values
+
+    def release(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        for p in self.params:
+            p.requires_grad_(True)
+

@@ -9,28 +9,39 @@ with ``# [ray]``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import gc
+import json
 import math
 import os
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
 import torch
 from torch import distributed as dist
 
 from ray_lifelong.config.plan import stage_plans
-from ray_lifelong.data.memory import memory_epoch, read_memories, replay_count, replay_draw
+from ray_lifelong.data.memory import (
+    memory_epoch,
+    memory_failure,
+    read_marker,
+    read_memories,
+    replay_count,
+    replay_draw,
+)
 from ray_lifelong.data.sources import DataError
 from ray_lifelong.data.stream import ValidationRows
 from ray_lifelong.data.tokenizer import load_tokenizer
 from ray_lifelong.distill import inheritance_rate, teacher_needed
-from ray_lifelong.distill.teacher import load_teacher, teacher_logits
+from ray_lifelong.distill.teacher import frozen, load_teacher, teacher_logits
 from ray_lifelong.eval.metrics import perplexity
 from ray_lifelong.flops import sequence_flops
 from ray_lifelong.growth import model_sizes
@@ -41,30 +52,66 @@ from ray_lifelong.stage.checkpoint import (
     load_state,
     save_checkpoint,
 )
-from ray_lifelong.stage.grow import grow_model
+from ray_lifelong.stage.grow import OldEntries, grow_model
 from ray_lifelong.stage.schedule import lr_multiplier
 from ray_lifelong.stage.spec import StageSpec, materialize_tokenizer
 from ray_lifelong.stage.step import Masker, build_optimizer, maybe_no_sync, stage_loss
 
 
-def train_loop_per_worker(config: dict) -> dict:
-    spec: StageSpec = config["spec"]
+def train_stages(config: dict) -> dict:
+    """The worker loop of one Ray Train run: the consecutive stages ``config["specs"]`` in order, each
+    starting from the model the one before it left in memory (the first from its ``init_checkpoint``).
+
+    After a restart (a worker or node lost, a driver resumed), Ray Train's latest checkpoint says where the
+    run was: a stage's own checkpoint resumes that stage; a stage's final checkpoint starts the next one from
+    it (and is reported again when the driver has no record of it, ``config["recorded"]``).
+    """
+    specs: list[StageSpec] = config["specs"]
     valid: ValidationRows = config["valid"]
+    cfg = specs[0].cfg
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
+    _quiet_transformers()
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    tokenizer = load_tokenizer(materialize_tokenizer(specs[0].tokenizer_files))
+    begin, resume, handoff, stream = 0, None, None, None
+    restored = ray.train.get_checkpoint()  # [ray]
+    if restored is not None:
+        with restored.as_directory() as d:
+            rstate = load_state(d)
+        at = specs[0].index if rstate.stage is None else rstate.stage  # a checkpoint of before stages ran
+        if at >= specs[0].index:
+            pos = at - specs[0].index
+            if not rstate.done:
+                begin, resume = pos, restored
+            else:  # the stage had finished: the next one starts from its final checkpoint
+                begin, handoff = pos + 1, _Handoff(checkpoint=restored)
+                if at > config["recorded"]:
+                    _report_again(specs[pos], restored, rstate)
+    out = {}
+    for pos in range(begin, len(specs)):
+        following = specs[pos + 1] if pos + 1 < len(specs) else None
+        out, handoff, stream = _run_stage(specs[pos], valid, tokenizer, resume, handoff, stream, following)
+        resume = None
+    return out
+
+
+def _run_stage(spec: StageSpec, valid: ValidationRows, tokenizer, resume, handoff: "_Handoff | None",
+               stream: "_Stream | None", next_spec: StageSpec | None) -> tuple[dict, "_Handoff", "_Stream"]:
+    """One stage on this worker: [1] model, [2] DDP, [3] data, [4a] warmup, [4b] domain, [5] final
+    evaluation and report. ``stream``: this stage's stream when the stage before started it. Returns the
+    stage's record (as reported), the model the next stage starts from and the next stage's stream."""
     cfg, t = spec.cfg, spec.cfg.train
     started = time.perf_counter()
     entered = time.time()  # wall clock: the driver measures the worker group's start against it
     ctx = ray.train.get_context()  # [ray]
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()  # [ray]
-    if t.torch_threads:
-        torch.set_num_threads(t.torch_threads)
-    _quiet_transformers()
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    tokenizer = load_tokenizer(materialize_tokenizer(spec.tokenizer_files))
     torch.manual_seed(t.seed + 1000 * spec.index + rank)
 
     # [1] model and state: a retry of this stage > the previous stage's model > a fresh model
-    start = _initial_model(spec, tokenizer, device, valid)
+    start = _initial_model(spec, tokenizer, device, valid, resume, handoff)
+    del handoff
     model, state, previous = start.model, start.state, start.previous
     # from_pretrained gives a model in eval mode: without this, dropout would stay off in every stage that
     # continues a checkpoint (a later domain, a restart, a PBT segment) until its first evaluation
@@ -79,8 +126,10 @@ def train_loop_per_worker(config: dict) -> dict:
         objective = torch.compile(objective)
 
     # [3] data: this worker's share of the domain stream, the (unsplit) replay memories and validation sets
-    train_shard = ray.train.get_dataset_shard("train")  # [ray]
-    memory = read_memories(spec.replay_uris) if spec.replay_uris else None
+    stream = stream or _Stream(spec)
+    following = stream.then = _Stream(next_spec) if next_spec is not None else None
+    # a memory written while the stage before trained may still be on its way (the driver writes it)
+    memory = read_memories(wait_for_memories(spec.replay_uris)) if spec.replay_uris else None
     if state.phase == "frw" and memory is None:
         raise ValueError(
             f"stage {spec.label}: a function-recovering warmup needs the earlier domains' "
@@ -104,6 +153,7 @@ def train_loop_per_worker(config: dict) -> dict:
         synced=_counts(state),
         entered=entered,
         valid=valid,
+        old=start.old,
     )
     if state.growth and state.step == 0:
         g = state.growth
@@ -111,7 +161,8 @@ def train_loop_per_worker(config: dict) -> dict:
             spec.label,
             f"grew {g['before']} -> {g['after']} ({g['params_before']:,} -> {g['params_after']:,} "
             f"params, max logit error {g['max_logit_error']:.2e}, optimizer {g['optimizer']}, "
-            f"{g['expand_seconds']:.2f}s)",
+            f"{g['expand_seconds']:.2f}s)"
+            + (f"; training only what it added ({g['trainable_params']:,} params)" if start.old else ""),
         )
 
     # [4a] ELLE's function-recovering warmup, after the growth: only the memory, its own short LR warmup
@@ -157,6 +208,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
     # [4b] the domain (with replay, KI teachers or logit KD where configured)
     rp, kd = cfg.continual.replay, cfg.continual.logit_kd
+    stream.then_after = max(1, (spec.end - state.step) * w.accum // 2)
     w.say(
         spec.label,
         f"stage {spec.index + 1} of {len(cfg.data.domains)}: start at step {state.step}/{spec.end}, "
@@ -178,27 +230,156 @@ def train_loop_per_worker(config: dict) -> dict:
         label=spec.label,
         teachers=_load_teachers(spec, state, w),
         mix=memory is not None,
-        batches=lambda epoch: train_shard.iter_torch_batches(  # [ray] streams while we train
-            batch_size=t.micro_batch_size,
-            drop_last=True,
-            dtypes=torch.long,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=(t.seed + epoch) if cfg.data.shuffle_buffer else None,
-        ),
+        batches=stream.epoch,
     )
 
-    # [5] final evaluation on every domain, final checkpoint
+    # [5] final evaluation on every domain, final checkpoint (the stage's record rides on its report)
     ppl = _evaluate_into(w, state)
-    _report(w, state, ppl, optimizer, scheduler, final=True)
-    return {
-        "entered": entered,
-        "exited": time.time(),
-        "state": state.__dict__,
-        "ppl": ppl,
-        "sizes": model_sizes(inner.model),
-        "vocab": inner.model.config.vocab_size,
-        "nodes": _worker_nodes(world),
-    }
+    state.done = True
+    record = {"entered": entered, "ppl": ppl, "sizes": model_sizes(inner.model),
+              "vocab": inner.model.config.vocab_size, "nodes": _worker_nodes(world)}
+    out = _report(w, state, ppl, optimizer, scheduler, record=record)
+    if w.old is not None:  # the next stage trains every parameter again
+        w.old.release()
+    carry = next_spec is not None and next_spec.grow is not None and next_spec.grow.optimizer == "carry"
+    # the next stage continues this model (moved off the device before it builds its own) and, where its
+    # growth carries AdamW's moments, this optimizer's state
+    return out, _Handoff(model=inner.model.to("cpu"),
+                         optimizer=_to_cpu(optimizer.state_dict()) if carry else None), following
+
+
+ADDED = "added.pt"
+"""In a checkpoint of a stage that trains only what its growth added: the masks of the added entries."""
+
+
+class _Stream:
+    """A stage's share of its training stream, epoch by epoch.
+
+    - Its first epoch can start early, in a thread, while the stage before still trains (the stage then
+      finds its first batches waiting); it starts the next stage's stream in turn once its own has been
+      read whole or half the stage has trained.
+    - Its first epoch's batches are kept (``data.epoch_cache_mb``) and later epochs replay them: in stream
+      order (no shuffle buffer) every epoch is the same, and the domain is not streamed again. A restarted
+      stage in a later epoch reads the first one back first.
+    """
+
+    def __init__(self, spec: StageSpec, shard=None):
+        self.shard = shard or ray.train.get_dataset_shard(train_dataset_name(spec.index))  # [ray]
+        self.data, self.train = spec.cfg.data, spec.cfg.train
+        self.early: tuple[threading.Thread, dict] | None = None
+        self.cache: list | None = [] if self.data.epoch_cache_mb and not self.data.shuffle_buffer else None
+        self.cached_bytes = 0
+        self.complete = False
+        self.then: _Stream | None = None
+        self.then_after = 0
+        """Start ``then`` after this many batches (or once the first epoch has been read)."""
+
+    def _stream(self, epoch: int):
+        return self.shard.iter_torch_batches(  # [ray] streams while we train
+            batch_size=self.train.micro_batch_size,
+            drop_last=True,
+            dtypes=torch.long,
+            local_shuffle_buffer_size=self.data.shuffle_buffer or None,
+            local_shuffle_seed=(self.train.seed + epoch) if self.data.shuffle_buffer else None,
+        )
+
+    def start_early(self) -> None:
+        """Start the first epoch now and hold its first batch."""
+        if self.early is not None or self.complete:
+            return
+        held: dict = {}
+
+        def fetch() -> None:
+            try:
+                it = iter(self._stream(0))
+                held["first"], held["rest"] = next(it, None), it
+            except BaseException as e:  # raised where the stage asks for its batches
+                held["error"] = e
+
+        thread = threading.Thread(target=fetch, name="early-stream", daemon=True)
+        thread.start()
+        self.early = (thread, held)
+
+    def _first_epoch(self):
+        if self.early is None:
+            yield from self._stream(0)
+            return
+        (thread, held), self.early = self.early, None
+        thread.join()
+        if "error" in held:
+            raise held["error"]
+        if held["first"] is not None:
+            yield held["first"]
+            yield from held["rest"]
+
+    def _kept(self, epoch_zero):
+        """Yield ``epoch_zero``'s batches, keeping them while they fit."""
+        cap = self.data.epoch_cache_mb * 2**20
+        if self.cache is not None:  # (an earlier read of it was cut short)
+            self.cache, self.cached_bytes = [], 0
+        for batch in epoch_zero:
+            if self.cache is not None:
+                self.cached_bytes += sum(v.numel() * v.element_size() for v in batch.values())
+                if self.cached_bytes > cap:
+                    self.cache = None
+                else:
+                    self.cache.append(batch)
+            yield batch
+        self.complete = self.cache is not None
+
+    def epoch(self, epoch: int):
+        """The batches of ``epoch``."""
+        if epoch > 0 and not self.complete and self.cache is not None:
+            for _ in self._kept(self._first_epoch()):  # a restart in a later epoch: read the first back
+                pass
+        if epoch > 0 and self.complete:
+            batches = iter(self.cache)
+        else:
+            batches = self._kept(self._first_epoch()) if epoch == 0 else self._stream(epoch)
+        for n, batch in enumerate(batches):
+            if n == self.then_after and self.then is not None:
+                self.then.start_early()
+            yield batch
+        if self.then is not None:  # this stage's stream has been read whole
+            self.then.start_early()
+
+
+@dataclass
+class _Handoff:
+    """What a stage starts from when the stage before it ran in the same worker group: that stage's model
+    and optimizer state in memory, or (after a restart) its final checkpoint."""
+
+    model: torch.nn.Module | None = None
+    optimizer: dict | None = None
+    checkpoint: ray.train.Checkpoint | None = None
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def train_dataset_name(index: int) -> str:
+    """The Ray Train dataset of stage ``index`` (a run's stages each stream their own)."""
+    return f"train_{index}"
+
+
+def wait_for_memories(uris: list[str], poll_s: float = 0.2) -> list[str]:
+    """Return ``uris`` once every memory is complete; raise the driver's error for one it failed to write
+    (:func:`ray_lifelong.data.memory.write_failure`)."""
+    while True:
+        for uri in uris:
+            failed = memory_failure(uri)
+            if failed:
+                raise DataError(failed)
+        if all(read_marker(u) is not None for u in uris):
+            return uris
+        time.sleep(poll_s)
 
 
 @dataclass
@@ -215,20 +396,24 @@ class _Start:
     """AdamW state mapped onto the grown parameters (``grow.optimizer=carry``)."""
     previous: LMObjective | None = None
     """Logit-KD baseline: the previous stage's model, frozen."""
+    old: OldEntries | None = None
+    """``grow.train: new``: what keeps the entries the growth did not add."""
 
 
-def _initial_model(spec: StageSpec, tokenizer, device, valid: ValidationRows) -> _Start:
-    """The model a worker trains, in this order: a retry of the stage resumes its last checkpoint (or a PBT
-    segment the checkpoint it continues); else the previous stage's model, grown where the stage grows (the
-    same seed on every rank, so every rank grows the same model), or for stage 0 the checkpoint of
+def _initial_model(spec: StageSpec, tokenizer, device, valid: ValidationRows, resume, handoff) -> _Start:
+    """The model a worker trains, in this order: a retry of the stage resumes its last checkpoint
+    (``resume``; or a PBT segment the checkpoint it continues); else the previous stage's model (``handoff``
+    when it ran in this worker group, else ``spec.init_checkpoint``), grown where the stage grows (the same
+    seed on every rank, so every rank grows the same model), or for stage 0 the checkpoint of
     ``model.init_from`` (prepared on the driver), whose perplexity on every domain is measured first; else a
     fresh model of ``model.*``."""
     cfg, t = spec.cfg, spec.cfg.train
-    resume = ray.train.get_checkpoint()  # [ray]
     own = resume is not None
     if resume is None:
         resume = spec.resume_from
     start = _Start(model=None, state=TrainState(phase="frw" if spec.frw_steps else "main"), own=own)
+    if handoff is not None and handoff.checkpoint is not None:
+        handoff = _Handoff(*_read_handoff(handoff.checkpoint, cfg.model.arch))
     if resume is not None:
         with resume.as_directory() as d:
             start.model = load_model(str(Path(d) / "model"), cfg.model.arch)
@@ -236,19 +421,18 @@ def _initial_model(spec: StageSpec, tokenizer, device, valid: ValidationRows) ->
             start.state.restarts += int(own)
             start.optimizer_dir = tempfile.mkdtemp()
             Path(start.optimizer_dir, "train_state.pt").write_bytes(Path(d, "train_state.pt").read_bytes())
-    elif spec.init_checkpoint is not None:
-        with spec.init_checkpoint.as_directory() as d:
-            start.model = load_model(str(Path(d) / "model"), cfg.model.arch)
-            grow = spec.grow
-            if grow is not None:
-                prev_opt = None
-                if grow.optimizer == "carry":
-                    prev_opt = torch.load(Path(d) / "train_state.pt", map_location="cpu",
-                                          weights_only=False)["optimizer"]
-                start.model, start.carried, start.state.growth = grow_model(
-                    start.model, grow, seed=t.seed + spec.index, train=t,
-                    lr=spec.frw_lr if spec.frw_steps else spec.lr, optimizer_state=prev_opt,
-                    build_optimizer=build_optimizer)
+            if Path(d, ADDED).exists():  # grow.train=new: the stage trains only what its growth added
+                start.old = OldEntries(start.model, torch.load(Path(d, ADDED), weights_only=True))
+    elif handoff is not None or spec.init_checkpoint is not None:
+        if handoff is None:
+            handoff = _Handoff(*_read_handoff(spec.init_checkpoint, cfg.model.arch, spec.grow))
+        start.model = handoff.model
+        grow = spec.grow
+        if grow is not None:
+            start.model, start.carried, start.state.growth, start.old = grow_model(
+                start.model, grow, seed=t.seed + spec.index, train=t,
+                lr=spec.frw_lr if spec.frw_steps else spec.lr, optimizer_state=handoff.optimizer,
+                build_optimizer=build_optimizer)
         if spec.index == 0 and cfg.model.init_from:  # a retry resumes with the state that holds it
             start.state.initial_ppl = _initial_ppl(spec, start.model, tokenizer, device, valid)
     else:
@@ -258,9 +442,40 @@ def _initial_model(spec: StageSpec, tokenizer, device, valid: ValidationRows) ->
     if len(tokenizer) > rows:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {rows}")
     if spec.kd_previous:  # the previous stage's model, also when a retry resumes the stage
-        with spec.init_checkpoint.as_directory() as d:
-            start.previous = LMObjective(load_teacher(str(Path(d) / "model"), device, t.bf16))
+        if handoff is None or handoff.model is None:  # a retry: the previous stage's final checkpoint
+            handoff = _Handoff(*_read_handoff(spec.init_checkpoint or _final_checkpoint(spec.index - 1),
+                                              cfg.model.arch))
+        start.previous = LMObjective(frozen(copy.deepcopy(handoff.model), device, t.bf16))
     return start
+
+
+def _read_handoff(ckpt, arch: str, grow=None) -> tuple:
+    """``(model, optimizer state or None)`` of a checkpoint, as :class:`_Handoff` holds them (the optimizer
+    state only where a growth carries it)."""
+    with ckpt.as_directory() as d:
+        model = load_model(str(Path(d) / "model"), arch)
+        opt = None
+        if grow is not None and grow.optimizer == "carry":
+            opt = torch.load(Path(d) / "train_state.pt", map_location="cpu", weights_only=False)["optimizer"]
+    return model, opt
+
+
+def _final_checkpoint(index: int) -> ray.train.Checkpoint:
+    """The final checkpoint of stage ``index`` of this Ray Train run (a retry's way back to the model the
+    stage before left)."""
+    storage = ray.train.get_context().get_storage()  # [ray]
+    fs, root = storage.storage_filesystem, storage.experiment_fs_path
+    for info in fs.get_file_info(pafs.FileSelector(root)):
+        if not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/state.json") as f:
+                st = json.loads(f.read())
+        except (FileNotFoundError, OSError):
+            continue
+        if st.get("stage") == index and st.get("done"):
+            return ray.train.Checkpoint(info.path, filesystem=fs)
+    raise FileNotFoundError(f"no final checkpoint of stage {index} under {root}")
 
 
 def _initial_ppl(spec: StageSpec, model, tokenizer, device, valid: ValidationRows) -> dict:
@@ -304,6 +519,8 @@ class _Worker:
     """``time.time()`` when the worker's loop began."""
     valid: ValidationRows
     """Every domain's validation rows."""
+    old: OldEntries | None = None
+    """``grow.train: new``: the stage trains only the entries its growth added."""
 
     phase_start: tuple[float, int] = (0.0, 0)
     """When the running phase's step loop began, and at which step (its ETA's rate)."""
@@ -339,6 +556,8 @@ def _phase_optimizer(w: _Worker, phase: str, start: _Start | None = None):
         lr, (offset, total) = spec.lr, spec.schedule or (0, spec.steps)
         warmup, decay = int(t.warmup_ratio * total), t.lr_decay
     optimizer = build_optimizer(w.inner.model, lr, t)
+    if w.old is not None:
+        w.old.attach(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
         offset + s, total, warmup=warmup, decay=decay, min_ratio=t.min_lr_ratio))
     if start is None:
@@ -598,12 +817,20 @@ def _sync_counts(w: _Worker, state: TrainState) -> None:
     w.synced = _counts(state)
 
 
-def _report(w: _Worker, state, ppl, optimizer, scheduler, *, final=False) -> None:
-    """All workers call ``ray.train.report`` (a barrier); only rank 0 attaches the checkpoint."""
+def _report(w: _Worker, state, ppl, optimizer, scheduler, *, record: dict | None = None) -> dict | None:
+    """All workers call ``ray.train.report`` (a barrier); only rank 0 attaches the checkpoint.
+
+    ``record``: the stage is done; its record, with the state's counters, rides on the report (for the
+    driver) and is kept beside the checkpoint (``record.json``, from which a restart reports it again).
+    Returns the record as reported.
+    """
     spec = w.spec
     t0 = time.perf_counter()
+    state.stage = spec.index
     _sync_counts(w, state)
-    metrics = {"stage": spec.index, "step": state.step, "tokens": state.tokens, "final": final}
+    final = record is not None
+    metrics = {"stage": spec.index, "step": state.step, "tokens": state.tokens, "final": final,
+               "keep": keep_score(spec.index, final)}
     if ppl:
         metrics.update({f"ppl/{k}": v for k, v in ppl.items()})
         metrics["valid_loss"] = math.log(ppl[spec.domain])
@@ -619,9 +846,38 @@ def _report(w: _Worker, state, ppl, optimizer, scheduler, *, final=False) -> Non
                 state=state,
                 cfg=spec.cfg,
             )
+            if w.old is not None:
+                torch.save(w.old.added, Path(d, ADDED))
+            if final:
+                record = dict(record, reported=time.time())
+                Path(d, "record.json").write_text(json.dumps(record))
             ckpt = ray.train.Checkpoint.from_directory(d)
+        if final:
+            state.checkpoint_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            record = metrics["record"] = dict(record, state=dict(state.__dict__))
+            record.setdefault("reported", time.time())  # (rank > 0 wrote no record.json)
         ray.train.report(metrics, checkpoint=ckpt)  # [ray]
     state.checkpoint_s += time.perf_counter() - t0
+    return record
+
+
+def keep_score(index: int, final: bool) -> float:
+    """The score Ray Train keeps checkpoints by (``CheckpointConfig.checkpoint_score_attribute``): every
+    stage's final checkpoint above every other, which rank by time (the latest is always kept), so that a
+    run of several stages keeps each stage's result and its most recent checkpoints."""
+    return 1e12 + index if final else time.time()
+
+
+def _report_again(spec: StageSpec, ckpt: ray.train.Checkpoint, state: TrainState) -> None:
+    """Report a finished stage's record again, from its final checkpoint (the driver lost the first report:
+    it died between the checkpoint and its record)."""
+    with ckpt.as_directory() as d:
+        record = json.loads(Path(d, "record.json").read_text())
+    state.restarts += 1  # restored from its checkpoint, as a stage resumed there would count it
+    record["state"] = dict(state.__dict__)
+    ray.train.report({"stage": spec.index, "step": state.step, "tokens": state.tokens, "final": True,  # [ray]
+                      "record": record, "checkpoint_path": ckpt.path}, checkpoint=None)
 
 
 def _evaluate_into(w: _Worker, state: TrainState) -> dict:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import ray
 import ray.train
@@ -20,7 +26,7 @@ from ray_lifelong.flops import sequence_flops
 from ray_lifelong.layout import run_layout, stage_name
 from ray_lifelong.models.build import find_model_dir
 from ray_lifelong.stage.checkpoint import checkpoint_uri
-from ray_lifelong.stage.loop import train_loop_per_worker
+from ray_lifelong.stage.loop import train_dataset_name, train_stages
 from ray_lifelong.stage.spec import StageResult, StageSpec
 
 
@@ -30,53 +36,153 @@ class StageFailedError(RuntimeError):
 
 def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid: ValidationRows, bad_log=None,
               train_ds=None, callbacks=None) -> StageResult:
-    """Train ``spec.domain`` on Ray Train and evaluate every domain; return the stage record.
+    """Train ``spec.domain`` on Ray Train and evaluate every domain; return the stage record (one stage:
+    :func:`run_stages`)."""
+    (res,) = run_stages([spec], tokenizer_dir=tokenizer_dir, storage_path=storage_path, valid=valid,
+                        bad_log=bad_log, streams={spec.index: train_ds} if train_ds is not None else None,
+                        callbacks=callbacks)
+    return res
+
+
+def run_stages(specs: list[StageSpec], *, tokenizer_dir: str, storage_path: str, valid: ValidationRows,
+               bad_log=None, streams: dict | None = None, callbacks=None, on_result=None,
+               recorded: int | None = None, written_meanwhile: tuple[str, ...] = (),
+               name: str | None = None) -> list[StageResult]:
+    """Train the consecutive stages ``specs`` (one scaling) in one Ray Train run: one worker group trains
+    them in turn, each from the model the one before left (:func:`train_stages`), and evaluates every domain
+    after each; return their records in order.
 
     Args:
         valid: the run's validation rows (:func:`validation_rows`).
         bad_log: a :class:`BadRecordLog` actor collecting skipped records.
-        train_ds: the training stream (rows ``{input_ids, domain_id}``); ``None`` streams the domain's
-            own training files.
-        callbacks: Ray Train ``UserCallback``s of the stage's run (a Tune sweep forwards validations).
+        streams: each stage's training stream by stage index (rows ``{input_ids, domain_id}``); a stage
+            without one streams its domain's own training files.
+        callbacks: Ray Train ``UserCallback``s of the run (a Tune sweep forwards validations).
+        on_result: called on the driver with each stage's record as soon as the stage has finished.
+        recorded: the last stage whose record the driver holds (a resumed run: a stage that finished but
+            was not recorded is reported again from its checkpoint); default: none of ``specs``.
+        written_meanwhile: replay memories the driver is still writing (the workers wait for them).
+        name: the Ray Train run (its checkpoints' folder); default: named after the first stage.
     """
-    cfg: LifelongConfig = spec.cfg
+    cfg: LifelongConfig = specs[0].cfg
     quiet_ray_data()
     opts = StreamOptions(tokenizer_dir=tokenizer_dir, arch=cfg.model.arch, data=cfg.data)
-    index = {d.name: i for i, d in enumerate(cfg.data.domains)}
-    teacher_cfgs = _prepare_teachers(spec, tokenizer_dir)
-    if train_ds is None:  # the domain's own training rows (packed once under data.pretokenize)
-
-        i = index[spec.domain]
-        train_ds = training_rows([(i, cfg.data.domains[i])], opts, prompts=cfg.continual.prompts, log=bad_log,
-                                 packed_root=run_layout(cfg).packed)
-    check_memories(spec.replay_uris)  # read by the workers themselves: a missing one is said here
+    teacher_cfgs = {s.index: _prepare_teachers(s, tokenizer_dir) for s in specs}
+    streams = dict(streams or {})
+    for s in specs:
+        if streams.get(s.index) is None:  # the domain's own training rows (packed once under pretokenize)
+            streams[s.index] = training_rows([(s.index, s.domain_cfg)], opts, prompts=cfg.continual.prompts,
+                                             log=bad_log, packed_root=run_layout(cfg).packed)
+    # read by the workers themselves: one that is missing is said here
+    check_memories([u for s in specs for u in s.replay_uris if u not in written_meanwhile])
+    folder = Path(tempfile.mkdtemp(prefix="ray_lifelong_records_"))
+    first = specs[0]
+    keep = cfg.ray.num_to_keep
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"spec": spec, "valid": valid},
-        # a stage may take its own workers, e.g. more after growth
-        scaling_config=ray_scaling(spec.domain_cfg.scaling or cfg.scaling),
+        train_stages,
+        train_loop_config={"specs": specs, "valid": valid,
+                           "recorded": first.index - 1 if recorded is None else recorded},
+        # stages may take their own workers (e.g. more after growth): a run holds stages of one scaling
+        scaling_config=ray_scaling(first.domain_cfg.scaling or cfg.scaling),
         run_config=RunConfig(
-            name=stage_name(cfg.run_name, spec.index, spec.domain, spec.segment),
+            name=name or stage_name(cfg.run_name, first.index, first.domain, first.segment),
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures,
                                          controller_failure_limit=cfg.ray.startup_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
-            logging_config=LoggingConfig(log_level="WARNING"), callbacks=callbacks),
+            # every stage's final checkpoint, and the latest num_to_keep others (keep_score)
+            checkpoint_config=CheckpointConfig(num_to_keep=keep + len(specs) if keep else None,
+                                               checkpoint_score_attribute="keep",
+                                               checkpoint_score_order="max"),
+            logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=[_StageRecords(str(folder), storage_path), *(callbacks or [])]),
         # validation rows and replay memories travel apart: every worker scores all validation rows (its
         # share by index) and draws replayed rows from the whole memory
-        datasets={"train": train_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        datasets={train_dataset_name(s.index): streams[s.index] for s in specs},
+        dataset_config=DataConfig(datasets_to_split=[train_dataset_name(s.index) for s in specs]),
     )
-    t0, fit_started = time.perf_counter(), time.time()
+    by_index = {s.index: s for s in specs}
+    results: list[StageResult] = []
+    fit_started = time.time()
+    last_end = [fit_started]  # when the stage before ended (or the fit began): a stage's wall time from it
+    failures: list[BaseException] = []
+
+    def collect() -> None:
+        """Turn every stage record that arrived into a ``StageResult``, in stage order."""
+        while True:
+            index = results[-1].index + 1 if results else None
+            found = sorted(folder.glob("*.json"))
+            if index is not None:
+                found = [f for f in found if int(f.stem) >= index]
+            if not found:
+                return
+            rec = json.loads(found[0].read_text())
+            spec = by_index[int(found[0].stem)]
+            res = _stage_result(spec, rec["record"], rec["checkpoint"], tokenizer_dir,
+                                teacher_cfgs[spec.index], since=last_end[0])
+            last_end[0] = rec["record"]["reported"]
+            res.bad_records = _bad_records(bad_log)
+            results.append(res)
+            found[0].unlink()
+            if on_result is not None:
+                on_result(res)
+
+    stop = threading.Event()
+
+    def poll() -> None:
+        try:
+            while not stop.wait(0.25):
+                collect()
+        except BaseException as e:  # raised on the driver's thread once the run returns
+            failures.append(e)
+
+    poller = threading.Thread(target=poll, name="stage-records", daemon=True)
+    poller.start()
     try:
-        result = trainer.fit()
+        trainer.fit()
     except Exception as e:  # TrainingFailedError wraps the worker's exception several levels deep
         # bad input found while streaming is the user's to fix (the CLI's exit 2), not a failed stage
         bad_input = data_error_text(e)
         error = DataError if bad_input else StageFailedError
-        raise error(f"stage {spec.index} ({spec.domain}) failed: {bad_input or root_cause(e)}") from e
-    wall, fit_ended = time.perf_counter() - t0, time.time()
-    out = result.return_value or {}
+        done = len(results)
+        at = specs[min(done, len(specs) - 1)]
+        raise error(f"stage {at.index} ({at.domain}) failed: {bad_input or root_cause(e)}") from e
+    finally:
+        stop.set()
+        poller.join()
+    if failures:
+        raise failures[0]
+    collect()
+    shutil.rmtree(folder, ignore_errors=True)
+    return results
+
+
+class _StageRecords(ray.train.UserCallback):
+    """Runs in Ray Train's controller (on the driver's node): writes each finished stage's record, with the
+    checkpoint as a URI, into ``folder`` for :func:`run_stages` to pick up while the run goes on."""
+
+    def __init__(self, folder: str, storage_path: str):
+        self.folder, self.storage_path = folder, storage_path
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        m = metrics[0]
+        if not m.get("final"):
+            return
+        if checkpoint is not None:
+            uri = checkpoint_uri(checkpoint.path, checkpoint.filesystem, self.storage_path)
+        else:  # reported again from its checkpoint after a restart
+            uri = checkpoint_uri(m["checkpoint_path"], None, self.storage_path)
+        out = Path(self.folder, f"{m['stage']:04d}.json")
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"record": m["record"], "checkpoint": uri}))
+        os.replace(tmp, out)
+
+
+def _stage_result(spec: StageSpec, out: dict, checkpoint: str, tokenizer_dir: str, teacher_cfgs: dict, *,
+                  since: float) -> StageResult:
+    """A finished stage's record on the driver from its workers' report: FLOPs counted, the warmup split
+    off, wall time from ``since`` (the stage before ended, or the run began: the worker group's start is the
+    first stage's)."""
+    cfg = spec.cfg
     state = out.get("state", {})
     sizes = out.get("sizes", {})  # the trained model's sizes: after growth they differ from cfg.model
     d = cfg.data
@@ -88,37 +194,20 @@ def run_stage(spec: StageSpec, *, tokenizer_dir: str, storage_path: str, valid: 
     teacher_flops = state.get("kd_flops", 0.0) + sum(
         n * sequence_flops(teacher_cfgs[k], vocab=teacher_cfgs[k]["vocab_size"], train=False, **per_token)
         for k, n in teachers.items())
+    began = min(since, out["entered"])  # a stage reported again after a restart began before it
+    wall = out["reported"] - began
     frw = None
     if state.get("frw"):  # the warmup ran first in this run, at the grown size: its own record
-        f = state["frw"]
+        f = dict(state["frw"])
         # measured on the workers from their start; the worker group's start stays in the domain phase
         frw_wall = min(f.pop("wall_s"), wall)
         wall -= frw_wall
-        frw = _phase_result(
-            spec,
-            f,
-            checkpoint="",
-            ppl=f.pop("ppl"),
-            per_seq=per_seq,
-            wall=frw_wall,
-            sizes=sizes,
-            nodes=out.get("nodes", []),
-            phase="frw",
-        )
-    res = _phase_result(
-        spec,
-        state,
-        ppl=out.get("ppl", {}),
-        per_seq=per_seq,
-        wall=wall,
-        sizes=sizes,
-        nodes=out.get("nodes", []),
-        phase="main",
-        checkpoint=checkpoint_uri(result.checkpoint.path, result.checkpoint.filesystem, storage_path),
-    )
-    res.bad_records, res.teacher_flops, res.frw = _bad_records(bad_log), teacher_flops, frw
-    if "entered" in out:  # what the worker group's start and end cost around the workers' own time
-        res.timings.update(start_s=out["entered"] - fit_started, end_s=fit_ended - out["exited"])
+        frw = _phase_result(spec, f, checkpoint="", ppl=f.pop("ppl"), per_seq=per_seq, wall=frw_wall,
+                            sizes=sizes, nodes=out.get("nodes", []), phase="frw")
+    res = _phase_result(spec, state, ppl=out.get("ppl", {}), per_seq=per_seq, wall=wall, sizes=sizes,
+                        nodes=out.get("nodes", []), phase="main", checkpoint=checkpoint)
+    res.teacher_flops, res.frw = teacher_flops, frw
+    res.timings["start_s"] = out["entered"] - began
     return res
 
 

@@ -36,6 +36,9 @@ class StageSpec:
     """KI teachers' HF model dirs by domain id (-1: every domain), resolved and checked on the driver."""
     replay_uris: list[str] = field(default_factory=list)
     """Memories of earlier domains replayed into this stage (continual.replay.ratio of every micro-batch)."""
+    continues: bool = False
+    """The stage starts from the model the stage before it left in the same worker group (handed over in
+    memory; ``init_checkpoint`` is then ``None``)."""
     segment: int | None = None
     """Population-based training: this run is segment ``segment`` of the stage (its own Ray Train run)."""
     resume_from: Any = None
@@ -55,7 +58,12 @@ class StageSpec:
     @property
     def grow(self):
         """The growth this stage applies to ``init_checkpoint`` (``None``: none)."""
-        return self.domain_cfg.grow if self.init_checkpoint is not None else None
+        return self.domain_cfg.grow if self.has_previous else None
+
+    @property
+    def has_previous(self) -> bool:
+        """The stage continues a model (a stage before, or the run's starting checkpoint)."""
+        return self.continues or self.init_checkpoint is not None
 
     @property
     def frw_steps(self) -> int:
@@ -87,7 +95,7 @@ class StageSpec:
         return (
             self.cfg.continual.logit_kd.weight > 0
             and bool(self.replay_uris)
-            and self.init_checkpoint is not None
+            and self.has_previous
         )
 
     @property

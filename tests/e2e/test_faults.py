@@ -79,8 +79,9 @@ def test_a_killed_driver_resumes_an_elle_run_from_its_checkpoints_on_s3(demo_cor
         # checkpoints reported before it (the warmup's hand-over at step 0, step 2) are surely registered
         kill_cli_when(
             lambda: any(
-                s["phase"] == "main" and s["step"] >= 4
-                for s in _checkpoint_states(fs, "ckpts/lifelong/elle-stage1-astronomy")
+                s.get("stage") == 1 and s["phase"] == "main" and s["step"] >= 4
+                # both stages train in one Ray Train run, named after its first
+                for s in _checkpoint_states(fs, "ckpts/lifelong/elle-stage0-sports")
             ),
             "run",
             str(config),
@@ -104,7 +105,7 @@ def test_a_killed_driver_resumes_an_elle_run_from_its_checkpoints_on_s3(demo_cor
     assert grown["steps"] == 16 and grown["tokens"] == 16 * 8 * 32
     steps = [h["step"] for h in grown["history"]]
     assert steps == list(range(2, 17, 2)), steps  # nothing lost or repeated across the kill
-    assert grown["checkpoint"].startswith("s3://ckpts/lifelong/elle-stage1-astronomy/checkpoint_")
+    assert grown["checkpoint"].startswith("s3://ckpts/lifelong/elle-stage0-sports/checkpoint_")
     assert grown["checkpoint"].endswith(f"?{query}")
     assert grown["growth"]["after"]["hidden_size"] == 64 and grown["model_sizes"]["num_hidden_layers"] == 2
     # the warmup's record came back with the checkpoint

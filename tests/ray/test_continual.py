@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from ray_lifelong.config import load_config
 from ray_lifelong.data.tokenizer import load_tokenizer, prompt_token
@@ -122,6 +123,24 @@ def test_resume_reuses_stages_and_memory(elle_run):
     assert again["ppl_matrix"] == res["ppl_matrix"]
 
 
+def test_a_stage_that_finished_without_its_record_is_reported_again_not_retrained(elle_run):
+    """The driver died after the last stage's final checkpoint but before its record: the resumed run's
+    workers find that checkpoint, report the stage again from it, and train nothing."""
+    cfg, res, rdir = elle_run
+    marker = rdir / "stages" / "01-astronomy" / "stage.json"
+    now = marker.read_text()
+    marker.unlink()
+    try:
+        again = run_lifelong(cfg, resume=True)
+        assert again["ppl_matrix"] == res["ppl_matrix"]
+        s1, before = again["stages"][1], res["stages"][1]
+        assert s1["checkpoint"] == before["checkpoint"] and s1["history"] == before["history"]
+        assert s1["restarts"] == before["restarts"] + 1 and s1["frw"]["steps"] == before["frw"]["steps"]
+        assert marker.exists()
+    finally:
+        marker.write_text(now)
+
+
 def test_a_run_dir_with_the_warmup_recorded_as_its_own_stage_resumes_with_its_record(elle_run):
     """Run dirs of earlier versions ran the warmup as a stage of its own, with its own marker."""
     cfg, res, rdir = elle_run
@@ -173,11 +192,10 @@ def test_the_domain_phase_after_the_warmup_trains_as_its_own_run_would(ray_4cpus
     res = run_lifelong(cfg)
     rdir = tmp_path / "eq"
     # the checkpoint reported where the warmup ends and the domain phase begins (phase main, step 0)
-    (switch,) = [
-        p.parent
-        for p in (rdir / "checkpoints" / "eq-stage1-astronomy").glob("checkpoint_*/state.json")
-        if json.loads(p.read_text())["phase"] == "main" and json.loads(p.read_text())["step"] == 0
-    ]
+    # both stages trained in one Ray Train run, named after its first
+    states = {p.parent: json.loads(p.read_text())
+              for p in (rdir / "checkpoints" / "eq-stage0-sports").glob("checkpoint_*/state.json")}
+    (switch,) = [c for c, s in states.items() if s["stage"] == 1 and s["phase"] == "main" and s["step"] == 0]
     alone = copy.deepcopy(cfg)
     alone.data.domains[1].grow = None  # the checkpoint holds the grown model already
     tok = str(rdir / "tokenizer")
@@ -279,3 +297,35 @@ def test_write_memory_is_idempotent_and_redoes_a_partial_one(ray_4cpus, tmp_path
     assert write_memory(ds, uri, fraction=0.9, max_sequences=None, seed=1) == rec  # done: not resampled
     capped = write_memory(ds, str(tmp_path / "c"), fraction=0.5, max_sequences=20, seed=0)
     assert capped["sequences"] == 20 == pq.read_table(str(tmp_path / "c")).num_rows
+
+
+def test_grow_train_new_trains_only_the_added_blocks_also_across_a_restart(ray_4cpus, demo_corpus, tmp_path):
+    """LLaMA Pro's recipe on a Llama: stage 1 adds two blocks on top and trains only them (a worker dies
+    in the middle: the restarted stage still trains only them); every old weight ends the stage exactly as
+    stage 0 left it."""
+    from ray_lifelong.models.build import load_model
+
+    doms = (f"[{{name: sports, train: ['{demo_corpus}/sports/train-*.jsonl.gz'], "
+            f"valid: ['{demo_corpus}/sports/valid-*.jsonl.gz']}}, "
+            f"{{name: astronomy, train: ['{demo_corpus}/astronomy/train-*.jsonl.gz'], "
+            f"valid: ['{demo_corpus}/astronomy/valid-*.jsonl.gz'], "
+            f"grow: {{num_layers: 3, depth_placement: top, train: new}}}}]")
+    cfg = load_config(None, tiny_overrides(demo_corpus, tmp_path, arch="llama", steps=8) + [
+        f"data.domains={doms}", "model.num_kv_heads=1", "run_name=pro", "train.checkpoint_every=2",
+        "debug.crash_stage=1", "debug.crash_at_step=5", f"debug.crash_marker={tmp_path}/crashed",
+        "debug.slow_step_s=0.15"])
+    res = run_lifelong(cfg)
+    s1 = res["stages"][1]
+    assert (tmp_path / "crashed").exists() and s1["restarts"] == 1
+    grew = s1["growth"]
+    assert grew["train"] == "new" and 0 < grew["trainable_params"] < grew["params_after"]
+    import ray.train
+
+    with ray.train.Checkpoint(res["stages"][0]["checkpoint"]).as_directory() as d:
+        before = dict(load_model(f"{d}/model", "llama").named_parameters())
+    after = dict(load_model(str(tmp_path / "pro" / "final_model"), "llama").named_parameters())
+    assert len(after) > len(before)
+    for name, p in before.items():  # the old blocks (0), embeddings, final norm, head: untouched
+        assert torch.equal(after[name], p), name
+    trained = [n for n in after if n.startswith(("model.layers.1.", "model.layers.2."))]
+    assert any(after[n].abs().sum() > 0 for n in trained if "o_proj" in n or "down_proj" in n)

@@ -273,3 +273,17 @@ def test_a_stage_plan_resolves_every_default_once():
         ki_steps(TeacherConfig(path="t"), 100) == 30 and ki_steps(TeacherConfig(path="t", steps=7), 100) == 7
     )
     assert ki_steps(TeacherConfig(path="t"), 2) == 1  # at least one step
+
+
+def test_stages_with_the_same_workers_share_one_ray_train_run():
+    from ray_lifelong.config.plan import stage_groups
+
+    doms = ("[{name: a, train: [x], valid: [x]}, {name: b, train: [x], valid: [x]}, "
+            "{name: c, train: [x], valid: [x], scaling: {num_workers: 4}}, "
+            "{name: d, train: [x], valid: [x], scaling: {num_workers: 4}}, "
+            "{name: e, train: [x], valid: [x]}]")
+    cfg = load_config(None, [f"data.domains={doms}", "train.micro_batch_size=4"])
+    assert stage_groups(cfg) == [[0, 1], [2, 3], [4]]
+    # a stage that names the run's own scaling is the same workers
+    same = load_config(None, [f"data.domains={doms}", "train.micro_batch_size=4", "scaling.num_workers=4"])
+    assert stage_groups(same) == [[0, 1, 2, 3, 4]]

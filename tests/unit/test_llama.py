@@ -279,7 +279,7 @@ def test_the_stages_growth_call_grows_a_llama_to_the_planned_sizes_with_its_kv_h
         opt.step()
         state = opt.state_dict()
     for i in (1, 2):
-        grown, carried, event = grow_model(model, cfg.data.domains[i].grow, seed=i, train=t, lr=1e-3,
+        grown, carried, event, _ = grow_model(model, cfg.data.domains[i].grow, seed=i, train=t, lr=1e-3,
                                            optimizer_state=state, build_optimizer=build_optimizer)
         want = plan[i]
         assert event["after"] == {"num_hidden_layers": want["num_layers"], "hidden_size": want["hidden_size"],

@@ -21,18 +21,27 @@ def test_status_reads_done_stages_and_the_current_stages_newest_complete_checkpo
     lay.root.mkdir(parents=True)
     save_config(cfg, lay.config)
     assert run_status(lay.root)["current"] == {"label": "00-a", "checkpoint": None}
+    # both stages train in one Ray Train run (the same workers), named after the first
+    run = lay.root / "checkpoints" / stage_name("r", 0, "a")
+    (run / "checkpoint_2026-01-01_00-00-00.1").mkdir(parents=True)
+    (run / "checkpoint_2026-01-01_00-00-00.1" / "state.json").write_text(
+        json.dumps({"phase": "main", "step": 20, "stage": 0, "done": True}))
+    # stage 0 finished but not yet recorded: stage 1, in the same run, has no checkpoint yet
     lay.stage_marker("00-a").parent.mkdir(parents=True)
     lay.stage_marker("00-a").write_text(json.dumps({"ppl": {"a": 12.5, "b": 80.0}, "wall_time_s": 33.0}))
-    run = lay.root / "checkpoints" / stage_name("r", 1, "b")
-    for name, step in (("checkpoint_2026-01-01_00-00-01.1", 10), ("checkpoint_2026-01-01_00-00-02.1", 20)):
-        (run / name).mkdir(parents=True)
-        hist = [{"step": step, "loss": 3.5, "lr": 1e-3, "tokens_per_s": 900.0}]
-        (run / name / "state.json").write_text(json.dumps({"phase": "main", "step": step, "history": hist}))
+    assert run_status(lay.root)["current"] == {"label": "01-b", "checkpoint": None}
+    for name, stage, step in (("checkpoint_2026-01-01_00-00-00.1", 0, 20),
+                              ("checkpoint_2026-01-01_00-00-01.1", 1, 10),
+                              ("checkpoint_2026-01-01_00-00-02.1", 1, 20)):
+        (run / name).mkdir(parents=True, exist_ok=True)
+        hist = [{"step": step, "loss": 3.5 + stage, "lr": 1e-3, "tokens_per_s": 900.0}]
+        (run / name / "state.json").write_text(json.dumps({"phase": "main", "step": step, "history": hist,
+                                                           "stage": stage, "done": stage == 0}))
     (run / "checkpoint_2026-01-01_00-00-03.1").mkdir()  # being written: no state.json yet
     st = run_status(lay.root)
     assert [s["done"] for s in st["stages"]] == [True, False] and st["stages"][0]["ppl"] == 12.5
     assert st["current"]["label"] == "01-b" and st["current"]["step"] == 20
-    assert st["current"]["last"] == {"loss": 3.5, "lr": 1e-3, "tokens_per_s": 900.0}
+    assert st["current"]["last"] == {"loss": 4.5, "lr": 1e-3, "tokens_per_s": 900.0}
     assert main(["status", str(lay.root)]) == 0
     out = capsys.readouterr().out
     assert "[done] 00-a: 20 steps, PPL on its domain 12.50" in out and "01-b (main) at step 20" in out
