@@ -27,6 +27,9 @@ NOISE = tuple(re.compile(p) for p in (
     r"^Token authentication is enabled for this Ray cluster",
     # Ray Train's placement-group cleaner polling the state API on a loaded machine; it keeps monitoring
     r"Failed to query Ray Train Controller actor state\. State API may be temporarily unavailable",
+    # Ray Data's check when a dataset starts while the trainers hold the CPUs: the run's own datasets
+    # (a memory, the next stage's stream) take fractional CPUs and go on as the trainers step
+    r"The Ray cluster currently does not have any available CPUs\. The Dataset job will hang unless",
 ))
 """Ray's internal messages that a run's user cannot act on."""
 

@@ -6,6 +6,7 @@ stream. What a run writes, and where: :mod:`ray_lifelong.layout`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -29,7 +30,13 @@ from ray_lifelong.data.memory import (
 )
 from ray_lifelong.data.packed import pack_domain, training_rows
 from ray_lifelong.data.sources import data_error_text, root_cause
-from ray_lifelong.data.stream import StreamOptions, bad_record_log, quiet_ray_data, validation_rows
+from ray_lifelong.data.stream import (
+    StreamOptions,
+    bad_record_log,
+    beside_driver,
+    quiet_ray_data,
+    validation_rows,
+)
 from ray_lifelong.data.tokenizer import checkpoint_vocab, load_tokenizer, prepare_tokenizer
 from ray_lifelong.eval.metrics import average_increased_perplexity, average_perplexity
 from ray_lifelong.layout import run_layout, stage_name
@@ -169,8 +176,9 @@ def _memory_of(cfg: LifelongConfig, i: int, uri: str, opts: StreamOptions, bad_l
     try:
         rows = training_rows([(i, dom)], opts, prompts=cfg.continual.prompts, packed_root=lay.packed,
                              log=bad_log)
-        rec = write_memory(rows, uri, fraction=replay.memory_fraction,
-                           max_sequences=replay.memory_max_sequences, seed=cfg.train.seed + i)
+        write = functools.partial(write_memory, fraction=replay.memory_fraction,
+                                  max_sequences=replay.memory_max_sequences, seed=cfg.train.seed + i)
+        rec = beside_driver(write, rows, uri)
     except Exception as e:
         write_failure(uri, data_error_text(e) or f"writing the memory of {dom.name!r}: {root_cause(e)}")
         raise

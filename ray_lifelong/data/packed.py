@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 from ray_lifelong.config.schema import DomainConfig
 from ray_lifelong.data import markers
 from ray_lifelong.data.sources import DataError, filesystem, join_uri, resolve_sources, root_cause
-from ray_lifelong.data.stream import StreamOptions, carries_tokens, files_dataset
+from ray_lifelong.data.stream import StreamOptions, beside_driver, carries_tokens, files_dataset
 from ray_lifelong.data.tokenizer import prompt_token
 
 MARKER = "_packed.json"
@@ -91,9 +91,8 @@ def pack_domain(
     t0 = time.perf_counter()
     print(f"[data] packing domain {dom.name!r} once -> {uri}")
     try:
-        rows = markers.write_in_order(
-            files_dataset([(index, dom)], "train", opts, log=log, prompts=prompts), tmp
-        )
+        rows = beside_driver(markers.write_in_order,
+                             files_dataset([(index, dom)], "train", opts, log=log, prompts=prompts), tmp)
     except Exception as e:  # a bad record surfaces wrapped in Ray Data's task errors
         markers.remove_dir(tmp)
         raise DataError(f"packing domain {dom.name!r}: {root_cause(e)}") from e

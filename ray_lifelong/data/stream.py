@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ray_lifelong.config.schema import DataConfig, DomainConfig
 from ray_lifelong.data.packing import PackSpec, pack
@@ -248,6 +249,28 @@ def _all_rows(ds, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     if not ids:
         return np.zeros((0, seq_len), np.int32), np.zeros(0, np.int32)
     return np.concatenate(ids), np.concatenate(dom)
+
+
+def beside_driver(fn, *args):
+    """``fn(*args)`` in a Ray task on this node that takes no CPU: the Ray Data it starts is driven from
+    there, so its processes' console lines pass the driver's filter (:mod:`ray_lifelong.console`) instead
+    of reaching the terminal straight from the driver's own core; files it writes to a local path land on
+    this node. Bad input found there is raised here as a :class:`DataError` naming the file and line."""
+    node = ray.get_runtime_context().get_node_id()
+    task = _call.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+    try:
+        return ray.get(task.remote(fn, *args))
+    except ray.exceptions.RayTaskError as e:
+        text = data_error_text(e)
+        if text:
+            raise DataError(text) from None
+        raise
+
+
+@ray.remote(num_cpus=0)
+def _call(fn, *args):
+    quiet_ray_data()
+    return fn(*args)
 
 
 def scored_rows(ids: np.ndarray, domain_id: np.ndarray, domains: int, cap: int) -> ValidationRows:

@@ -17,6 +17,10 @@ RAY_NOISE = [
     "  self.exclude_resources = exclude_resources",
     "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. Continuing "
     "to monitor.",
+    "Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will hang unless "
+    "more CPUs are freed up. A common reason is that cluster resources are used by Actors or Tune trials; "
+    "see the following link for more details: "
+    "https://docs.ray.io/en/latest/data/data-internals.html#ray-data-and-tune",
     "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = "
     "True`.\x1b[32m [repeated 2x across cluster] (Ray deduplicates logs by default. Set "
     "RAY_DEDUP_LOGS=0)\x1b[0m",
