@@ -141,10 +141,11 @@ def ray_session(cfg, verbose: bool = False):
 
 
 def _pack(args) -> int:
-    from ray_lifelong.pipeline import check_pretokenize, pack_domains
+    from ray_lifelong.pipeline import check_pretokenize, check_start, pack_domains
 
     cfg = _config(args)
     check_pretokenize(cfg)  # before starting Ray
+    check_start(cfg)
     with ray_session(cfg, args.verbose):
         for rec in pack_domains(cfg, (True, False) if args.both_prompts else None):
             print(f"{rec['domain']}: {rec['rows']} sequences ({rec['tokens']:,} tokens) in {rec['uri']}")
@@ -170,8 +171,10 @@ def _run(args) -> int:
 
 def _ki(args) -> int:
     from ray_lifelong.ki import run_ki_experiment
+    from ray_lifelong.pipeline import check_start
 
     cfg = _config(args)
+    check_start(cfg)  # before starting Ray
     with ray_session(cfg, args.verbose):
         summary = run_ki_experiment(cfg, resume=args.resume)
     print("KI saved (step-matched, FLOP-matched):", summary.get("saved_step_matched"),
@@ -180,10 +183,12 @@ def _ki(args) -> int:
 
 
 def _tune(args) -> int:
+    from ray_lifelong.pipeline import check_start
     from ray_lifelong.sweep import check_sweep_start, run_sweep
 
     cfg = _config(args)
     check_sweep_start(cfg, args.resume, args.config)  # before starting Ray
+    check_start(cfg)
     with ray_session(cfg, args.verbose):
         run_sweep(cfg, resume=args.resume, where=args.config)
     return 0

@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -37,7 +38,12 @@ from ray_lifelong.data.stream import (
     quiet_ray_data,
     validation_rows,
 )
-from ray_lifelong.data.tokenizer import checkpoint_vocab, load_tokenizer, prepare_tokenizer
+from ray_lifelong.data.tokenizer import (
+    checkpoint_tokenizer,
+    checkpoint_vocab,
+    load_tokenizer,
+    prepare_tokenizer,
+)
 from ray_lifelong.eval.metrics import average_increased_perplexity, average_perplexity
 from ray_lifelong.layout import run_layout, stage_name
 from ray_lifelong.models.init_from import prepare_start_model
@@ -206,6 +212,15 @@ def prepare_start(cfg: LifelongConfig) -> tuple[str, ray.train.Checkpoint | None
     new_ids = sorted(i for t, i in vocab.items() if t not in known)
     start = prepare_start_model(cfg, tokens=len(vocab), new_ids=new_ids, known=len(known))
     return tok_dir, ray.train.Checkpoint(start)
+
+
+def check_start(cfg: LifelongConfig) -> None:
+    """What :func:`prepare_start` checks without Ray, for the commands that prepare their runs later
+    (``pack``, ``ki``, ``tune``): ``model.init_from``'s tokenizer fits its checkpoint (a ``ConfigError``
+    naming the key, before Ray starts)."""
+    if cfg.model.init_from:
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint_tokenizer(cfg, d)
 
 
 def check_pretokenize(cfg: LifelongConfig) -> None:

@@ -9,11 +9,12 @@ import torch
 
 from ray_lifelong.data.tokenizer import load_tokenizer
 from ray_lifelong.models.arch import arch_of_model_type
-from ray_lifelong.models.build import LMObjective, load_model, padded_vocab, position_rows
+from ray_lifelong.models.build import LMObjective, load_model, position_rows
 
 
-def check_teacher_compatible(teacher_dir: str, tokenizer, arch: str, vocab_multiple: int = 1) -> dict:
+def check_teacher_compatible(teacher_dir: str, tokenizer, arch: str, rows: int) -> dict:
     """Refuse a teacher whose vocabulary or tokenizer differs from the student's; return its config.
+    ``rows``: the student's vocabulary rows (:func:`ray_lifelong.models.init_from.student_rows`).
 
     Raises:
         ValueError: naming the teacher directory and what differs.
@@ -24,7 +25,6 @@ def check_teacher_compatible(teacher_dir: str, tokenizer, arch: str, vocab_multi
         raise ValueError(f"teacher {teacher_dir}: model type {cfg.get('model_type')!r} does not match the "
                          f"student's architecture {arch!r}")
 
-    rows = padded_vocab(len(tokenizer), vocab_multiple)
     if cfg.get("vocab_size") != rows:  # the KL needs logits of the same width
         raise ValueError(f"teacher {teacher_dir}: vocabulary of {cfg.get('vocab_size')} rows, the student's "
                          f"tokenizer has {len(tokenizer)} tokens ({rows} rows): KI needs the same tokenizer")

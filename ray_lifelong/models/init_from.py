@@ -258,7 +258,7 @@ def prepare_start_model(cfg: LifelongConfig, *, tokens: int, new_ids: Sequence[i
     lay = run_layout(cfg)
     saved = inspect_checkpoint(cfg.model.init_from)
     local = local_model_dir(saved, lay.init / "source")
-    rows = max(saved.rows, padded_vocab(tokens, cfg.model.vocab_multiple) if tokens > saved.rows else 0)
+    rows = _rows(saved, tokens, cfg.model.vocab_multiple)
     dropout = cfg.model.dropout
     record = {"init_from": cfg.model.init_from, "model_dir": saved.model_dir, "rows": rows,
               "new_token_ids": list(new_ids), "known_rows": known, "dropout": dropout}
@@ -283,3 +283,20 @@ def prepare_start_model(cfg: LifelongConfig, *, tokens: int, new_ids: Sequence[i
               f"{out}", flush=True)
     marker.write_text(json.dumps(record))
     return str(lay.init)
+
+
+def student_rows(cfg: LifelongConfig, tokens: int) -> int:
+    """The vocabulary rows of ``cfg``'s model for a tokenizer of ``tokens`` tokens (growth keeps them): a
+    model built from sizes pads them to ``model.vocab_multiple``; a run from ``model.init_from`` keeps its
+    checkpoint's rows (more where its tokenizer outgrew them), as prepared under the run's ``init/``."""
+    if not cfg.model.init_from:
+        return padded_vocab(tokens, cfg.model.vocab_multiple)
+    prepared = run_layout(cfg).init / "model" / "config.json"
+    if prepared.is_file():
+        return json.loads(prepared.read_text())["vocab_size"]
+    return _rows(inspect_checkpoint(cfg.model.init_from), tokens, cfg.model.vocab_multiple)
+
+
+def _rows(saved: SavedModel, tokens: int, multiple: int) -> int:
+    """The checkpoint's rows, or more (padded) where the tokenizer has more tokens than it has rows."""
+    return max(saved.rows, padded_vocab(tokens, multiple) if tokens > saved.rows else 0)

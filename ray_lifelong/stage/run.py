@@ -25,6 +25,7 @@ from ray_lifelong.distill.teacher import check_teacher_compatible
 from ray_lifelong.flops import sequence_flops
 from ray_lifelong.layout import run_layout, stage_name
 from ray_lifelong.models.build import find_model_dir
+from ray_lifelong.models.init_from import student_rows
 from ray_lifelong.stage.checkpoint import checkpoint_uri
 from ray_lifelong.stage.loop import train_dataset_name, train_stages
 from ray_lifelong.stage.spec import StageResult, StageSpec
@@ -285,9 +286,8 @@ def _prepare_teachers(spec: StageSpec, tokenizer_dir: str) -> dict[int, dict]:
     configs = {}
     for domain_id, path in wanted.items():
         spec.teacher_dirs[domain_id] = find_model_dir(path)
-        configs[domain_id] = check_teacher_compatible(
-            spec.teacher_dirs[domain_id], tok, spec.cfg.model.arch, spec.cfg.model.vocab_multiple
-        )
+        configs[domain_id] = check_teacher_compatible(spec.teacher_dirs[domain_id], tok, spec.cfg.model.arch,
+                                                      student_rows(spec.cfg, len(tok)))
     return configs
 
 

@@ -223,6 +223,10 @@ def test_a_tokenizer_that_does_not_fit_the_checkpoint_is_refused_before_ray(chec
                                                           f"tokenizer.path={other}")]
     assert main(args) == 2 and not ray.is_initialized()
     assert "does not match the vocabulary" in capsys.readouterr().err
+    for command in ("pack", "ki", "tune"):  # every command that starts from the checkpoint
+        extra = ["data.pretokenize=true"] if command == "pack" else []
+        assert main([command, *args[1:], *extra]) == 2 and not ray.is_initialized(), command
+        assert "does not match the vocabulary" in capsys.readouterr().err, command
     # the checkpoint's own tokenizer with prompts added elsewhere (a sweep's) fits: prompts may be extra
     mine = load_tokenizer(checkpoints["llama"])
     mine.add_tokens(["<dom:sports>"], special_tokens=True)
@@ -331,3 +335,21 @@ def test_a_checkpoint_on_s3_is_inspected_in_place_and_copied_once(checkpoints, d
         assert (source / "source.json").stat().st_mtime_ns == copied
         with pytest.raises(ConfigError, match=r"s3://models/none\?endpoint_override=.*: no config\.json"):
             load_config(None, overrides(demo_corpus, tmp_path, f"s3://models/none{query}"))
+
+
+def test_a_teacher_with_the_checkpoints_rows_fits_a_run_continuing_it(checkpoints, demo_corpus, tmp_path):
+    """The student keeps its checkpoint's vocabulary rows (not the tokenizer's count padded to
+    ``model.vocab_multiple``): the checkpoint itself, or a model saved from the same lineage, is a teacher
+    with the same rows."""
+    from ray_lifelong.distill.teacher import check_teacher_compatible
+    from ray_lifelong.models.init_from import student_rows
+
+    cfg = load_config(None, overrides(demo_corpus, tmp_path, checkpoints["llama"]))
+    tok_dir, _ = prepare_start(cfg)
+    tok = load_tokenizer(tok_dir)
+    rows = inspect_checkpoint(str(checkpoints["llama"])).rows
+    assert rows != padded_vocab(len(tok), cfg.model.vocab_multiple)  # the rule for a model built from sizes
+    assert student_rows(cfg, len(tok)) == rows
+    check_teacher_compatible(str(checkpoints["llama"]), tok, "llama", student_rows(cfg, len(tok)))
+    with pytest.raises(ValueError, match="KI needs the same tokenizer"):
+        check_teacher_compatible(str(checkpoints["llama"]), tok, "llama", rows + 8)

@@ -24,6 +24,7 @@ from ray_lifelong.models.build import (
     load_classifier,
     load_model,
     model_arch,
+    padded_vocab,
     position_rows,
     saved_model_arch,
 )
@@ -172,12 +173,12 @@ def test_a_teacher_is_matched_to_the_student_by_family(tmp_path):
             return VOCAB
 
     build().save_pretrained(tmp_path)
-    cfg = check_teacher_compatible(str(tmp_path), Tok(), "llama", vocab_multiple=8)
+    cfg = check_teacher_compatible(str(tmp_path), Tok(), "llama", rows=padded_vocab(VOCAB, 8))
     # its FLOPs from its saved config.json, as the stage charges a teacher
     assert sequence_flops(cfg, vocab=56, seq_len=16, arch="llama", mlm_probability=0.15, train=False) == \
         sequence_flops(tiny(), vocab=56, seq_len=16, arch="llama", mlm_probability=0.15, train=False)
     with pytest.raises(ValueError, match="does not match the student's architecture 'gpt2'"):
-        check_teacher_compatible(str(tmp_path), Tok(), "gpt2", vocab_multiple=8)
+        check_teacher_compatible(str(tmp_path), Tok(), "gpt2", rows=padded_vocab(VOCAB, 8))
 
 
 # --- config ---------------------------------------------------------------------------------------------
