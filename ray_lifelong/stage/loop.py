@@ -1,9 +1,9 @@
 """The per-worker training loop (runs inside Ray Train workers): :func:`train_stages` takes the stages of one
 Ray Train run in turn, each stage one :func:`_run_stage`.
 
-Read a stage top to bottom: [1] model and state (resume > previous stage > fresh, grown where the stage grows),
-[2] DDP, [3] data shard and replay memory, [4a] ELLE's function-recovering warmup on the memory where the
-stage has one, [4b] the domain; each phase is the step loop ``_train`` (accumulate, clip, step, log,
+Read a stage top to bottom: [1] model and state (resume > previous stage > fresh, grown where the stage
+grows), [2] DDP, [3] data shard and replay memory, [4a] ELLE's function-recovering warmup on the memory where
+the stage has one, [4b] the domain; each phase is the step loop ``_train`` (accumulate, clip, step, log,
 evaluate, checkpoint) with its own optimizer; [5] final evaluation and report. Ray touch-points are marked
 with ``# [ray]``.
 """
