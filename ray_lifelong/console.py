@@ -30,6 +30,8 @@ NOISE = tuple(re.compile(p) for p in (
     # Ray Data's check when a dataset starts while the trainers hold the CPUs: the run's own datasets
     # (a memory, the next stage's stream) take fractional CPUs and go on as the trainers step
     r"The Ray cluster currently does not have any available CPUs\. The Dataset job will hang unless",
+    # the GCS killing an actor that had already exited (its socket closed) as a run group ends
+    r"gcs_actor_scheduler\.cc:\d+: Failed to kill actor \w+, .*Socket closed",
 ))
 """Ray's internal messages that a run's user cannot act on."""
 

@@ -21,6 +21,9 @@ RAY_NOISE = [
     "more CPUs are freed up. A common reason is that cluster resources are used by Actors or Tune trials; "
     "see the following link for more details: "
     "https://docs.ray.io/en/latest/data/data-internals.html#ray-data-and-tune",
+    "[2026-12-07 07:06:05,096 E 16503 16503] (gcs_server) gcs_actor_scheduler.cc:538: Failed to kill actor "
+    "bf106a8f732ca386bba8489f01000000, return status: Invalid: KillActor RPC failed for actor "
+    "bf106a8f732ca386bba8489f01000000: RpcError: RPC error: Socket closed rpc_code: 14",
     "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = "
     "True`.\x1b[32m [repeated 2x across cluster] (Ray deduplicates logs by default. Set "
     "RAY_DEDUP_LOGS=0)\x1b[0m",
