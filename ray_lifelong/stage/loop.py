@@ -89,6 +89,10 @@ def train_stages(config: dict) -> dict:
                 begin, handoff = pos + 1, _Handoff(checkpoint=restored)
                 if at > config["recorded"]:
                     _report_again(specs[pos], restored, rstate)
+    if begin < len(specs):
+        # the stream's cold start (its coordinator and tokenizer actors) overlaps the model's build
+        stream = _Stream(specs[begin])
+        stream.start_early()
     out = {}
     for pos in range(begin, len(specs)):
         following = specs[pos + 1] if pos + 1 < len(specs) else None

@@ -19,11 +19,23 @@ from tests.conftest import tiny_overrides
 pytestmark = [pytest.mark.ray]
 
 
-def make_stage(root, out, extra=(), steps=12):
-    from ray_lifelong.data.stream import BadRecordLog, StreamOptions, validation_rows
+@pytest.fixture(scope="module")
+def inputs(ray_4cpus, demo_corpus, tmp_path_factory):
+    """The demo corpus with the tokenizer and validation rows that every stage here shares (made once: the
+    tests change the model, the steps and the training sources, never what these depend on)."""
+    from ray_lifelong.data.stream import StreamOptions, validation_rows
 
+    cfg = load_config(None, tiny_overrides(demo_corpus, tmp_path_factory.mktemp("cfg")))
+    tok_dir = prepare_tokenizer(cfg, tmp_path_factory.mktemp("tok"))
+    valid = validation_rows(cfg.data.domains, StreamOptions(tok_dir, cfg.model.arch, cfg.data), None)
+    return demo_corpus, tok_dir, valid
+
+
+def make_stage(inputs, out, extra=(), steps=12):
+    from ray_lifelong.data.stream import BadRecordLog
+
+    root, tok_dir, valid = inputs
     cfg = load_config(None, tiny_overrides(root, out, steps=steps) + list(extra))
-    tok_dir = prepare_tokenizer(cfg, Path(out) / "tok")
     spec = StageSpec(
         cfg=cfg,
         index=0,
@@ -34,16 +46,24 @@ def make_stage(root, out, extra=(), steps=12):
         lr=cfg.train.lr,
         tokenizer_files=read_tokenizer_files(tok_dir),
     )
-    log = BadRecordLog.remote()
-    valid = validation_rows(cfg.data.domains, StreamOptions(tok_dir, cfg.model.arch, cfg.data), log)
-    return spec, dict(
-        tokenizer_dir=tok_dir, storage_path=str(Path(out) / "ckpt"), valid=valid, bad_log=log
+    log = BadRecordLog.remote()  # its own: a test counts the bad records of its stage alone
+    return spec, dict(tokenizer_dir=tok_dir, storage_path=str(Path(out) / "ckpt"), valid=valid, bad_log=log)
+
+
+def test_stage_trains_resumes_after_a_worker_crash_and_restores(inputs, tmp_path):
+    marker = tmp_path / "crashed"
+    spec, kw = make_stage(
+        inputs,
+        tmp_path,
+        steps=16,
+        extra=["debug.crash_at_step=10", f"debug.crash_marker={marker}", "train.checkpoint_every=4"],
     )
-
-
-def test_stage_trains_and_checkpoint_restores(ray_4cpus, demo_corpus, tmp_path):
-    spec, kw = make_stage(demo_corpus, tmp_path, steps=16)
+    # Ray Train registers a reported checkpoint asynchronously: crash well after the step-8 one.
     res = run_stage(spec, **kw)
+    assert marker.exists(), "the injected crash did not happen"
+    assert res.restarts == 1
+    steps = [h["step"] for h in res.history]
+    assert steps == sorted(set(steps)) == list(range(2, 17, 2)), steps  # nothing repeated or lost
     losses = [h["loss"] for h in res.history]
     assert res.steps == 16 and len(losses) == 8
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.3, losses  # it learns
@@ -53,12 +73,20 @@ def test_stage_trains_and_checkpoint_restores(ray_4cpus, demo_corpus, tmp_path):
     ckpt = Path(res.checkpoint_path)
     assert {"model", "train_state.pt", "state.json", "config.yaml"} <= {p.name for p in ckpt.iterdir()}
     assert load_state(ckpt).step == 16
+    snapshot = json.loads(
+        (
+            Path(kw["storage_path"])
+            / f"{spec.cfg.run_name}-stage0-sports"
+            / "checkpoint_manager_snapshot.json"
+        ).read_text()
+    )
+    assert snapshot  # Ray Train's own record of the reported checkpoints
 
     # Re-running the same stage name restores its last checkpoint: no step is trained again, and the
     # restored weights give exactly the same validation perplexities.
     weights = {k: v.clone() for k, v in _load(ckpt).state_dict().items()}
     again = run_stage(spec, **kw)
-    assert again.restarts == 1 and again.steps == 16 and len(again.history) == len(res.history)
+    assert again.restarts == res.restarts + 1 and again.steps == 16 and len(again.history) == len(res.history)
     assert again.ppl == pytest.approx(res.ppl, rel=1e-6)
     for k, v in _load(Path(again.checkpoint_path)).state_dict().items():
         assert torch.equal(v, weights[k]), k
@@ -70,32 +98,7 @@ def _load(ckpt: Path):
     return load_model(str(ckpt / "model"))
 
 
-def test_worker_crash_resumes_from_last_checkpoint(ray_4cpus, demo_corpus, tmp_path):
-    marker = tmp_path / "crashed"
-    spec, kw = make_stage(
-        demo_corpus,
-        tmp_path,
-        steps=12,
-        extra=["debug.crash_at_step=10", f"debug.crash_marker={marker}", "train.checkpoint_every=4"],
-    )
-    # Ray Train registers a reported checkpoint asynchronously: crash well after the step-4 one.
-    res = run_stage(spec, **kw)
-    assert marker.exists(), "the injected crash did not happen"
-    assert res.restarts == 1
-    steps = [h["step"] for h in res.history]
-    assert steps == sorted(set(steps)) == list(range(2, 13, 2)), steps  # nothing repeated or lost
-    assert res.steps == 12 and res.tokens == 12 * 8 * 32
-    snapshot = json.loads(
-        (
-            Path(kw["storage_path"])
-            / f"{spec.cfg.run_name}-stage0-sports"
-            / "checkpoint_manager_snapshot.json"
-        ).read_text()
-    )
-    assert snapshot  # Ray Train's own record of the reported checkpoints
-
-
-def test_bad_record_fails_stage_with_file_and_line(ray_4cpus, demo_corpus, tmp_path):
+def test_bad_record_fails_stage_with_file_and_line(inputs, demo_corpus, tmp_path):
     import gzip
     import shutil
 
@@ -103,7 +106,7 @@ def test_bad_record_fails_stage_with_file_and_line(ray_4cpus, demo_corpus, tmp_p
     shutil.copytree(demo_corpus / "sports", bad_dir / "sports")
     with gzip.open(bad_dir / "sports" / "train-01.jsonl.gz", "ab") as f:
         f.write(b'{"text": broken\n')
-    spec, kw = make_stage(demo_corpus, tmp_path, steps=4, extra=["ray.max_failures=0"])
+    spec, kw = make_stage(inputs, tmp_path, steps=4, extra=["ray.max_failures=0"])
     dom = spec.cfg.data.domains[0]
     dom.train = [str(bad_dir / "sports" / "train-*.jsonl.gz")]
     with pytest.raises(DataError, match=r"train-01\.jsonl\.gz, line \d+: invalid JSON"):
@@ -115,23 +118,23 @@ def test_bad_record_fails_stage_with_file_and_line(ray_4cpus, demo_corpus, tmp_p
     assert "train-01.jsonl.gz" in res.bad_records["examples"][0]
 
 
-def test_empty_domain_is_a_clear_error(ray_4cpus, demo_corpus, tmp_path):
+def test_empty_domain_is_a_clear_error(inputs, tmp_path):
     import gzip
 
     empty = tmp_path / "empty"
     empty.mkdir()
     with gzip.open(empty / "train-00.jsonl.gz", "wb") as f:
         f.write(b"\n\n")  # blank lines only: no document at all
-    spec, kw = make_stage(demo_corpus, tmp_path, steps=4, extra=["ray.max_failures=0"])
+    spec, kw = make_stage(inputs, tmp_path, steps=4, extra=["ray.max_failures=0"])
     spec.cfg.data.domains[0].train = [str(empty / "train-00.jsonl.gz")]
     with pytest.raises(DataError, match=r"domain 'sports'.*yielded no sequence"):
         run_stage(spec, **kw)
 
 
 @pytest.fixture(scope="module")
-def small_stage(ray_4cpus, demo_corpus, tmp_path_factory):
+def small_stage(inputs, tmp_path_factory):
     """A 4-step first stage of the tiny model, which both growth tests continue."""
-    spec0, kw = make_stage(demo_corpus, tmp_path_factory.mktemp("small"), steps=4)
+    spec0, kw = make_stage(inputs, tmp_path_factory.mktemp("small"), steps=4)
     return spec0, kw, run_stage(spec0, **kw)
 
 
@@ -189,12 +192,12 @@ def test_growth_at_stage_start_on_the_workers(small_stage, tmp_path, optimizer):
     assert (max(steps) == 8) if optimizer == "carry" else (steps == {4})
 
 
-def test_ki_stage_distils_from_a_frozen_teacher(ray_4cpus, demo_corpus, tmp_path):
+def test_ki_stage_distils_from_a_frozen_teacher(inputs, tmp_path):
     from ray_lifelong.config import ModelConfig, TeacherConfig
     from ray_lifelong.data.tokenizer import load_tokenizer
     from ray_lifelong.models.build import build_model
 
-    spec, kw = make_stage(demo_corpus, tmp_path, steps=8, extra=["train.log_every=1"])
+    spec, kw = make_stage(inputs, tmp_path, steps=8, extra=["train.log_every=1"])
     tok = load_tokenizer(kw["tokenizer_dir"])
     small = ModelConfig(
         arch="bert",
@@ -235,10 +238,10 @@ def test_ki_stage_distils_from_a_frozen_teacher(ray_4cpus, demo_corpus, tmp_path
         run_stage(spec, **{**kw, "storage_path": str(tmp_path / "x")})
 
 
-def test_a_compiled_stage_trains(ray_4cpus, demo_corpus, tmp_path):
+def test_a_compiled_stage_trains(inputs, tmp_path):
     # train.compile wraps the (DDP) objective in torch.compile; inductor compiles for the CPU here
     spec, kw = make_stage(
-        demo_corpus,
+        inputs,
         tmp_path,
         steps=4,
         extra=[
