@@ -26,7 +26,7 @@ from ray_lifelong.config.plan import stage_plans
 from ray_lifelong.config.schema import SearchDim
 from ray_lifelong.data.demo import prepare_demo
 from ray_lifelong.data.sources import join_uri
-from ray_lifelong.data.stream import StreamOptions, bad_record_log, validation_rows
+from ray_lifelong.data.stream import StreamOptions, bad_record_log, quiet_ray_data, validation_rows
 from ray_lifelong.data.tokenizer import prepare_tokenizer
 from ray_lifelong.ki import variants
 from ray_lifelong.layout import run_layout
@@ -297,6 +297,7 @@ def _pbt_trial(
             last = json.loads((Path(d) / "segment.json").read_text())
         start, resume_from = last["segment"] + 1, ray.train.Checkpoint(last["checkpoint"])
         print(f"[pbt] {trial_id}: segment {start} continues {last['checkpoint']} ({last['trial_id']})")
+    quiet_ray_data()  # this trial's process drives Ray Data itself (its validation rows), as a run's driver
     log = bad_record_log()
     valid = validation_rows(c.data.domains, StreamOptions(tokenizer_dir, c.model.arch, c.data), log)
     init = prepare_start(c)[1]  # model.init_from's model for the first segment (None: a fresh one)
@@ -337,6 +338,9 @@ def _pbt_trial(
                     "segment": k,
                     "final": final,
                     f"ppl/{dom.name}": res.ppl[dom.name],
+                    # the last segment ends the trial here: PBT would otherwise pause it at this boundary
+                    # too and restart it, cloned or not, only for it to find no segment left
+                    "done": final,
                 },
                 checkpoint=tune.Checkpoint.from_directory(d),
             )
