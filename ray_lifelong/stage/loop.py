@@ -213,7 +213,7 @@ def _run_stage(spec: StageSpec, valid: ValidationRows, tokenizer, resume, handof
 
     # [4b] the domain (with replay, KI teachers or logit KD where configured)
     rp, kd = cfg.continual.replay, cfg.continual.logit_kd
-    stream.then_after = max(1, (spec.end - state.step) * w.accum // 2)
+    stream.left = (spec.end - state.step) * w.accum
     w.say(
         spec.label,
         f"stage {spec.index + 1} of {len(cfg.data.domains)}: start at step {state.step}/{spec.end}, "
@@ -256,13 +256,19 @@ def _run_stage(spec: StageSpec, valid: ValidationRows, tokenizer, resume, handof
 ADDED = "added.pt"
 """In a checkpoint of a stage that trains only what its growth added: the masks of the added entries."""
 
+NEXT_STREAM_LEAD_S = 30.0
+"""How long before a stage's end, at its pace so far, the next stage's stream starts: its cold start (a
+coordinator and a tokenizer actor, then its first rows) takes seconds, and started much earlier it would
+hold buffered rows and a tokenizer's CPU through the whole stage."""
+
 
 class _Stream:
     """A stage's share of its training stream, epoch by epoch.
 
     - Its first epoch can start early, in a thread, while the stage before still trains (the stage then
-      finds its first batches waiting); it starts the next stage's stream in turn once its own has been
-      read whole or half the stage has trained.
+      finds its first batches waiting); it starts the next stage's stream in turn once the stage has less
+      than ``NEXT_STREAM_LEAD_S`` left at its pace so far, half of it has trained, or its stream has been
+      read whole.
     - Its first epoch's batches are kept (``data.epoch_cache_mb``) and later epochs replay them: in stream
       order (no shuffle buffer) every epoch is the same, and the domain is not streamed again. A restarted
       stage in a later epoch reads the first one back first.
@@ -276,8 +282,10 @@ class _Stream:
         self.cached_bytes = 0
         self.complete = False
         self.then: _Stream | None = None
-        self.then_after = 0
-        """Start ``then`` after this many batches (or once the first epoch has been read)."""
+        self.left = 0
+        """The batches this stage still reads (set as its domain phase starts); they time ``then``'s start."""
+        self.read = 0
+        self.first_read_at = 0.0
 
     def _stream(self, epoch: int):
         return self.shard.iter_torch_batches(  # [ray] streams while we train
@@ -332,6 +340,16 @@ class _Stream:
             yield batch
         self.complete = self.cache is not None
 
+    def _next_due(self) -> bool:
+        """Whether the next stage's stream should start now (called as each batch is handed out)."""
+        self.read += 1
+        now = time.perf_counter()
+        if self.read == 1:
+            self.first_read_at = now
+            return False
+        pace = (now - self.first_read_at) / (self.read - 1)
+        return self.read >= self.left // 2 or (self.left - self.read) * pace <= NEXT_STREAM_LEAD_S
+
     def epoch(self, epoch: int):
         """The batches of ``epoch``."""
         if epoch > 0 and not self.complete and self.cache is not None:
@@ -341,8 +359,8 @@ class _Stream:
             batches = iter(self.cache)
         else:
             batches = self._kept(self._first_epoch()) if epoch == 0 else self._stream(epoch)
-        for n, batch in enumerate(batches):
-            if n == self.then_after and self.then is not None:
+        for batch in batches:
+            if self.then is not None and self._next_due():
                 self.then.start_early()
             yield batch
         if self.then is not None:  # this stage's stream has been read whole

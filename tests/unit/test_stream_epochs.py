@@ -75,12 +75,31 @@ def test_an_interrupted_first_epoch_is_not_replayed_as_a_whole_one():
 def test_the_next_stream_starts_early_and_its_stage_finds_the_batches_waiting():
     now, later = _Shard(rows=12), _Shard(rows=8)
     s, nxt = _Stream(_spec(), now), _Stream(_spec(), later)
-    s.then, s.then_after = nxt, 2
+    s.then, s.left = nxt, 3
     it = s.epoch(0)
-    next(it), next(it)
-    assert later.streamed == 0
-    next(it)  # the third batch: the next stage's stream has started
+    next(it)  # the first batch gives no pace yet
+    assert nxt.early is None and later.streamed == 0
+    next(it)  # the second: a fast stage with little left, the next stage's stream starts
     assert nxt.early is not None
     nxt.early[0].join()
     assert later.streamed == 1
     assert _ids(nxt.epoch(0)) == [0, 4] and later.streamed == 1
+
+
+@pytest.mark.parametrize(("left", "pace_s", "due"), [
+    (1000, 0.01, 2),  # a fast stage: as soon as its pace is known
+    (100, 0.5, 40),  # 60 batches left at 0.5 s: the lead of 30 s
+    (100, 10.0, 50),  # a slow stage: half way, before its last 30 s
+])
+def test_the_next_stream_starts_within_the_lead_of_the_stages_end_or_half_way(left, pace_s, due, monkeypatch):
+    import itertools
+    import types
+
+    from ray_lifelong.stage import loop
+
+    assert loop.NEXT_STREAM_LEAD_S == 30.0
+    clock = (k * pace_s for k in itertools.count())
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    s = _Stream(_spec(), _Shard(rows=4))
+    s.left = left
+    assert [n for n in range(1, left + 1) if s._next_due()][0] == due
