@@ -230,7 +230,6 @@ def _trial(
 ) -> None:
     from ray import tune
 
-
     # the trial id names the run: a restored sweep finds the trial's finished stages and checkpoints
     run_name = tune.get_context().get_trial_id()
     c = trial_config(
@@ -372,14 +371,14 @@ def _scheduler(cfg: LifelongConfig, reports: int):
 # ------------------------------------------------------------------------------------------ the sweep
 
 
-def storage_last_error_line(cfg: LifelongConfig) -> str:
+def tune_storage(cfg: LifelongConfig) -> str:
     """Ray Tune's storage: ``tune.storage_path`` (made absolute) or else the run directory."""
     return absolute_paths(cfg).tune.storage_path or str(run_layout(cfg).root)
 
 
 def experiment_path(cfg: LifelongConfig) -> str:
     """Where Ray Tune keeps the sweep's state: ``<storage root>/tune``."""
-    return join_uri(storage_last_error_line(cfg), "tune")
+    return join_uri(tune_storage(cfg), "tune")
 
 
 def check_sweep_start(cfg: LifelongConfig, resume: bool, where: str = "<config>") -> None:
@@ -400,7 +399,6 @@ def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<confi
     import ray
     from ray import tune
 
-
     check_space(cfg, where)
     check_sweep_start(cfg, resume, where)
     resources = ray.cluster_resources()
@@ -415,7 +413,6 @@ def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<confi
     tok_dir = prepare_tokenizer(cfg, base / "tokenizer")
     teacher_dir = None
     if tu.base == "ki":  # one teacher for every trial, trained first (or found finished)
-
         teacher_cfg = variants(cfg, tok_dir)["teacher"]
         teacher_cfg.tune.space = {}
         teacher = run_layout(teacher_cfg)
@@ -436,7 +433,7 @@ def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<confi
         ),
         {"cpu": tu.trial_cpus},
     )
-    storage = storage_last_error_line(cfg)
+    storage = tune_storage(cfg)
     exp_path = join_uri(storage, "tune")
     if resume and tune.Tuner.can_restore(exp_path):
         print(f"[tune] restoring the sweep in {exp_path}")

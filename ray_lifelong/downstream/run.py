@@ -47,7 +47,6 @@ def run_finetune(cfg: LifelongConfig, *, model: str | None = None) -> dict:
     """Fine-tune the model on every task and seed of ``cfg.finetune`` (finished ones are kept)."""
     from ray import tune
 
-
     fc = cfg.finetune
     if not fc.tasks:
         raise ConfigError(
