@@ -11,7 +11,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ray_lifelong.config.plan import GrowthSizeError, final_model_sizes, grown_sizes, model_sizes_of
 from ray_lifelong.config.schema import LifelongConfig
-from ray_lifelong.models.init_from import CheckpointError, growth_problems, inspect_checkpoint, model_fields
+from ray_lifelong.models.saved import CheckpointError, growth_problems, inspect_checkpoint, model_fields
 
 
 class ConfigError(ValueError):
@@ -94,7 +94,7 @@ def _model_keys(raw) -> set[str]:
 def take_checkpoint_fields(cfg: LifelongConfig, given: set[str] | frozenset[str] = frozenset(),
                            where: str = "<config>") -> None:
     """With ``model.init_from``: fill ``cfg.model``'s architecture and sizes in from the checkpoint's
-    ``config.json`` (:func:`ray_lifelong.models.init_from.model_fields`), so that the stage plans, FLOP counts
+    ``config.json`` (:func:`ray_lifelong.models.saved.model_fields`), so that the stage plans, FLOP counts
     and growth checks see the sizes the run really trains. A field in ``given`` (the user set it) must agree
     with the checkpoint, ``dropout`` excepted (it is applied to the checkpoint instead).
 

@@ -17,7 +17,7 @@ from ray_lifelong.data.sources import iter_documents, resolve_sources
 from ray_lifelong.data.wordpiece import PREFIX, count_words, train_wordpiece_vocab
 from ray_lifelong.layout import run_layout
 from ray_lifelong.models.arch import is_causal
-from ray_lifelong.models.init_from import inspect_checkpoint, local_model_dir
+from ray_lifelong.models.saved import inspect_checkpoint, local_model_dir
 
 BERT_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
                  "sep_token": "[SEP]", "mask_token": "[MASK]"}

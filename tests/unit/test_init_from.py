@@ -14,7 +14,8 @@ from ray_lifelong.config.plan import stage_plans
 from ray_lifelong.data.stream import pack_spec
 from ray_lifelong.data.tokenizer import document_bos, load_tokenizer
 from ray_lifelong.models.build import LMObjective, load_model, padded_vocab
-from ray_lifelong.models.init_from import add_token_rows, inspect_checkpoint, local_model_dir
+from ray_lifelong.models.init_from import add_token_rows
+from ray_lifelong.models.saved import inspect_checkpoint, local_model_dir
 from ray_lifelong.pipeline import prepare_start
 from tests.conftest import checkpoint_tokenizer, demo_texts, save_checkpoint_dir
 
