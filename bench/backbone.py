@@ -47,8 +47,8 @@ def main() -> None:
 
     from ray_lifelong.config import load_config
     from ray_lifelong.data.demo import prepare_demo
+    from ray_lifelong.data.run_tokenizer import prepare_tokenizer
     from ray_lifelong.data.stream import quiet_ray_data
-    from ray_lifelong.data.tokenizer import prepare_tokenizer
 
     out = Path(tempfile.mkdtemp(prefix="bench-backbone-"))
     ray.init(num_cpus=os.cpu_count(), logging_level=logging.WARNING, runtime_env={"env_vars": {

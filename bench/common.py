@@ -239,7 +239,8 @@ def write(name: str, payload: dict, table: str, meta: dict | None = None) -> Non
 def corpus_setup(arch: str, out: Path, domain: str = "wb", vocab_size: int = 4000, seq_len: int = 128):
     """A config, trained tokenizer directory and masker for ``arch`` on one corpus domain."""
     from ray_lifelong.config import load_config
-    from ray_lifelong.data.tokenizer import load_tokenizer, prepare_tokenizer
+    from ray_lifelong.data.run_tokenizer import prepare_tokenizer
+    from ray_lifelong.data.tokenizer import load_tokenizer
     from ray_lifelong.stage.step import Masker
 
     dom = (

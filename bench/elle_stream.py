@@ -126,7 +126,7 @@ def flops_per_step(arch: str, domains: list[str], out: Path, tok_dir: str) -> fl
 def prepare_arch_tokenizer(arch: str, out: Path, domains: list[str]) -> str:
     """One tokenizer per architecture, trained once into ``out`` and shared by every method."""
     from ray_lifelong.config import load_config
-    from ray_lifelong.data.tokenizer import prepare_tokenizer
+    from ray_lifelong.data.run_tokenizer import prepare_tokenizer
 
     return prepare_tokenizer(
         load_config(base_config(arch), overrides(arch, out, None, [1] * len(domains), domains)),

@@ -111,8 +111,8 @@ def main() -> None:
 
     from ray_lifelong.config import load_config
     from ray_lifelong.data.demo import write_demo_corpus
+    from ray_lifelong.data.run_tokenizer import prepare_tokenizer
     from ray_lifelong.data.stream import BadRecordLog, StreamOptions, quiet_ray_data, validation_rows
-    from ray_lifelong.data.tokenizer import prepare_tokenizer
     from ray_lifelong.stage.run import run_stage
     from ray_lifelong.stage.spec import StageSpec, read_tokenizer_files
 

@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-frw"))
     args = ap.parse_args()
     from ray_lifelong.config import save_config
-    from ray_lifelong.data.tokenizer import prepare_tokenizer
+    from ray_lifelong.data.run_tokenizer import prepare_tokenizer
 
     args.work.mkdir(parents=True, exist_ok=True)
     base = args.work / "baseline-checkout"

@@ -26,7 +26,8 @@ import bench.gpu_throughput as gt  # noqa: E402
 from bench.common import ray_stage, write  # noqa: E402
 from ray_lifelong.config import load_config  # noqa: E402
 from ray_lifelong.data.demo import prepare_demo  # noqa: E402
-from ray_lifelong.data.tokenizer import load_tokenizer, prepare_tokenizer  # noqa: E402
+from ray_lifelong.data.run_tokenizer import prepare_tokenizer  # noqa: E402
+from ray_lifelong.data.tokenizer import load_tokenizer  # noqa: E402
 from ray_lifelong.models.build import padded_vocab  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

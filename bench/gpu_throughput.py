@@ -84,7 +84,7 @@ def build(arch: str, layers: int, hidden: int, heads: int, ffn: int, vocab: int,
 
 def make_batch(arch: str, vocab: int, seq: int, batch: int, gen: torch.Generator, device):
     """Random ids, masked exactly like the stage (draws on the CPU, then moved)."""
-    from ray_lifelong.data.packing import mlm_mask
+    from ray_lifelong.data.masking import mlm_mask
 
     ids = torch.randint(len(SPECIALS), vocab, (batch, seq), generator=gen)
     if arch == "bert":

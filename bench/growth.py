@@ -137,7 +137,8 @@ def exactness() -> dict:
 
 def training_comparison(args) -> dict:
     from ray_lifelong.config import GrowthConfig, load_config
-    from ray_lifelong.data.tokenizer import load_tokenizer, prepare_tokenizer
+    from ray_lifelong.data.run_tokenizer import prepare_tokenizer
+    from ray_lifelong.data.tokenizer import load_tokenizer
     from ray_lifelong.growth import expand, remap_optimizer_state
     from ray_lifelong.stage.step import Masker, build_optimizer
 

@@ -187,8 +187,8 @@ def main() -> None:
 
     import ray
 
+    from ray_lifelong.data.run_tokenizer import prepare_tokenizer
     from ray_lifelong.data.stream import quiet_ray_data
-    from ray_lifelong.data.tokenizer import prepare_tokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.work.mkdir(parents=True, exist_ok=True)

@@ -41,9 +41,10 @@ from ray_lifelong.config.load import load_config  # noqa: E402
 from ray_lifelong.config.plan import stage_plans  # noqa: E402
 from ray_lifelong.data.demo import prepare_demo  # noqa: E402
 from ray_lifelong.data.memory import canonical_rows, replay_count, replay_draw, select_rows  # noqa: E402
+from ray_lifelong.data.run_tokenizer import prepare_tokenizer
 from ray_lifelong.data.sources import iter_documents, resolve_sources  # noqa: E402
 from ray_lifelong.data.stream import TokenizePack  # noqa: E402
-from ray_lifelong.data.tokenizer import load_tokenizer, prepare_tokenizer, prompt_token  # noqa: E402
+from ray_lifelong.data.tokenizer import load_tokenizer, prompt_token  # noqa: E402
 from ray_lifelong.models.build import LMObjective, build_model, lm_loss  # noqa: E402
 from ray_lifelong.stage.grow import grow_model  # noqa: E402
 from ray_lifelong.stage.schedule import lr_multiplier  # noqa: E402

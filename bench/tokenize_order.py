@@ -47,8 +47,8 @@ def main() -> None:
     from ray_lifelong.config import load_config
     from ray_lifelong.data.demo import prepare_demo
     from ray_lifelong.data.markers import write_in_order
+    from ray_lifelong.data.run_tokenizer import prepare_tokenizer
     from ray_lifelong.data.stream import StreamOptions, files_dataset, quiet_ray_data
-    from ray_lifelong.data.tokenizer import prepare_tokenizer
 
     shipped = ray.data.ActorPoolStrategy
 

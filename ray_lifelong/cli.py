@@ -115,7 +115,7 @@ def _demo_data(args) -> int:
 
 def _tokenizer(args) -> int:
     from ray_lifelong.data.demo import prepare_demo
-    from ray_lifelong.data.tokenizer import train_config_tokenizer
+    from ray_lifelong.data.run_tokenizer import train_config_tokenizer
 
     cfg = _config(args)
     prepare_demo(cfg)

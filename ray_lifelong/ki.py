@@ -19,7 +19,8 @@ from pathlib import Path
 from ray_lifelong.config import plan
 from ray_lifelong.config.schema import LifelongConfig
 from ray_lifelong.data.demo import prepare_demo
-from ray_lifelong.data.tokenizer import load_tokenizer, prepare_tokenizer
+from ray_lifelong.data.run_tokenizer import prepare_tokenizer
+from ray_lifelong.data.tokenizer import load_tokenizer
 from ray_lifelong.distill import inheritance_rate
 from ray_lifelong.flops import sequence_flops
 from ray_lifelong.layout import run_layout

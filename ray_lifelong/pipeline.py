@@ -30,6 +30,7 @@ from ray_lifelong.data.memory import (
     write_memory,
 )
 from ray_lifelong.data.packed import pack_domain, training_rows
+from ray_lifelong.data.run_tokenizer import checkpoint_tokenizer, checkpoint_vocab, prepare_tokenizer
 from ray_lifelong.data.sources import data_error_text, root_cause
 from ray_lifelong.data.stream import (
     StreamOptions,
@@ -38,12 +39,7 @@ from ray_lifelong.data.stream import (
     quiet_ray_data,
     validation_rows,
 )
-from ray_lifelong.data.tokenizer import (
-    checkpoint_tokenizer,
-    checkpoint_vocab,
-    load_tokenizer,
-    prepare_tokenizer,
-)
+from ray_lifelong.data.tokenizer import load_tokenizer
 from ray_lifelong.eval.metrics import average_increased_perplexity, average_perplexity
 from ray_lifelong.layout import run_layout, stage_name
 from ray_lifelong.models.init_from import prepare_start_model

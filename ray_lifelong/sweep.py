@@ -25,9 +25,9 @@ from ray_lifelong.config import ConfigError, LifelongConfig, to_yaml, validate, 
 from ray_lifelong.config.plan import stage_plans
 from ray_lifelong.config.schema import SearchDim
 from ray_lifelong.data.demo import prepare_demo
+from ray_lifelong.data.run_tokenizer import prepare_tokenizer
 from ray_lifelong.data.sources import join_uri
 from ray_lifelong.data.stream import StreamOptions, bad_record_log, quiet_ray_data, validation_rows
-from ray_lifelong.data.tokenizer import prepare_tokenizer
 from ray_lifelong.ki import variants
 from ray_lifelong.layout import run_layout
 from ray_lifelong.pipeline import prepare_start, results_summary, run_lifelong

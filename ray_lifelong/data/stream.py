@@ -8,15 +8,18 @@ small validation rows are read once per run (:func:`validation_rows`) and travel
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ray_lifelong.config.schema import DataConfig, DomainConfig
 from ray_lifelong.data.packing import PackSpec, pack
 from ray_lifelong.data.sources import BadRecord, DataError, data_error_text, iter_documents, resolve_sources
 from ray_lifelong.data.tokenizer import document_bos, load_tokenizer, prompt_token
+
+if TYPE_CHECKING:  # the pipeline's actors import this module: the config (and torch through it) stays out
+    from ray_lifelong.config.schema import DataConfig, DomainConfig
 
 
 @ray.remote(num_cpus=0)

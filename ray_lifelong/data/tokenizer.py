@@ -1,7 +1,9 @@
-"""Train (``tokenizers``) or load a Hugging Face fast tokenizer, with reserved domain-prompt tokens.
+"""Train (``tokenizers``) or load a Hugging Face fast tokenizer, with reserved domain-prompt tokens, and the
+row conventions read from one (its specials, a BOS before every text).
 
-Nothing is downloaded: a tokenizer is trained locally on a sample of the configured domains, loaded from a
-local Hugging Face directory, or taken from the checkpoint a run starts from (``model.init_from``).
+Nothing is downloaded. Which tokenizer a run uses is decided from its config by
+:mod:`ray_lifelong.data.run_tokenizer`; this module imports nothing of the config (nor torch), because the
+data pipeline's actors import it to tokenize.
 """
 
 from __future__ import annotations
@@ -10,14 +12,13 @@ import itertools
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ray_lifelong.config.load import ConfigError
-from ray_lifelong.config.schema import DomainConfig, LifelongConfig, TokenizerConfig
 from ray_lifelong.data.sources import iter_documents, resolve_sources
 from ray_lifelong.data.wordpiece import PREFIX, count_words, train_wordpiece_vocab
-from ray_lifelong.layout import run_layout
-from ray_lifelong.models.arch import is_causal
-from ray_lifelong.models.saved import inspect_checkpoint, local_model_dir
+
+if TYPE_CHECKING:
+    from ray_lifelong.config.schema import DomainConfig
 
 BERT_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
                  "sep_token": "[SEP]", "mask_token": "[MASK]"}
@@ -34,14 +35,6 @@ def prompt_token(domain: str) -> str:
 
 def prompt_tokens(domains: Iterable[str], reserved: int = 0) -> list[str]:
     return [prompt_token(d) for d in domains] + [prompt_token(f"reserved{i}") for i in range(reserved)]
-
-
-def tokenizer_kind(cfg: TokenizerConfig, arch: str) -> str:
-    """``tokenizer.kind``; ``auto``: WordPiece for BERT, byte-level BPE for the causal LMs (GPT-2 and Llama
-    alike: one ``<|endoftext|>`` is their BOS, EOS and document separator, no pad token)."""
-    if cfg.kind != "auto":
-        return cfg.kind
-    return "bpe" if is_causal(arch) else "wordpiece"
 
 
 def train_tokenizer(
@@ -137,86 +130,3 @@ def document_bos(tokenizer) -> tuple[int, ...]:
 def special_token_ids(tokenizer) -> list[int]:
     """Ids never selected for MLM masking (specials and prompts)."""
     return sorted(set(tokenizer.all_special_ids))
-
-
-def train_config_tokenizer(cfg: LifelongConfig, out_dir: str | os.PathLike):
-    """Train the config's tokenizer on a sample of its domains, with a prompt token per domain."""
-    tc = cfg.tokenizer
-    return train_tokenizer(
-        sample_texts(cfg.data.domains, tc.sample_docs_per_domain),
-        out_dir,
-        kind=tokenizer_kind(tc, cfg.model.arch),
-        vocab_size=tc.vocab_size,
-        prompts=prompt_tokens([d.name for d in cfg.data.domains], tc.reserved_prompt_tokens),
-        min_frequency=tc.min_frequency,
-    )
-
-
-def prepare_tokenizer(cfg: LifelongConfig, out_dir: str | os.PathLike) -> str:
-    """``tokenizer.path``, or the config's tokenizer trained into ``out_dir`` (once: a finished one is
-    kept); with ``model.init_from``, the checkpoint's (:func:`checkpoint_tokenizer`)."""
-    if cfg.model.init_from:
-        return checkpoint_tokenizer(cfg, out_dir)
-    if cfg.tokenizer.path:
-        load_tokenizer(cfg.tokenizer.path)  # fail early with a clear message
-        return cfg.tokenizer.path
-    if not Path(out_dir, "tokenizer.json").exists():
-        train_config_tokenizer(cfg, out_dir)
-    return str(out_dir)
-
-
-def checkpoint_tokenizer(cfg: LifelongConfig, out_dir: str | os.PathLike) -> str:
-    """The tokenizer of a run that starts from ``model.init_from``, saved into ``out_dir``: the checkpoint's
-    own, or ``tokenizer.path``'s checked against it, with a ``<dom:NAME>`` token per domain added when
-    ``continual.prompts`` is on (their embedding rows are added by
-    :func:`ray_lifelong.models.init_from.prepare_start_model`). Nothing is trained.
-
-    Raises:
-        ConfigError: naming the key: the checkpoint has no tokenizer and ``tokenizer.path`` is unset, the
-            tokenizer's vocabulary does not fit the checkpoint's embeddings, or it lacks a special token the
-            architecture's rows need (an EOS for the causal LMs; CLS, SEP and MASK for the masked LMs).
-    """
-    saved = inspect_checkpoint(cfg.model.init_from)
-    known = checkpoint_vocab(cfg)
-    tok = load_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path else _own_tokenizer(cfg)
-    where = f"tokenizer.path ({cfg.tokenizer.path})" if cfg.tokenizer.path else \
-        f"model.init_from's tokenizer ({saved.model_dir})"
-    vocab = tok.get_vocab()
-    moved = sorted(t for t, i in known.items() if vocab.get(t) != i)
-    extra = sorted(t for t in vocab if t not in known and not t.startswith(PROMPT_PREFIX))
-    if moved or extra:
-        raise ConfigError(f"{where} does not match the vocabulary model.init_from ({saved.model_dir}) was "
-                          f"trained with: {len(moved)} of its tokens have other ids or are missing "
-                          f"{moved[:5]}, {len(extra)} tokens are extra {extra[:5]}")
-    if len(known) > saved.rows:
-        raise ConfigError(f"{where} has {len(known)} tokens but model.init_from ({saved.model_dir}) has only "
-                          f"{saved.rows} embedding rows")
-    needs = ("eos_token",) if is_causal(cfg.model.arch) else ("cls_token", "sep_token", "mask_token")
-    missing = [n for n in needs if getattr(tok, f"{n}_id") is None]
-    if missing:
-        raise ConfigError(f"{where} has no {', '.join(missing)}, which {cfg.model.arch} training needs "
-                          "to lay out its rows")
-    if cfg.continual.prompts:
-        ensure_prompt_tokens(tok, [d.name for d in cfg.data.domains])
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(str(out_dir))
-    return str(out_dir)
-
-
-def checkpoint_vocab(cfg: LifelongConfig) -> dict[str, int]:
-    """Token -> id of the vocabulary ``model.init_from`` was trained with: its own tokenizer's, or (a
-    checkpoint saved without one) ``tokenizer.path``'s. A run's tokens outside it are new and get new
-    embedding rows."""
-    if inspect_checkpoint(cfg.model.init_from).has_tokenizer:
-        return _own_tokenizer(cfg).get_vocab()
-    if not cfg.tokenizer.path:
-        raise ConfigError(f"model.init_from: {inspect_checkpoint(cfg.model.init_from).model_dir} has no "
-                          "tokenizer (tokenizer.json): set tokenizer.path to the tokenizer it was trained "
-                          "with")
-    return load_tokenizer(cfg.tokenizer.path).get_vocab()
-
-
-def _own_tokenizer(cfg: LifelongConfig):
-    """The tokenizer saved with ``model.init_from`` (a URI's copied once into the run directory)."""
-    saved = inspect_checkpoint(cfg.model.init_from)
-    return load_tokenizer(local_model_dir(saved, run_layout(cfg).init / "source"))

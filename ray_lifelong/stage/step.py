@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ray_lifelong.data.packing import mlm_mask, mlm_mask_fixed
+from ray_lifelong.data.masking import mlm_mask, mlm_mask_fixed
 from ray_lifelong.data.tokenizer import special_token_ids
 from ray_lifelong.distill.losses import KILoss, ki_loss, ki_loss_parts
 from ray_lifelong.models.arch import is_causal

@@ -246,8 +246,8 @@ def test_logit_kd_distils_from_the_previous_model_on_replayed_rows(ray_4cpus, de
 
 
 def test_joint_stream_holds_every_domain_so_far(ray_4cpus, demo_corpus, tmp_path):
+    from ray_lifelong.data.run_tokenizer import prepare_tokenizer
     from ray_lifelong.data.stream import StreamOptions
-    from ray_lifelong.data.tokenizer import prepare_tokenizer
     from ray_lifelong.pipeline import stage_stream
 
     cfg = load_config(None, tiny_overrides(demo_corpus, tmp_path) + ["continual.joint=true"])

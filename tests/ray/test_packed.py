@@ -17,9 +17,9 @@ from ray_lifelong.config import load_config
 from ray_lifelong.data import markers
 from ray_lifelong.data.markers import write_in_order
 from ray_lifelong.data.packed import MARKER, pack_domain, packed_dataset, training_rows
+from ray_lifelong.data.run_tokenizer import prepare_tokenizer
 from ray_lifelong.data.sources import DataError
 from ray_lifelong.data.stream import StreamOptions, files_dataset
-from ray_lifelong.data.tokenizer import prepare_tokenizer
 from tests.conftest import moto_server, tiny_overrides
 
 pytestmark = [pytest.mark.ray]

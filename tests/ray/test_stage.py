@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ray_lifelong.config import load_config
+from ray_lifelong.data.run_tokenizer import prepare_tokenizer
 from ray_lifelong.data.sources import DataError
-from ray_lifelong.data.tokenizer import prepare_tokenizer
 from ray_lifelong.stage.checkpoint import load_state
 from ray_lifelong.stage.run import run_stage
 from ray_lifelong.stage.spec import StageSpec, read_tokenizer_files

@@ -61,7 +61,8 @@ def test_no_import_cycle_inside_the_package():
         own = {m for m in imports(path) if m.startswith("ray_lifelong")}
         # `from ray_lifelong.x import y` may name a submodule y: count the package x itself
         own |= {".".join(m.split(".")[:i]) for m in own for i in range(2, m.count(".") + 1)}
-        graph[_module(path)] = {m for m in own if m != _module(path) and not _module(path).startswith(m + ".")}
+        me = _module(path)
+        graph[me] = {m for m in own if m != me and not me.startswith(m + ".")}
     modules = set(graph)
     edges = {m: {d for d in deps if d in modules} for m, deps in graph.items()}
     state, stack = {}, []
@@ -81,3 +82,16 @@ def test_no_import_cycle_inside_the_package():
     for m in sorted(modules):
         if m not in state:
             visit(m)
+
+
+def test_the_data_pipelines_modules_import_neither_torch_nor_the_config():
+    """Ray Data's actors (the split coordinator, Ray Train's dataset manager, the tokenizer pool) unpickle the
+    stream's plan and so import ``ray_lifelong.data.stream``: each new one per stage would pay torch's import
+    (about 2 CPU-seconds) if the module reached it, through the config or the masking."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ray_lifelong.data.stream; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('ray_lifelong.config')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -83,7 +83,7 @@ def test_the_same_seed_builds_the_same_llama():
 
 def test_llama_is_a_causal_lm_everywhere():
     from ray_lifelong.config.schema import TokenizerConfig
-    from ray_lifelong.data.tokenizer import tokenizer_kind
+    from ray_lifelong.data.run_tokenizer import tokenizer_kind
     from ray_lifelong.flops import logit_positions
     from ray_lifelong.stage.step import Masker
 

@@ -3,7 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ray_lifelong.data.packing import IGNORE_INDEX, PackSpec, mlm_mask, mlm_mask_fixed, pack
+from ray_lifelong.data.masking import mlm_mask, mlm_mask_fixed
+from ray_lifelong.data.packing import IGNORE_INDEX, PackSpec, pack
 
 docs_strategy = st.lists(st.lists(st.integers(10, 99), min_size=0, max_size=40), min_size=0, max_size=12)
 
