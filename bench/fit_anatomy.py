@@ -6,7 +6,7 @@ On a 2-core machine a run's start is CPU-bound: what a stage's fixed cost (``run
 suite's Ray tests spend is mostly new processes importing their modules, so this is the floor that
 reordering the work cannot remove. Linux only (``/proc``).
 
-    python bench/fit_anatomy.py [--fits 3] [--name fit_anatomy]
+    python bench/fit_anatomy.py [--fits 5] [--name fit_anatomy]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,7 +104,7 @@ def import_cpu_s(modules: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fits", type=int, default=3)
+    ap.add_argument("--fits", type=int, default=5)
     ap.add_argument("--name", default="fit_anatomy")
     args = ap.parse_args()
 
@@ -162,24 +163,29 @@ def main() -> None:
     later = fits[1:] or fits  # the first fit also starts the instance's pooled workers
     kinds = sorted({k for f in later for k in f["cpu_s"]},
                    key=lambda k: -sum(f["cpu_s"].get(k, 0) for f in later))
-    mean = {k: round(sum(f["cpu_s"].get(k, 0.0) for f in later) / len(later), 2) for k in kinds}
+    # the median over the fits: a poll now and then misses a process that lives less than a poll, or
+    # reads it before it has done its work, and one such fit should not move the figure
+    per_kind = {k: sorted(f["cpu_s"].get(k, 0.0) for f in later) for k in kinds}
+    mean = {k: round(statistics.median(v), 2) for k, v in per_kind.items()}
     total = round(sum(mean.values()), 1)
-    wall = round(sum(f["wall_s"] for f in later) / len(later), 1)
+    wall = round(statistics.median(f["wall_s"] for f in later), 1)
     cores = os.cpu_count() or 1
     lines = [
         "# Where the CPU of one Ray Train run goes",
         "",
         f"{cores} CPUs; a one-stage run of 4 steps (2 workers, the tests' 1x32 BERT) started {args.fits} "
-        "times in one Ray instance; CPU-seconds per process kind read from /proc while each ran, the mean "
-        "over the runs after the first (which also starts the instance's pooled workers). A profile: one "
-        "machine, no spread.",
+        "times in one Ray instance; CPU-seconds per process kind read from /proc while each ran, the median "
+        "and range over the runs after the first (which also starts the instance's pooled workers). A "
+        "profile of one machine.",
         "",
-        f"Wall time {wall} s a run, of which training compute {later[-1]['compute_s']} s; CPU {total} s, "
-        f"{total / max(wall, 1e-9) / cores:.0%} of the {cores} cores over the run.",
+        f"Wall time {wall} s a run (median; range {min(f['wall_s'] for f in later)}-"
+        f"{max(f['wall_s'] for f in later)}), of which training compute {later[-1]['compute_s']} s; CPU "
+        f"{total} s (the medians' sum), {total / max(wall, 1e-9) / cores:.0%} of the {cores} cores over the "
+        "run.",
         "",
-        "| process kind | CPU s a run |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in mean.items()],
+        "| process kind | CPU s a run (median) | range |",
+        "|---|---|---|",
+        *[f"| {k} | {v} | {per_kind[k][0]}-{per_kind[k][-1]} |" for k, v in mean.items()],
         "",
         "Imports alone, CPU-seconds of a fresh process (each new process of a run pays its own):",
         "",
@@ -187,7 +193,7 @@ def main() -> None:
         "|---|---|",
         *[f"| {k} | {v} |" for k, v in imports.items()],
     ]
-    write(args.name, {"fits": fits, "mean_cpu_s_later_fits": mean, "wall_s_later_fits": wall,
+    write(args.name, {"fits": fits, "median_cpu_s_later_fits": mean, "wall_s_later_fits": wall,
                       "cpu_s_later_fits": total, "imports_cpu_s": imports, "cpus": cores},
           "\n".join(lines) + "\n", meta={"config": "4 steps, 2 workers, BERT 1x32, seq_len 32"})
 

@@ -9,6 +9,7 @@ data pipeline's actors import it to tokenize.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -90,12 +91,30 @@ def train_tokenizer(
     return load_tokenizer(out_dir)
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """Load a local Hugging Face tokenizer directory (never the Hub)."""
-    from transformers import AutoTokenizer
+GENERIC_FAST = ("TokenizersBackend", "PreTrainedTokenizerFast")
+"""``tokenizer_class`` names of transformers' generic fast tokenizer (one class, two names), the class every
+tokenizer this project trains is saved as."""
 
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load a local Hugging Face tokenizer directory (never the Hub), as ``AutoTokenizer`` would.
+
+    A directory saved as the generic fast tokenizer is loaded with that class directly: the class
+    ``AutoTokenizer`` resolves it to, without importing ``AutoTokenizer``, whose module reaches torch
+    through transformers' model configs (about 1.4 CPU-s in each of the data pipeline's tokenizer actors,
+    which need no torch). Any other class (a checkpoint's ``LlamaTokenizer``, ``BertTokenizer``, ...) goes
+    through ``AutoTokenizer`` for its own handling.
+    """
     if not Path(path, "tokenizer.json").exists() and not Path(path, "tokenizer_config.json").exists():
         raise FileNotFoundError(f"{path}: not a Hugging Face tokenizer directory (no tokenizer.json)")
+    config = Path(path, "tokenizer_config.json")
+    cls = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    if cls in GENERIC_FAST and Path(path, "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 

@@ -60,6 +60,37 @@ def test_train_tokenizer_reserves_prompt_tokens(tmp_path, corpus, kind):
         assert again.eos_token == "<|endoftext|>"
 
 
+@pytest.mark.parametrize("style", ["wordpiece", "bpe", "llama", "roberta"])
+def test_a_generic_fast_tokenizer_loads_as_autotokenizer_loads_it_without_torch(tmp_path, corpus, style):
+    """The project's own tokenizers (and checkpoints saved with the generic fast class) are loaded with that
+    class directly: the same class, vocabulary, specials and encodings as ``AutoTokenizer`` gives, and a
+    process that only tokenizes (the data pipeline's actors) does not import torch for it."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from tests.conftest import checkpoint_tokenizer
+
+    texts = list(sample_texts(corpus, 100))
+    if style in ("wordpiece", "bpe"):
+        train_tokenizer(texts, tmp_path, kind=style, vocab_size=400, prompts=prompt_tokens(["sports"]))
+    else:
+        checkpoint_tokenizer(texts, style).save_pretrained(str(tmp_path))
+    ours, auto = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    assert type(ours) is type(auto)
+    assert ours.get_vocab() == auto.get_vocab() and ours.all_special_ids == auto.all_special_ids
+    for name in ("bos", "eos", "cls", "sep", "mask", "pad", "unk"):
+        assert getattr(ours, f"{name}_token_id") == getattr(auto, f"{name}_token_id"), name
+    for special in (False, True):
+        assert ours(texts[:20], add_special_tokens=special)["input_ids"] == \
+            auto(texts[:20], add_special_tokens=special)["input_ids"]
+    code = (f"import sys; from ray_lifelong.data.tokenizer import load_tokenizer; "
+            f"load_tokenizer({str(tmp_path)!r})('a b'); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("kind, arch", [("wordpiece", "bert"), ("bpe", "gpt2")])
 def test_tokenize_pack_udf_layout(tmp_path, corpus, kind, arch):
     import numpy as np
