@@ -1,5 +1,6 @@
-"""``ray-lifelong tune`` through the real command line: a 2-trial ASHA sweep of KI on demo data, its driver
-killed mid-sweep and the sweep restored, then the best config run as it is written."""
+"""``ray-lifelong tune`` through the real command line: a 2-trial ASHA sweep of KI on demo data with its state
+on S3 (moto on 127.0.0.1), its driver killed mid-sweep and the sweep restored from there, then the best config
+run as it is written; and a PBT sweep whose trials clone each other between segments."""
 
 from __future__ import annotations
 
@@ -37,57 +38,103 @@ def sweep_overrides(demo_corpus: Path, out: Path) -> list[str]:
     ]
 
 
-@pytest.mark.timeout(1500)
-def test_sweep_survives_a_killed_driver_and_its_best_config_runs(demo_corpus, tmp_path):
+def _bucket(endpoint: str):
+    import pyarrow.fs as pafs
+
+    return pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1", access_key="test",
+                             secret_key="test", allow_bucket_creation=True)
+
+
+def _stored(fs, prefix: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    try:
+        return [i.path for i in fs.get_file_info(pafs.FileSelector(prefix, recursive=True))]
+    except (FileNotFoundError, OSError):
+        return []
+
+
+@pytest.mark.timeout(1800)
+def test_a_sweep_on_s3_survives_a_killed_driver_restores_from_there_and_its_best_config_runs(
+        demo_corpus, tmp_path):
+    """``tune.storage_path=s3://...?endpoint_override=...`` with Optuna's search: the experiment (state,
+    searcher state, trial results) is written to the bucket; the driver killed mid-sweep, a second run without
+    --resume is refused because of what is there, and --resume restores the sweep from S3 and finishes it;
+    --resume of the finished sweep writes the same table again; the best config runs as it is written."""
     out = tmp_path / "sweeps"
-    overrides = sweep_overrides(demo_corpus, out)
     base = out / "sw"
-    # kill the driver (and the Ray processes it started) once a trial has written a checkpoint
-    kill_cli_when(
-        lambda: list((base / "trials").glob("*/checkpoints/*/checkpoint_*")),
-        "tune",
-        str(REPO / "configs/tune_ki.yaml"),
-        *overrides,
-        poll_s=1,
-    )
-    assert not (base / "sweep_results.csv").exists()
-    teacher_marker = next((base / "sw-teacher" / "stages").glob("*/stage.json"))
-    teacher_mtime = teacher_marker.stat().st_mtime
+    with moto_server() as endpoint:
+        fs = _bucket(endpoint)
+        fs.create_dir("sweeps")
+        query = f"endpoint_override={endpoint}&scheme=http&region=us-east-1"
+        overrides = [o for o in sweep_overrides(demo_corpus, out) if not o.startswith("tune.space=")] + [
+            f"tune.storage_path=s3://sweeps/ki?{query}",
+            # Optuna (the [tune] extra) here, random search in the PBT test: its state is restored too
+            "tune.search=optuna",
+            "tune.space={ki.inherit.steps: {choice: [2, 8]}, train.lr: {loguniform: [1.0e-3, 3.0e-3]}}",
+        ]
+        # kill the driver (and the Ray processes it started) once a trial has written a checkpoint and the
+        # experiment's state is in the bucket
+        kill_cli_when(
+            lambda: list((base / "trials").glob("*/checkpoints/*/checkpoint_*"))
+            and any(p.startswith("sweeps/ki/tune/experiment_state") for p in _stored(fs, "sweeps/ki")),
+            "tune",
+            str(REPO / "configs/tune_ki.yaml"),
+            *overrides,
+            poll_s=1,
+        )
+        assert not (base / "sweep_results.csv").exists()
+        teacher_marker = next((base / "sw-teacher" / "stages").glob("*/stage.json"))
+        teacher_mtime = teacher_marker.stat().st_mtime
 
-    # without --resume the command refuses to start over an existing sweep
-    again = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, timeout=600)
-    assert again.returncode == 2 and "--resume" in again.stderr, again.stderr[-2000:]
-    assert "[ray]" not in again.stdout  # refused before starting Ray
+        # without --resume the command refuses to start over the sweep in the bucket
+        again = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, timeout=600)
+        assert again.returncode == 2 and "s3://sweeps/ki/tune?" in again.stderr, again.stderr[-2000:]
+        assert "--resume" in again.stderr and "[ray]" not in again.stdout  # refused before starting Ray
 
-    resumed = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, "--resume", timeout=1200)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "restoring the sweep" in resumed.stdout and "teacher already trained" in resumed.stdout
-    assert teacher_marker.stat().st_mtime == teacher_mtime  # the teacher was not trained again
+        resumed = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, "--resume", timeout=1200)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert "restoring the sweep in s3://sweeps/ki/tune" in resumed.stdout, resumed.stdout[-3000:]
+        assert "teacher already trained" in resumed.stdout
+        assert teacher_marker.stat().st_mtime == teacher_mtime  # the teacher was not trained again
 
-    with open(base / "sweep_results.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 2 and all(not r["error"] for r in rows), rows
-    assert {r["ki.inherit.steps"] for r in rows} <= {"2", "8"}
-    assert all(1e-3 <= float(r["train.lr"]) <= 3e-3 for r in rows)
-    full = [r for r in rows if r["finished"] == "True"]
-    for r in rows:  # a finished trial's run completed its stage; ASHA stopped the others at a validation
-        assert (r["finished"] == "True") == (base / "trials" / r["trial_id"] / "results.json").exists()
-        assert r["stopped_early"] == str(r["finished"] == "False")
-        assert int(r["step"]) == (8 if r["finished"] == "True" else 4)
-    assert full
-    summary = json.loads((base / "sweep_results.json").read_text())
-    assert summary["best"]["valid_loss"] == min(float(r["valid_loss"]) for r in full)
-    assert (base / "sweep_results.md").exists() and (base / "sweep_curves.png").exists()
+        stored = _stored(fs, "sweeps/ki")
+        assert any(p.startswith("sweeps/ki/tune/searcher-state") for p in stored), stored
+        # each trial's reported results went to the bucket, not to a local folder
+        assert sum(p.endswith("/result.json") for p in stored) == 2, stored
+        assert not (base / "tune").exists()
 
-    # the best config is a plain run config: the KI student with the best values and the sweep's teacher
-    best = load_config(base / "best_config.yaml")
-    assert best.data.domains[0].teacher.path == str(base / "sw-teacher")
-    assert best.data.domains[0].teacher.steps == int(summary["best_params"]["ki.inherit.steps"])
-    assert best.train.lr == pytest.approx(float(summary["best_params"]["train.lr"]))
-    run = cli("run", str(base / "best_config.yaml"), timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    res = json.loads((base / "sw-best" / "results.json").read_text())
-    assert res["stages"][0]["teacher_flops"] > 0  # it distilled from the sweep's teacher
+        # --resume of the finished sweep restores it from S3 and writes the same table
+        first = (base / "sweep_results.csv").read_text()
+        (base / "sweep_results.csv").unlink()
+        restored = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, "--resume", timeout=600)
+        assert restored.returncode == 0, restored.stdout[-3000:] + restored.stderr[-3000:]
+        assert (base / "sweep_results.csv").read_text() == first
+
+        with open(base / "sweep_results.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 2 and all(not r["error"] for r in rows), rows
+        assert {r["ki.inherit.steps"] for r in rows} <= {"2", "8"}
+        assert all(1e-3 <= float(r["train.lr"]) <= 3e-3 for r in rows)
+        full = [r for r in rows if r["finished"] == "True"]
+        for r in rows:  # a finished trial's run completed its stage; ASHA stopped the others at a validation
+            assert (r["finished"] == "True") == (base / "trials" / r["trial_id"] / "results.json").exists()
+            assert r["stopped_early"] == str(r["finished"] == "False")
+            assert int(r["step"]) == (8 if r["finished"] == "True" else 4)
+        assert full
+        summary = json.loads((base / "sweep_results.json").read_text())
+        assert summary["best"]["valid_loss"] == min(float(r["valid_loss"]) for r in full)
+        assert (base / "sweep_results.md").exists() and (base / "sweep_curves.png").exists()
+
+        # the best config is a plain run config: the KI student with the best values and the sweep's teacher
+        best = load_config(base / "best_config.yaml")
+        assert best.data.domains[0].teacher.path == str(base / "sw-teacher")
+        assert best.data.domains[0].teacher.steps == int(summary["best_params"]["ki.inherit.steps"])
+        assert best.train.lr == pytest.approx(float(summary["best_params"]["train.lr"]))
+        run = cli("run", str(base / "best_config.yaml"), timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        res = json.loads((base / "sw-best" / "results.json").read_text())
+        assert res["stages"][0]["teacher_flops"] > 0  # it distilled from the sweep's teacher
 
 
 @pytest.mark.timeout(1200)
@@ -129,51 +176,3 @@ def test_pbt_clones_the_better_trial_between_segments(demo_corpus, tmp_path):
     # trial segment streamed those rows (same key: no second packing, no leftover)
     assert "[data] packing domain 'sports'" in done.stdout
     assert [p.name[:10] for p in (base / "packed").iterdir()] == ["00-sports-"]
-
-
-@pytest.mark.timeout(900)
-def test_sweep_state_lives_on_s3_and_restores_from_there(demo_corpus, tmp_path):
-    """``tune.storage_path=s3://...?endpoint_override=...`` with Optuna's search: the experiment (state,
-    searcher
-    state, trial results) is written to the bucket, a second run without --resume is refused because of what
-    is there, and --resume restores the finished sweep from S3 and writes the same table."""
-    import pyarrow.fs as pafs
-
-    out = tmp_path / "sweeps"
-    with moto_server() as endpoint:
-        fs = pafs.S3FileSystem(
-            endpoint_override=endpoint,
-            scheme="http",
-            region="us-east-1",
-            access_key="test",
-            secret_key="test",
-            allow_bucket_creation=True,
-        )
-        fs.create_dir("sweeps")
-        query = f"endpoint_override={endpoint}&scheme=http&region=us-east-1"
-        overrides = [o for o in sweep_overrides(demo_corpus, out) if not o.startswith("tune.space=")] + [
-            "run_name=s3",
-            "tune.base=run",
-            f"tune.storage_path=s3://sweeps/ki?{query}",
-            # Optuna (the [tune] extra) here, random search in the other tests: its state is restored too
-            "tune.search=optuna",
-            "tune.space={train.lr: {loguniform: [1.0e-3, 3.0e-3]}}",
-        ]
-        done = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        stored = [i.path for i in fs.get_file_info(pafs.FileSelector("sweeps/ki", recursive=True))]
-        assert any(p.startswith("sweeps/ki/tune/experiment_state") for p in stored), stored
-        assert any(p.startswith("sweeps/ki/tune/searcher-state") for p in stored), stored
-        # each trial's reported results went to the bucket, not to a local folder
-        assert sum(p.endswith("/result.json") for p in stored) == 2, stored
-        assert not (out / "s3" / "tune").exists()
-        first = (out / "s3" / "sweep_results.csv").read_text()
-
-        again = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, timeout=600)
-        assert again.returncode == 2 and "s3://sweeps/ki/tune?" in again.stderr, again.stderr[-2000:]
-        (out / "s3" / "sweep_results.csv").unlink()
-        resumed = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, "--resume", timeout=600)
-        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-        assert "restoring the sweep in s3://sweeps/ki/tune" in resumed.stdout, resumed.stdout[-3000:]
-        restored = (out / "s3" / "sweep_results.csv").read_text()
-        assert restored == first, f"before:\n{first}\nafter the restore:\n{restored}"
