@@ -66,7 +66,8 @@ class CpuMeter:
             if pid.isdigit() and (got := _cpu_s(pid)) is not None:
                 cpu, cmd = got
                 self.base.setdefault(pid, cpu if first else 0.0)
-                self.last[pid] = (cpu - self.base[pid], cmd)
+                # an exiting process reads with an empty command line: keep the name it had
+                self.last[pid] = (cpu - self.base[pid], cmd or self.last.get(pid, (0.0, ""))[1])
 
     def start(self) -> None:
         self._poll(first=True)
