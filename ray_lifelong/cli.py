@@ -190,7 +190,7 @@ def _tune(args) -> int:
     check_sweep_start(cfg, args.resume, args.config)  # before starting Ray
     check_start(cfg)
     with ray_session(cfg, args.verbose):
-        run_sweep(cfg, resume=args.resume, where=args.config)
+        run_sweep(cfg, resume=args.resume, where=args.config, verbose=args.verbose)
     return 0
 
 

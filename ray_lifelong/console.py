@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 
-OWN = re.compile(r"^\[(stage|run|data|ray|tune|ki|finetune)[\] ]")
+OWN = re.compile(r"^\[(stage|run|data|ray|tune|pbt|ki|finetune)[\] ]")
 """A line the project prints itself."""
 
 NOISE = tuple(re.compile(p) for p in (
@@ -32,6 +32,9 @@ NOISE = tuple(re.compile(p) for p in (
     r"The Ray cluster currently does not have any available CPUs\. The Dataset job will hang unless",
     # the GCS killing an actor that had already exited (its socket closed) as a run group ends
     r"gcs_actor_scheduler\.cc:\d+: Failed to kill actor \w+, .*Socket closed",
+    # a sweep trial's Tune bookkeeping around a checkpoint (the trial's own lines say what it continues)
+    r"^Checkpoint successfully created at: Checkpoint\(",
+    r"^Restored on \S+ from checkpoint: Checkpoint\(",
 ))
 """Ray's internal messages that a run's user cannot act on."""
 

@@ -63,13 +63,15 @@ def check_run_start(cfg: LifelongConfig, resume: bool) -> None:
         )
 
 
-def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -> dict:
+def run_lifelong(
+    cfg: LifelongConfig, *, resume: bool = False, callbacks=None, trial: str | None = None
+) -> dict:
     """Run every stage (skipping finished ones when ``resume``) and write the results; return them.
 
     Consecutive stages with the same workers train in one Ray Train run (:func:`stage_groups`), each from
     the model the stage before left; each stage's record is written (``stages/<label>/stage.json``) as soon
     as it finishes. ``callbacks``: Ray Train ``UserCallback``s given to every run (``ray-lifelong tune``
-    reports through them).
+    reports through them); ``trial``: the sweep trial the run is, named in its console lines.
     """
     check_run_start(cfg, resume)
     lay = run_layout(cfg)
@@ -92,7 +94,7 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
     specs = [
         StageSpec(cfg=cfg, index=p.index, domain=p.domain, eval_domains=names, tokenizer_files=tok_files,
                   batch_size=p.batch_size, steps=p.steps, lr=p.lr, schedule=p.schedule,
-                  replay_uris=[memory_uris[j] for j in kept if j < p.index])
+                  replay_uris=[memory_uris[j] for j in kept if j < p.index], trial=trial)
         for p in plans
     ]
     done: dict[int, StageResult] = {}
@@ -102,7 +104,7 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
             # (run dirs of earlier versions hold the warmup's record as a stage of its own)
             res.frw = res.frw or (_finished(lay, spec.frw_label) if plans[spec.index].frw_steps else None)
             done[spec.index] = res
-            print(f"[run] stage {spec.label} already finished: skipped")
+            print(f"[run] stage {spec.console()} already finished: skipped")
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory")
     memories: dict = {}
     results: dict[int, StageResult] = dict(done)
@@ -119,7 +121,7 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
         run_step = sum(p.steps + p.frw_steps for p in plans[: res.index])
         rows = [[results[j].ppl[d] for d in names] for j in range(res.index + 1)]
         tracker.stage(res, run_step, rows, names)
-        print(f"[run] stage {specs[res.index].label} done: "
+        print(f"[run] stage {specs[res.index].console()} done: "
               + ", ".join(f"{d} ppl {p:.2f}" for d, p in res.ppl.items()) + f" -> {res.checkpoint_path}")
 
     prev_ckpt = start_ckpt
@@ -138,8 +140,8 @@ def run_lifelong(cfg: LifelongConfig, *, resume: bool = False, callbacks=None) -
                     if i not in memories and i <= todo[-1] and read_marker(memory_uris[i]) is None:
                         memories[i] = background.submit(_memory_of, cfg, i, memory_uris[i], opts, bad_log)
                 pending = tuple(memory_uris[i] for i, f in memories.items() if not f.done())
-                print(f"[run] stages {specs[first].label} to {specs[todo[-1]].label}: one Ray Train run"
-                      if len(todo) > 1 else f"[run] stage {specs[first].label}")
+                print(f"[run] stages {specs[first].console()} to {specs[todo[-1]].label}: one Ray Train run"
+                      if len(todo) > 1 else f"[run] stage {specs[first].console()}")
                 run_stages(run_specs, tokenizer_dir=tok_dir, storage_path=lay.storage, valid=valid,
                            bad_log=bad_log, streams=streams, callbacks=callbacks, on_result=record,
                            recorded=first - 1, written_meanwhile=pending,

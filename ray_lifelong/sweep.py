@@ -241,7 +241,7 @@ def _trial(
         teacher_dir=teacher_dir,
     )
     last = len(c.data.domains) - 1
-    summary = run_lifelong(c, resume=True, callbacks=[_callback(cfg.tune.metric, last)])
+    summary = run_lifelong(c, resume=True, callbacks=[_callback(cfg.tune.metric, last)], trial=run_name)
     ppl = summary["ppl_matrix"][-1]
     tune.report(
         {
@@ -315,6 +315,7 @@ def _pbt_trial(
             segment=k,
             resume_from=resume_from,
             stop_at=ends[k],
+            trial=trial_id,
         )
         res = run_stage(
             spec, tokenizer_dir=tokenizer_dir, storage_path=lay.storage, valid=valid, bad_log=log
@@ -394,10 +395,18 @@ def check_sweep_start(cfg: LifelongConfig, resume: bool, where: str = "<config>"
         )
 
 
-def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<config>") -> dict:
-    """Run (or, with ``resume``, restore and finish) the sweep of ``cfg``; write and return the results."""
+def run_sweep(
+    cfg: LifelongConfig, *, resume: bool = False, where: str = "<config>", verbose: bool = False
+) -> dict:
+    """Run (or, with ``resume``, restore and finish) the sweep of ``cfg``; write and return the results.
+    ``verbose``: Tune's own console (a restored sweep keeps the console it was started with)."""
+    import warnings
+
     import ray
     from ray import tune
+
+    if not verbose:  # Tune's advice for class trainables; these trials are functions, each its own run
+        warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
 
     check_space(cfg, where)
     check_sweep_start(cfg, resume, where)
@@ -449,14 +458,53 @@ def run_sweep(cfg: LifelongConfig, *, resume: bool = False, where: str = "<confi
                 teacher_dir=teacher_dir,
             )
         )
-        tuner = new_tuner(cfg, trainable, reports=reports, max_concurrent=limit, storage=storage)
+        tuner = new_tuner(cfg, trainable, reports=reports, max_concurrent=limit, storage=storage,
+                          verbose=verbose)
     grid = tuner.fit()
     return write_sweep_results(cfg, grid, base, tokenizer_dir=tok_dir, teacher_dir=teacher_dir)
 
 
-def new_tuner(cfg: LifelongConfig, trainable, *, reports: int, max_concurrent: int, storage: str):
+def trial_lines(metric: str):
+    """A Tune callback that says each trial's events in one line of the project's own (``[tune] ...``):
+    its start with its values, each validation it reports, its end, and whether it finished its stages or
+    the scheduler stopped it. It stands in for Tune's status tables and per-trial boxes, which a sweep
+    prints only under ``--verbose``."""
+    from ray import tune
+
+    def values(trial) -> str:
+        params = (trial.config or {}).get("params", {})
+        return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+    def at(result: dict) -> str:
+        v, step = result.get(metric), result.get("step")
+        return (f"step {step}, " if step is not None else "") + (
+            f"{metric} {v:.4f}" if isinstance(v, (int, float)) else f"no {metric}")
+
+    class TrialLines(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            print(f"[tune] trial {trial.trial_id} starts: {values(trial)}", flush=True)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            print(f"[tune] trial {trial.trial_id}: {at(result)}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            # Tune marks a trial's last result done when the trial returned, not when a scheduler stopped it
+            how = "finished" if last.get("done") else "stopped early by the scheduler"
+            print(f"[tune] trial {trial.trial_id} {how}: {at(last)}", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"[tune] trial {trial.trial_id} failed (error in {trial.error_file or trial.local_path})",
+                  flush=True)
+
+    return TrialLines()
+
+
+def new_tuner(cfg: LifelongConfig, trainable, *, reports: int, max_concurrent: int, storage: str,
+              verbose: bool = False):
     """The sweep's ``tune.Tuner`` over ``trainable``: the config's space, scheduler and search, at most
-    ``max_concurrent`` trials at a time, its experiment at ``<storage>/tune``."""
+    ``max_concurrent`` trials at a time, its experiment at ``<storage>/tune``; Tune's own console (status
+    tables, a box per trial) only when ``verbose``, else one line per trial event (:func:`trial_lines`)."""
     from ray import tune
 
     tu = cfg.tune
@@ -474,6 +522,8 @@ def new_tuner(cfg: LifelongConfig, trainable, *, reports: int, max_concurrent: i
             name="tune",
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
+            verbose=None if verbose else 0,
+            callbacks=None if verbose else [trial_lines(tu.metric)],
         ),
     )
 

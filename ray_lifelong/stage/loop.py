@@ -509,7 +509,7 @@ def _initial_ppl(spec: StageSpec, model, tokenizer, device, valid: ValidationRow
     ppl = _evaluate(LMObjective(model.to(device)), spec, valid, masker, device, ctx.get_world_rank(),
                     ctx.get_world_size())
     if ctx.get_world_rank() == 0:
-        print(f"[stage {spec.label}] model.init_from before training: "
+        print(f"[stage {spec.console()}] model.init_from before training: "
               + ", ".join(f"{d} ppl {p:.2f}" for d, p in ppl.items()), flush=True)
     return ppl
 
@@ -550,7 +550,7 @@ class _Worker:
 
     def say(self, label: str, text: str) -> None:
         if self.rank == 0:
-            print(f"[stage {label}] {text}", flush=True)
+            print(f"[stage {self.spec.console(label)}] {text}", flush=True)
 
     @functools.cached_property
     def later_stages_steps(self) -> int:

@@ -46,6 +46,8 @@ class StageSpec:
     position), from this trial or from the trial PBT cloned; the LR comes from this spec's ``lr``."""
     stop_at: int | None = None
     """A segment's end step; the LR and KI schedules still span ``steps``."""
+    trial: str | None = None
+    """The sweep trial this stage trains for: its console lines carry it, as several trials print at once."""
 
     @property
     def end(self) -> int:
@@ -102,6 +104,11 @@ class StageSpec:
     def label(self) -> str:
         base = f"{self.index:02d}-{self.domain}"  # StagePlan.label
         return base + ("" if self.segment is None else f"-seg{self.segment}")
+
+    def console(self, label: str | None = None) -> str:
+        """``label`` (default: the stage's) as the console names it: behind the trial's id in a sweep."""
+        label = label or self.label
+        return f"{self.trial}/{label}" if self.trial else label
 
     @property
     def frw_label(self) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,14 @@ def test_pbt_clones_the_better_trial_between_segments(demo_corpus, tmp_path):
     }
     # the cloned-over trial's segment 1 continued the other's segment 0: their first 4 steps are the same
     assert [h for h in hist[t_id] if h["step"] <= 4] == [h for h in hist[s_id] if h["step"] <= 4]
+    # the console: Tune's tables and per-trial boxes off, a line per trial event, and the lines that the two
+    # trials print at once each naming its trial
+    assert "Trial status" not in done.stdout and "started with configuration" not in done.stdout
+    for r in rows:
+        assert re.search(rf"^\[tune\] trial {r['trial_id']} starts: .*train\.lr=", done.stdout, re.M)
+        assert re.search(rf"^\[tune\] trial {r['trial_id']} finished: step 8, valid_loss ", done.stdout, re.M)
+        assert f"[stage {r['trial_id']}/00-sports-seg1] step 8/8 " in done.stdout, done.stdout[-3000:]
+    assert f"[pbt] {t_id}: segment 1 continues " in done.stdout
     # data.pretokenize: the teacher's run packed the domain once into the sweep's packed_path, and every
     # trial segment streamed those rows (same key: no second packing, no leftover)
     assert "[data] packing domain 'sports'" in done.stdout

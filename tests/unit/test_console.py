@@ -27,12 +27,21 @@ RAY_NOISE = [
     "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = "
     "True`.\x1b[32m [repeated 2x across cluster] (Ray deduplicates logs by default. Set "
     "RAY_DEDUP_LOGS=0)\x1b[0m",
+    # a sweep trial's function trainable around its Tune checkpoints
+    "Checkpoint successfully created at: Checkpoint(filesystem=local, path=/r/pbt/tune/_pbt_trial_10db4_0"
+    "0001_1"
+    "_ki_inherit_alpha0=0.6808,train_lr=0.0000_2026-12-07_13-42-38/checkpoint_000000)",
+    "Restored on 192.0.2.2 from checkpoint: Checkpoint(filesystem=local, path=/r/pbt/tune/_pbt_trial_10db4_"
+    "0000"
+    "0_0_ki_inherit_alpha0=0.3421,train_lr=0.0030_2026-12-07_13-42-37/checkpoint_000000)",
 ]
 
 
 def test_ray_noise_is_dropped_and_the_projects_lines_and_errors_kept():
     own_lines = ["[stage 00-sports] step 10/60 loss 4.8683 lr 1.75e-03 tok/s 1,171 ETA stage 0:12, run ~1:02",
-                 "[run] memory of 'sports': 75 sequences -> /r/memory/00-sports"]
+                 "[run] memory of 'sports': 75 sequences -> /r/memory/00-sports",
+                 "[stage 10db4_00001/00-sports-seg1] step 8/8 loss 4.2640 lr 1.50e-03",
+                 "[pbt] 10db4_00001: segment 1 continues /r/trials/10db4_00000/checkpoints/c (10db4_00000)"]
     errors = ["Traceback (most recent call last):", '  File "loop.py", line 3, in f',
               "ValueError: the tokenizer has 12 tokens but the model's vocabulary only 8"]
     own, other = keep_lines(RAY_NOISE[:3] + own_lines[:1] + RAY_NOISE[3:] + own_lines[1:] + errors)

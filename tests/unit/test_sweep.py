@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -216,7 +217,7 @@ def test_pbt_must_run_all_its_trials_at_once():
 
 
 @pytest.mark.ray
-def test_never_more_trials_run_than_the_limit(ray_4cpus, tmp_path):
+def test_never_more_trials_run_than_the_limit(ray_4cpus, tmp_path, capsys):
     """Four samples, a limit of two, on a cluster with room for four: the sweep's own Tuner starts at most two
     (Tune ignored max_concurrent_trials for the seeded variant generator and started all four)."""
     import time
@@ -254,3 +255,11 @@ def test_never_more_trials_run_than_the_limit(ray_4cpus, tmp_path):
     assert len(spans) == 4
     running_at = [sum(a <= s < b for a, b in spans) for s, _ in spans]
     assert max(running_at) == 2  # two at a time: the limit is reached, never passed
+    # the console: one line of the project's own per trial event, no Tune status table or per-trial box
+    # (Tune's heading, where the experiment is, still opens it)
+    out = capsys.readouterr().out
+    for trial in {p.stem for p in log.iterdir()}:
+        assert re.search(rf"^\[tune\] trial {trial} starts: .*train\.lr=[0-9.e-]+$", out, re.M), out
+        assert re.search(rf"^\[tune\] trial {trial}: valid_loss [0-9.]+$", out, re.M), out
+        assert re.search(rf"^\[tune\] trial {trial} finished: valid_loss [0-9.]+$", out, re.M), out
+    assert "Trial status" not in out and "started with configuration" not in out, out
