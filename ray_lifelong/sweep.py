@@ -464,11 +464,15 @@ def run_sweep(
     return write_sweep_results(cfg, grid, base, tokenizer_dir=tok_dir, teacher_dir=teacher_dir)
 
 
-def trial_lines(metric: str):
+def trial_lines(metric: str, last_stage: int):
     """A Tune callback that says each trial's events in one line of the project's own (``[tune] ...``):
     its start with its values, each validation it reports, its end, and whether it finished its stages or
     the scheduler stopped it. It stands in for Tune's status tables and per-trial boxes, which a sweep
-    prints only under ``--verbose``."""
+    prints only under ``--verbose``.
+
+    A trial finished when its last result is its own final report of the last stage (``final`` at stage
+    ``last_stage``): Tune marks a trial's last result ``done`` alike when the trial returned and when a
+    scheduler stopped it."""
     from ray import tune
 
     def values(trial) -> str:
@@ -489,8 +493,8 @@ def trial_lines(metric: str):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             last = trial.last_result or {}
-            # Tune marks a trial's last result done when the trial returned, not when a scheduler stopped it
-            how = "finished" if last.get("done") else "stopped early by the scheduler"
+            done = last.get("final") and last.get("stage") == last_stage
+            how = "finished" if done else "stopped early by the scheduler"
             print(f"[tune] trial {trial.trial_id} {how}: {at(last)}", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -523,7 +527,7 @@ def new_tuner(cfg: LifelongConfig, trainable, *, reports: int, max_concurrent: i
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
             verbose=None if verbose else 0,
-            callbacks=None if verbose else [trial_lines(tu.metric)],
+            callbacks=None if verbose else [trial_lines(tu.metric, len(cfg.data.domains) - 1)],
         ),
     )
 

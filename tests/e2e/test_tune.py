@@ -122,6 +122,10 @@ def test_a_sweep_on_s3_survives_a_killed_driver_restores_from_there_and_its_best
             assert (r["finished"] == "True") == (base / "trials" / r["trial_id"] / "results.json").exists()
             assert r["stopped_early"] == str(r["finished"] == "False")
             assert int(r["step"]) == (8 if r["finished"] == "True" else 4)
+            # the console's line for a trial that ended after the restore says so as the table does
+            for how, step in re.findall(rf"^\[tune\] trial {r['trial_id']} (finished|stopped early by the "
+                                        r"scheduler): step (\d+)", resumed.stdout, re.M):
+                assert (how == "finished") == (r["finished"] == "True") and step == r["step"], (how, r)
         assert full
         summary = json.loads((base / "sweep_results.json").read_text())
         assert summary["best"]["valid_loss"] == min(float(r["valid_loss"]) for r in full)

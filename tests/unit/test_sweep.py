@@ -238,7 +238,8 @@ def test_never_more_trials_run_than_the_limit(ray_4cpus, tmp_path, capsys):
         (log / f"{me}.start").write_text(str(time.time()))
         time.sleep(3)
         (log / f"{me}.end").write_text(str(time.time()))
-        tune.report({"valid_loss": params["params"]["train.lr"]})
+        # a trial's last report, as the sweep's trials end (its final report of its last stage)
+        tune.report({"valid_loss": params["params"]["train.lr"], "final": True, "stage": 0})
 
     tuner = new_tuner(
         cfg,
