@@ -32,6 +32,8 @@ NOISE = tuple(re.compile(p) for p in (
     r"The Ray cluster currently does not have any available CPUs\. The Dataset job will hang unless",
     # the GCS killing an actor that had already exited (its socket closed) as a run group ends
     r"gcs_actor_scheduler\.cc:\d+: Failed to kill actor \w+, .*Socket closed",
+    # a trial the scheduler stopped: Ray Train frees its workers' placement group (the [tune] line says it)
+    r"Detected that the Ray Train controller actor \(\w+\) is dead\. Cleaning up placement group",
     # a sweep trial's Tune bookkeeping around a checkpoint (the trial's own lines say what it continues)
     r"^Checkpoint successfully created at: Checkpoint\(",
     r"^Restored on \S+ from checkpoint: Checkpoint\(",

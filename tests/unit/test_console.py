@@ -27,6 +27,8 @@ RAY_NOISE = [
     "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = "
     "True`.\x1b[32m [repeated 2x across cluster] (Ray deduplicates logs by default. Set "
     "RAY_DEDUP_LOGS=0)\x1b[0m",
+    "Detected that the Ray Train controller actor (6105ce40ccbdb088043643c201000000) is dead. Cleaning up "
+    "placement group = [PlacementGroupID(3246c8fec7cbe41cf9d7d06536d201000000)] created by this run.",
     # a sweep trial's function trainable around its Tune checkpoints
     "Checkpoint successfully created at: Checkpoint(filesystem=local, path=/r/pbt/tune/_pbt_trial_10db4_0"
     "0001_1"
