@@ -264,3 +264,29 @@ def test_never_more_trials_run_than_the_limit(ray_4cpus, tmp_path, capsys):
         assert re.search(rf"^\[tune\] trial {trial}: valid_loss [0-9.]+$", out, re.M), out
         assert re.search(rf"^\[tune\] trial {trial} finished: valid_loss [0-9.]+$", out, re.M), out
     assert "Trial status" not in out and "started with configuration" not in out, out
+
+
+@pytest.mark.ray
+def test_the_console_says_which_trial_stopped_short_and_which_failed(ray_4cpus, tmp_path, capsys):
+    """A trial whose last report is not its final one of the last stage reads as stopped early; a trial that
+    raises reads as failed, naming its error file."""
+    from ray import tune
+
+    from ray_lifelong.sweep import new_tuner
+
+    cfg = with_values(load_config(TUNE_KI), {"tune.num_samples": 2, "tune.max_concurrent_trials": 2,
+                                             "tune.scheduler": "fifo", "ray.max_failures": 0})
+
+    def trainable(params):
+        if tune.get_context().get_trial_id().endswith("_00001"):
+            raise ValueError("this trial fails")
+        tune.report({"valid_loss": 2.0, "step": 4, "final": False, "stage": 0})
+
+    grid = new_tuner(cfg, tune.with_resources(trainable, {"cpu": 0.25}), reports=1, max_concurrent=2,
+                     storage=str(tmp_path / "tune")).fit()
+    out = capsys.readouterr().out
+    short = [r for r in grid if r.error is None]
+    assert len(short) == 1 and len(grid.errors) == 1
+    assert re.search(r"^\[tune\] trial \w+ stopped early by the scheduler: step 4, valid_loss 2\.0000$", out,
+                     re.M), out
+    assert re.search(r"^\[tune\] trial \w+ failed \(error in \S+error\.txt\)$", out, re.M), out
