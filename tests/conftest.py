@@ -166,6 +166,14 @@ def free_ports(n: int) -> list[int]:
         return [s.getsockname()[1] for s in socks]
 
 
+def moto_fs(endpoint: str):
+    """A pyarrow S3 filesystem on the moto server at ``endpoint`` (``host:port``), with its credentials."""
+    import pyarrow.fs as pafs
+
+    return pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1", access_key="test",
+                             secret_key="test", allow_bucket_creation=True)
+
+
 @contextlib.contextmanager
 def moto_server():
     """An S3-compatible server (moto) on 127.0.0.1 with test credentials in the environment (which Ray

@@ -10,23 +10,10 @@ import json
 import pytest
 
 from ray_lifelong.config import load_config, save_config
-from tests.conftest import elle_overrides, moto_server
+from tests.conftest import elle_overrides, moto_fs, moto_server
 from tests.e2e.test_pipeline import cli, kill_cli_when
 
 pytestmark = [pytest.mark.e2e]
-
-
-def _s3(endpoint: str):
-    import pyarrow.fs as pafs
-
-    return pafs.S3FileSystem(
-        endpoint_override=endpoint,
-        scheme="http",
-        region="us-east-1",
-        access_key="test",
-        secret_key="test",
-        allow_bucket_creation=True,
-    )
 
 
 def _checkpoint_states(fs, prefix: str) -> list[dict]:
@@ -53,7 +40,7 @@ def test_a_killed_driver_resumes_an_elle_run_from_its_checkpoints_on_s3(demo_cor
     import pyarrow.fs as pafs
 
     with moto_server() as endpoint:
-        fs = _s3(endpoint)
+        fs = moto_fs(endpoint)
         fs.create_dir("ckpts")
         query = f"endpoint_override={endpoint}&scheme=http&region=us-east-1"
         cfg = load_config(

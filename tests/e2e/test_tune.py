@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ray_lifelong.config import load_config
-from tests.conftest import REPO, moto_server, one_domain, tiny_overrides
+from tests.conftest import REPO, moto_fs, moto_server, one_domain, tiny_overrides
 from tests.e2e.test_pipeline import cli, kill_cli_when
 
 pytestmark = [pytest.mark.e2e]
@@ -39,13 +39,6 @@ def sweep_overrides(demo_corpus: Path, out: Path) -> list[str]:
     ]
 
 
-def _bucket(endpoint: str):
-    import pyarrow.fs as pafs
-
-    return pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1", access_key="test",
-                             secret_key="test", allow_bucket_creation=True)
-
-
 def _stored(fs, prefix: str) -> list[str]:
     import pyarrow.fs as pafs
 
@@ -65,7 +58,7 @@ def test_a_sweep_on_s3_survives_a_killed_driver_restores_from_there_and_its_best
     out = tmp_path / "sweeps"
     base = out / "sw"
     with moto_server() as endpoint:
-        fs = _bucket(endpoint)
+        fs = moto_fs(endpoint)
         fs.create_dir("sweeps")
         query = f"endpoint_override={endpoint}&scheme=http&region=us-east-1"
         overrides = [o for o in sweep_overrides(demo_corpus, out) if not o.startswith("tune.space=")] + [

@@ -20,7 +20,7 @@ from ray_lifelong.data.packed import MARKER, pack_domain, packed_dataset, traini
 from ray_lifelong.data.run_tokenizer import prepare_tokenizer
 from ray_lifelong.data.sources import DataError
 from ray_lifelong.data.stream import StreamOptions, files_dataset
-from tests.conftest import moto_server, tiny_overrides
+from tests.conftest import moto_fs, moto_server, tiny_overrides
 
 pytestmark = [pytest.mark.ray]
 
@@ -244,14 +244,7 @@ def test_packed_domains_on_s3(setup, s3):
     cfg, opts, _ = setup
     dom = cfg.data.domains[0]
     endpoint = s3
-    fs = pafs.S3FileSystem(
-        endpoint_override=endpoint,
-        scheme="http",
-        region="us-east-1",
-        access_key="test",
-        secret_key="test",
-        allow_bucket_creation=True,
-    )
+    fs = moto_fs(endpoint)
     fs.create_dir("packs")
     root = f"s3://packs/run?endpoint_override={endpoint}&scheme=http&region=us-east-1"
     rec = pack_domain(0, dom, opts, root, prompts=True)

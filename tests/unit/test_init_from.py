@@ -310,13 +310,11 @@ def test_the_report_shows_the_starting_perplexities_above_stage_0(tmp_path):
 
 
 def test_a_checkpoint_on_s3_is_inspected_in_place_and_copied_once(checkpoints, demo_corpus, tmp_path):
-    import pyarrow.fs as pafs
 
-    from tests.conftest import moto_server
+    from tests.conftest import moto_fs, moto_server
 
     with moto_server() as endpoint:
-        fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1",
-                               access_key="test", secret_key="test", allow_bucket_creation=True)
+        fs = moto_fs(endpoint)
         fs.create_dir("models")
         for f in checkpoints["llama"].iterdir():  # as a run's directory holds its model
             with fs.open_output_stream(f"models/run/final_model/{f.name}", compression=None) as out:

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from ray_lifelong.data.sources import DataError, iter_documents, resolve_sources
-from tests.conftest import moto_server
+from tests.conftest import moto_fs, moto_server
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +18,8 @@ def s3_server():
 
 
 def test_read_jsonl_gz_shards_from_s3(s3_server):
-    import pyarrow.fs as pafs
 
-    fs = pafs.S3FileSystem(endpoint_override=s3_server, scheme="http", region="us-east-1",
-                           access_key="test", secret_key="test", allow_bucket_creation=True)
+    fs = moto_fs(s3_server)
     fs.create_dir("corpus")
     for i in range(2):
         with fs.open_output_stream(f"corpus/news/train-{i}.jsonl.gz", compression=None) as f:
