@@ -122,12 +122,27 @@ def pack_domain(
 def packed_dataset(records: list[dict], num_cpus: float = 1.0):
     """The packed rows ``{input_ids, domain_id}`` of the given domains, in their packing order; each read
     task takes ``num_cpus`` (``data.read_num_cpus``, as the text reads)."""
-    import ray.data
-
     missing = [r["uri"] for r in records if markers.read_marker(r["uri"], MARKER) is None]
     if missing:
         raise FileNotFoundError(f"packed domains {missing} are missing or incomplete (no {MARKER})")
-    return ray.data.read_parquet([r["uri"] for r in records], file_extensions=["parquet"], num_cpus=num_cpus)
+    return read_parquet_in_order([r["uri"] for r in records], num_cpus)
+
+
+def read_parquet_in_order(uris: list[str], num_cpus: float = 1.0):
+    """The rows of the Parquet files under ``uris`` as a Ray dataset, file by file in name order (what
+    :func:`~ray_lifelong.data.markers.write_in_order` wrote)."""
+    import ray.data
+
+    # Ray 2.60 reads Parquet through its V2 datasource by default, whose file-listing task took ~4 s of
+    # mostly idle wall time before the first rows of every read here (a stage's stream, a memory sample),
+    # against ~0.1 s for V1 (bench/results/parquet_read.md); V1 reads the same rows in the same order.
+    # The choice is made when the read is planned, so the context is switched for this call only.
+    ctx = ray.data.DataContext.get_current()
+    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(uris, file_extensions=["parquet"], num_cpus=num_cpus)
+    finally:
+        ctx.use_datasource_v2 = v2
 
 
 def training_rows(

@@ -16,7 +16,7 @@ import torch
 from ray_lifelong.config import load_config
 from ray_lifelong.data import markers
 from ray_lifelong.data.markers import write_in_order
-from ray_lifelong.data.packed import MARKER, pack_domain, packed_dataset, training_rows
+from ray_lifelong.data.packed import MARKER, pack_domain, packed_dataset, read_parquet_in_order, training_rows
 from ray_lifelong.data.run_tokenizer import prepare_tokenizer
 from ray_lifelong.data.sources import DataError
 from ray_lifelong.data.stream import StreamOptions, files_dataset
@@ -137,7 +137,7 @@ def test_rows_are_written_in_the_stream_order(ray_4cpus, tmp_path):
         assert write_in_order(ds, str(tmp_path / str(k)), rows_per_file=3000) == 20000
         names = sorted(p.name for p in (tmp_path / str(k)).iterdir())
         assert names == [f"part-{i:06d}.parquet" for i in range(7)]
-        back = ray.data.read_parquet(str(tmp_path / str(k)))
+        back = read_parquet_in_order([str(tmp_path / str(k))])
         np.testing.assert_array_equal(
             np.concatenate([b["id"] for b in back.iter_batches(batch_format="numpy")]), np.arange(20000)
         )
