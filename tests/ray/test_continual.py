@@ -284,8 +284,9 @@ def test_write_memory_is_idempotent_and_redoes_a_partial_one(ray_4cpus, tmp_path
 
     from ray_lifelong.data.memory import read_marker, write_memory
 
-    ds = ray.data.from_items(
-        [{"input_ids": np.arange(4, dtype=np.int32) + i, "domain_id": np.int32(3)} for i in range(400)]
+    ds = ray.data.from_items(  # a few blocks, as a stream has (the default cuts 400 rows into 200)
+        [{"input_ids": np.arange(4, dtype=np.int32) + i, "domain_id": np.int32(3)} for i in range(400)],
+        override_num_blocks=4,
     )
     uri = str(tmp_path / "m")
     (tmp_path / "m").mkdir()

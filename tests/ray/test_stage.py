@@ -106,7 +106,8 @@ def test_bad_record_fails_stage_with_file_and_line(inputs, demo_corpus, tmp_path
     shutil.copytree(demo_corpus / "sports", bad_dir / "sports")
     with gzip.open(bad_dir / "sports" / "train-01.jsonl.gz", "ab") as f:
         f.write(b'{"text": broken\n')
-    spec, kw = make_stage(inputs, tmp_path, steps=4, extra=["ray.max_failures=0"])
+    # one worker: the error is the data's, whichever worker reads the bad line
+    spec, kw = make_stage(inputs, tmp_path, steps=4, extra=["ray.max_failures=0", "scaling.num_workers=1"])
     dom = spec.cfg.data.domains[0]
     dom.train = [str(bad_dir / "sports" / "train-*.jsonl.gz")]
     with pytest.raises(DataError, match=r"train-01\.jsonl\.gz, line \d+: invalid JSON"):
@@ -125,7 +126,7 @@ def test_empty_domain_is_a_clear_error(inputs, tmp_path):
     empty.mkdir()
     with gzip.open(empty / "train-00.jsonl.gz", "wb") as f:
         f.write(b"\n\n")  # blank lines only: no document at all
-    spec, kw = make_stage(inputs, tmp_path, steps=4, extra=["ray.max_failures=0"])
+    spec, kw = make_stage(inputs, tmp_path, steps=4, extra=["ray.max_failures=0", "scaling.num_workers=1"])
     spec.cfg.data.domains[0].train = [str(empty / "train-00.jsonl.gz")]
     with pytest.raises(DataError, match=r"domain 'sports'.*yielded no sequence"):
         run_stage(spec, **kw)
