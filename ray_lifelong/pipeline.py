@@ -82,7 +82,7 @@ def run_lifelong(
     tok_files = read_tokenizer_files(tok_dir)
     names = [d.name for d in cfg.data.domains]
     quiet_ray_data()
-    bad_log = bad_record_log()
+    bad_log = bad_record_log(cfg.data.on_bad_record)
     opts = StreamOptions(tok_dir, cfg.model.arch, cfg.data)
     valid = validation_rows(cfg.data.domains, opts, bad_log, prompts=cfg.continual.prompts)
     plans = stage_plans(cfg)

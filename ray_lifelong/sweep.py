@@ -296,8 +296,8 @@ def _pbt_trial(
             last = json.loads((Path(d) / "segment.json").read_text())
         start, resume_from = last["segment"] + 1, ray.train.Checkpoint(last["checkpoint"])
         print(f"[pbt] {trial_id}: segment {start} continues {last['checkpoint']} ({last['trial_id']})")
-    quiet_ray_data()  # this trial's process drives Ray Data itself (its validation rows), as a run's driver
-    log = bad_record_log()
+    quiet_ray_data()  # this trial's process builds its stream's dataset, as a run's driver does
+    log = bad_record_log(c.data.on_bad_record)
     valid = validation_rows(c.data.domains, StreamOptions(tokenizer_dir, c.model.arch, c.data), log)
     init = prepare_start(c)[1]  # model.init_from's model for the first segment (None: a fresh one)
     for k in range(start, len(ends)):

@@ -2,7 +2,8 @@
 
 The datasets are lazy; they execute while the Ray Train workers pull batches through
 ``get_dataset_shard(...).iter_torch_batches``, so the corpus is never materialised whole. Only the
-small validation rows are read once per run (:func:`validation_rows`) and travel to the workers as arrays.
+small validation rows are read once per run, in the driver (:func:`validation_rows`), and travel to the
+workers as arrays.
 """
 
 from __future__ import annotations
@@ -41,10 +42,14 @@ class BadRecordLog:
         return {"count": len(self._seen), "by_file": by_file, "examples": examples}
 
 
-def bad_record_log():
-    """A :class:`BadRecordLog` on the driver's node, so that it outlives any worker node the run loses."""
+def bad_record_log(on_bad_record: str):
+    """A :class:`BadRecordLog` on the driver's node, so that it outlives any worker node the run loses;
+    None unless ``on_bad_record`` is ``skip`` (under ``error`` a bad record fails the stage instead, and
+    the run starts no actor for a log that stays empty)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    if on_bad_record != "skip":
+        return None
     here = ray.get_runtime_context().get_node_id()
     return BadRecordLog.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
 
@@ -224,34 +229,44 @@ def validation_rows(
 ) -> ValidationRows:
     """All domains' validation rows, read once per run so that every stage evaluates the same sequences;
     the workers score the first ``eval_max_sequences`` rows of each domain, and the rows after the last of
-    those are not kept."""
-    ds = files_dataset(list(enumerate(domains)), "valid", opts, log, prompts=prompts)
-    try:  # read on a worker: its Ray Data actors' console lines then reach the driver's filter
-        ids, dom = ray.get(_all_rows.remote(ds, opts.data.seq_len))
-    except Exception as e:
-        text = data_error_text(e)
-        if text:
-            raise DataError(text) from None
-        raise
-    counts = np.bincount(dom, minlength=len(domains))
-    empty = [d.name for d, n in zip(domains, counts) if n == 0]
+    those are not kept.
+
+    Read here, in this process, file after file: the validation sets are small, and a Ray Data pipeline
+    for them started a tokenizer actor (a new process importing Ray Data and transformers, ~2 CPU-s) and
+    cost a run's driver ~3 s before its first stage. The rows are those a stream of the same files gives
+    through one tokenizer actor: each domain's documents tokenized and packed as one stream
+    (:class:`TokenizePack` with its carry), whatever ``data.tokenize_actors`` the training streams use.
+
+    Raises:
+        DataError: a domain lists no validation source, a source matches no file, a record is bad (under
+            ``on_bad_record: error``), or a domain's validation text makes no sequence.
+    """
+    d = opts.data
+    packer = TokenizePack(opts.tokenizer_dir, d.seq_len, opts.arch,
+                          {i: prompt_token(dom.name) for i, dom in enumerate(domains)} if prompts else None)
+    ids, dom_ids = [], []
+    for i, dom in enumerate(domains):
+        if not dom.valid:
+            raise DataError(f"domain {dom.name!r} lists no valid sources (data.domains[].valid)")
+        for path in resolve_sources(dom.valid, what=f"domain {dom.name!r} valid"):
+            skipped: list[BadRecord] = []
+            texts = list(iter_documents(path, fmt=dom.format, text_field=dom.text_field,
+                                        on_bad_record=d.on_bad_record, report_bad=skipped.append))
+            for s in range(0, len(texts), d.tokenize_batch_size):
+                chunk = texts[s : s + d.tokenize_batch_size]
+                rows = packer({"text": chunk, "domain_id": np.full(len(chunk), i, dtype=np.int32)})
+                ids.append(rows["input_ids"])
+                dom_ids.append(rows["domain_id"])
+            if skipped and log is not None:
+                ray.get(log.add.remote([(b.path, b.line, b.reason) for b in skipped]))
+    dom_ids = np.concatenate(dom_ids) if dom_ids else np.zeros(0, np.int32)
+    empty = [dm.name for dm, n in zip(domains, np.bincount(dom_ids, minlength=len(domains))) if n == 0]
     if empty:
         raise DataError(
             f"domains {empty}: validation sources hold no text (at least one sequence of "
             f"{opts.data.seq_len} tokens is needed)"
         )
-    return scored_rows(ids, dom, len(domains), opts.data.eval_max_sequences)
-
-
-@ray.remote(num_cpus=0)
-def _all_rows(ds, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    ids, dom = [], []
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        ids.append(batch["input_ids"])
-        dom.append(batch["domain_id"])
-    if not ids:
-        return np.zeros((0, seq_len), np.int32), np.zeros(0, np.int32)
-    return np.concatenate(ids), np.concatenate(dom)
+    return scored_rows(np.concatenate(ids), dom_ids, len(domains), d.eval_max_sequences)
 
 
 def beside_driver(fn, *args):

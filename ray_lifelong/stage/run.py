@@ -252,8 +252,8 @@ def _phase_result(
 
 
 def _bad_records(bad_log) -> dict:
-    if bad_log is None:
-        return {}
+    if bad_log is None:  # on_bad_record: error, under which no record is skipped
+        return {"count": 0, "by_file": {}, "examples": []}
     try:
         return ray.get(bad_log.summary.remote())
     except ray.exceptions.RayActorError as e:  # the stage itself finished: do not lose it over a summary

@@ -257,3 +257,21 @@ def test_packed_domains_on_s3(setup, s3):
     assert pack_domain(0, dom, opts, root, prompts=True) == rec
     names = [i.base_name for i in fs.get_file_info(pafs.FileSelector("packs/run"))]
     assert len(names) == 1 and ".tmp-" not in names[0]
+
+
+def test_validation_rows_are_the_rows_of_the_valid_files_streamed_through_one_tokenizer_actor(setup):
+    """Read in the driver's process, the validation rows are those the Ray Data stream of every domain's
+    valid files (two files each) gives through one tokenizer actor, cut to the scored rows; they do not
+    depend on the tokenizer pool the training streams use."""
+    from ray_lifelong.data.stream import scored_rows, validation_rows
+
+    cfg, opts, _ = setup
+    o = replace(opts, data=replace(opts.data, tokenize_batch_size=4, eval_max_sequences=3))
+    ids, dom = rows(files_dataset(list(enumerate(cfg.data.domains)), "valid", o, prompts=True))
+    want = scored_rows(ids, dom, 2, 3)
+    assert set(dom[: len(want.domain_id)].tolist()) == {0, 1} and len(want.domain_id) > 6
+    for actors in (1, 2):
+        got = validation_rows(cfg.data.domains, replace(o, data=replace(o.data, tokenize_actors=actors)),
+                              prompts=True)
+        np.testing.assert_array_equal(got.input_ids, want.input_ids)
+        np.testing.assert_array_equal(got.domain_id, want.domain_id)
