@@ -42,8 +42,8 @@ from ray_lifelong.config.plan import stage_plans  # noqa: E402
 from ray_lifelong.data.demo import prepare_demo  # noqa: E402
 from ray_lifelong.data.memory import canonical_rows, replay_count, replay_draw, select_rows  # noqa: E402
 from ray_lifelong.data.run_tokenizer import prepare_tokenizer
-from ray_lifelong.data.sources import iter_documents, resolve_sources  # noqa: E402
-from ray_lifelong.data.stream import TokenizePack  # noqa: E402
+from ray_lifelong.data.sources import resolve_sources  # noqa: E402
+from ray_lifelong.data.stream import TokenizePack, file_rows  # noqa: E402
 from ray_lifelong.data.tokenizer import load_tokenizer, prompt_token  # noqa: E402
 from ray_lifelong.models.build import LMObjective, build_model, lm_loss  # noqa: E402
 from ray_lifelong.stage.grow import grow_model  # noqa: E402
@@ -88,13 +88,9 @@ def domain_rows(tok_dir: str, cfg, index: int, split: str) -> torch.Tensor:
     dom = cfg.data.domains[index]
     prompts = {index: prompt_token(dom.name)} if cfg.continual.prompts else None
     udf = TokenizePack(tok_dir, cfg.data.seq_len, cfg.model.arch, prompts=prompts)
-    out = []
-    for f in resolve_sources(dom.train if split == "train" else dom.valid, what="bench"):
-        texts = list(iter_documents(f, fmt=dom.format, text_field=dom.text_field))
-        for i in range(0, len(texts), cfg.data.tokenize_batch_size):
-            chunk = texts[i : i + cfg.data.tokenize_batch_size]
-            out.append(udf({"text": np.asarray(chunk, dtype=object),
-                            "domain_id": np.full(len(chunk), index, np.int32)})["input_ids"])
+    out = [rows["input_ids"]
+           for f in resolve_sources(dom.train if split == "train" else dom.valid, what="bench")
+           for rows in file_rows(udf, f, index, dom, cfg.data)]
     return torch.from_numpy(np.concatenate(out).astype(np.int64))
 
 

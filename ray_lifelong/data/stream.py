@@ -8,6 +8,7 @@ workers as arrays.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -46,8 +47,6 @@ def bad_record_log(on_bad_record: str):
     """A :class:`BadRecordLog` on the driver's node, so that it outlives any worker node the run loses;
     None unless ``on_bad_record`` is ``skip`` (under ``error`` a bad record fails the stage instead, and
     the run starts no actor for a log that stays empty)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     if on_bad_record != "skip":
         return None
     here = ray.get_runtime_context().get_node_id()
@@ -250,11 +249,7 @@ def validation_rows(
             raise DataError(f"domain {dom.name!r} lists no valid sources (data.domains[].valid)")
         for path in resolve_sources(dom.valid, what=f"domain {dom.name!r} valid"):
             skipped: list[BadRecord] = []
-            texts = list(iter_documents(path, fmt=dom.format, text_field=dom.text_field,
-                                        on_bad_record=d.on_bad_record, report_bad=skipped.append))
-            for s in range(0, len(texts), d.tokenize_batch_size):
-                chunk = texts[s : s + d.tokenize_batch_size]
-                rows = packer({"text": chunk, "domain_id": np.full(len(chunk), i, dtype=np.int32)})
+            for rows in file_rows(packer, path, i, dom, d, report_bad=skipped.append):
                 ids.append(rows["input_ids"])
                 dom_ids.append(rows["domain_id"])
             if skipped and log is not None:
@@ -267,6 +262,17 @@ def validation_rows(
             f"{opts.data.seq_len} tokens is needed)"
         )
     return scored_rows(np.concatenate(ids), dom_ids, len(domains), d.eval_max_sequences)
+
+
+def file_rows(packer: TokenizePack, path: str, domain_id: int, dom: DomainConfig, data: DataConfig,
+              report_bad=None):
+    """The packed rows ``{input_ids, domain_id}`` of one file of ``dom``, in this process: its documents
+    tokenized ``data.tokenize_batch_size`` at a time by ``packer``, as the stream's tokenizer actor gets
+    them (with a carrying packer, the rows of the file's whole stream)."""
+    docs = iter_documents(path, fmt=dom.format, text_field=dom.text_field, on_bad_record=data.on_bad_record,
+                          report_bad=report_bad)
+    while chunk := list(itertools.islice(docs, data.tokenize_batch_size)):
+        yield packer({"text": chunk, "domain_id": np.full(len(chunk), domain_id, dtype=np.int32)})
 
 
 def beside_driver(fn, *args):
