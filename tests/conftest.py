@@ -20,6 +20,11 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
+# under pytest-xdist each worker's Ray clusters live in a temp root of their own: `ray.init()` and the CLI's
+# "join the cluster `ray start` left on this machine" then never find another worker's cluster
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["RAY_TMPDIR"] = f"/tmp/ray-{os.environ['PYTEST_XDIST_WORKER']}"
+    os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -145,13 +150,16 @@ def save_checkpoint_dir(out: Path, texts: list[str], style: str, seed: int = 0) 
 @pytest.fixture(scope="module")
 def ray_4cpus():
     """One local Ray instance per test module (logical CPUs oversubscribe the 2 cores on purpose). Its
-    processes
-    inherit the environment set above (no runtime_env: workers then start without a setup process)."""
+    processes inherit the environment set above (no runtime_env: workers then start without a setup
+    process)."""
     import ray
 
     from ray_lifelong.data.stream import quiet_ray_data
 
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    # no dashboard, but a dashboard port of its own: Ray Train's placement-group cleaner asks the state API
+    # at this address whether the run's controller lives, and must not reach another cluster's dashboard on
+    # the default port (which answers "no such actor": the cleaner then removes a live run's workers)
+    ray.init(num_cpus=4, include_dashboard=False, dashboard_port=free_ports(1)[0], configure_logging=False)
     quiet_ray_data()
     yield
     ray.shutdown()

@@ -128,10 +128,13 @@ def test_the_demo_runs_as_a_job_and_joins_the_head(head, demo_corpus, tmp_path):
             *overrides,
             timeout=300,
         )
-        if submitted.returncode == 0 or "No available agent" not in submitted.stderr:
+        # a busy machine: the head's job agent not up yet, or its dashboard dropping the request; a retry of a
+        # submission that did reach the head is told its id exists
+        if submitted.returncode == 0 or "already exists" in submitted.stderr or not any(
+                m in submitted.stderr for m in ("No available agent", "ConnectionError")):
             break
         time.sleep(3)
-    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    assert submitted.returncode == 0 or "already exists" in submitted.stderr, submitted.stderr[-3000:]
     deadline = time.time() + 1000
     while time.time() < deadline:
         st = job(head, "status", sub_id, timeout=120)

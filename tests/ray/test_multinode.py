@@ -15,7 +15,7 @@ import pytest
 
 from ray_lifelong.config import load_config
 from ray_lifelong.pipeline import run_lifelong
-from tests.conftest import elle_overrides, one_domain, tiny_overrides
+from tests.conftest import elle_overrides, free_ports, one_domain, tiny_overrides
 
 pytestmark = [pytest.mark.ray]
 
@@ -38,7 +38,8 @@ def cluster():
     # the Train controller reads this; the cluster's processes inherit it (a short wait for the failure test)
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
+                                                        "dashboard_port": free_ports(1)[0]})  # as ray_4cpus
     workers = [c.add_node(num_cpus=1, resources={"trainer": 1}) for _ in range(2)]
     c.wait_for_nodes()
     ray.init(
