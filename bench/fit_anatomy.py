@@ -6,7 +6,7 @@ On a 2-core machine a run's start is CPU-bound: what a stage's fixed cost (``run
 suite's Ray tests spend is mostly new processes importing their modules, so this is the floor that
 reordering the work cannot remove. Linux only (``/proc``).
 
-    python bench/fit_anatomy.py [--fits 5] [--name fit_anatomy]
+    python bench/fit_anatomy.py [--fits 5] [--workers 2] [--name fit_anatomy]
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ def import_cpu_s(modules: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fits", type=int, default=5)
+    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--name", default="fit_anatomy")
     args = ap.parse_args()
 
@@ -130,8 +131,8 @@ def main() -> None:
         f"output_dir={work}/out", f"data.domains=[{doms}]", "data.seq_len=32", "data.eval_max_sequences=16",
         "model.num_layers=1", "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64",
         "model.max_position_embeddings=64", "tokenizer.vocab_size=600", "train.steps=4",
-        "train.batch_size=8", "train.micro_batch_size=4", "train.log_every=2", "scaling.num_workers=2",
-        "scaling.cpus_per_worker=0.5",
+        "train.batch_size=8", "train.micro_batch_size=4", "train.log_every=2",
+        f"scaling.num_workers={args.workers}", "scaling.cpus_per_worker=0.5",
     ])
     ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
     quiet_ray_data()
@@ -174,7 +175,8 @@ def main() -> None:
     lines = [
         "# Where the CPU of one Ray Train run goes",
         "",
-        f"{cores} CPUs; a one-stage run of 4 steps (2 workers, the tests' 1x32 BERT) started {args.fits} "
+        f"{cores} CPUs; a one-stage run of 4 steps ({args.workers} workers, the tests' 1x32 BERT) started "
+        f"{args.fits} "
         "times in one Ray instance; CPU-seconds per process kind read from /proc while each ran, the median "
         "and range over the runs after the first (which also starts the instance's pooled workers). A "
         "profile of one machine.",
@@ -196,7 +198,7 @@ def main() -> None:
     ]
     write(args.name, {"fits": fits, "median_cpu_s_later_fits": mean, "wall_s_later_fits": wall,
                       "cpu_s_later_fits": total, "imports_cpu_s": imports, "cpus": cores},
-          "\n".join(lines) + "\n", meta={"config": "4 steps, 2 workers, BERT 1x32, seq_len 32"})
+          "\n".join(lines) + "\n", meta={"config": f"4 steps, {args.workers} workers, BERT 1x32, seq_len 32"})
 
 
 if __name__ == "__main__":

@@ -79,12 +79,13 @@ def run_stages(specs: list[StageSpec], *, tokenizer_dir: str, storage_path: str,
     folder = Path(tempfile.mkdtemp(prefix="ray_lifelong_records_"))
     first = specs[0]
     keep = cfg.ray.num_to_keep
+    scaling = first.domain_cfg.scaling or cfg.scaling
     trainer = TorchTrainer(
         train_stages,
         train_loop_config={"specs": specs, "valid": valid,
                            "recorded": first.index - 1 if recorded is None else recorded},
         # stages may take their own workers (e.g. more after growth): a run holds stages of one scaling
-        scaling_config=ray_scaling(first.domain_cfg.scaling or cfg.scaling),
+        scaling_config=ray_scaling(scaling),
         run_config=RunConfig(
             name=name or stage_name(cfg.run_name, first.index, first.domain, first.segment),
             storage_path=storage_path,
@@ -99,7 +100,10 @@ def run_stages(specs: list[StageSpec], *, tokenizer_dir: str, storage_path: str,
         # validation rows and replay memories travel apart: every worker scores all validation rows (its
         # share by index) and draws replayed rows from the whole memory
         datasets={train_dataset_name(s.index): streams[s.index] for s in specs},
-        dataset_config=DataConfig(datasets_to_split=[train_dataset_name(s.index) for s in specs]),
+        # one worker reads each stream whole, in its own process: a split would add a coordinator actor (a
+        # process) per stage to hand the same rows, in the same order, to that one worker
+        dataset_config=DataConfig(datasets_to_split=[train_dataset_name(s.index) for s in specs]
+                                  if scaling.num_workers > 1 else []),
     )
     by_index = {s.index: s for s in specs}
     results: list[StageResult] = []

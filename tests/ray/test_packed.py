@@ -275,3 +275,20 @@ def test_validation_rows_are_the_rows_of_the_valid_files_streamed_through_one_to
                               prompts=True)
         np.testing.assert_array_equal(got.input_ids, want.input_ids)
         np.testing.assert_array_equal(got.domain_id, want.domain_id)
+
+
+def test_a_single_worker_reads_its_stream_unsplit_as_a_split_of_one_hands_it(setup):
+    """A one-worker run does not split its training streams (a split starts a coordinator process per
+    stream): the rows, in their order, are those a split of one hands that worker, across small batches."""
+    from ray.train import DataConfig
+
+    cfg, opts, _ = setup
+    o = replace(opts, data=replace(opts.data, tokenize_batch_size=8))
+    ds = files_dataset([(1, cfg.data.domains[1])], "train", o, prompts=True)
+    [split] = DataConfig(datasets_to_split=["t"]).configure(
+        {"t": ds}, world_size=1, worker_handles=None, worker_node_ids=None)
+    [whole] = DataConfig(datasets_to_split=[]).configure(
+        {"t": ds}, world_size=1, worker_handles=None, worker_node_ids=None)
+    got, want = rows(whole["t"])[0], rows(split["t"])[0]
+    assert len(want) > 20
+    np.testing.assert_array_equal(got, want)
