@@ -198,8 +198,9 @@ def _finetune(args) -> int:
     from ray_lifelong.downstream.run import run_finetune
 
     cfg = _config(args)
-    with ray_session(cfg, args.verbose):
-        run_finetune(cfg, model=args.model)
+    with contextlib.ExitStack() as session:  # Ray only when a job is left to train
+        run_finetune(cfg, model=args.model,
+                     start_ray=lambda: session.enter_context(ray_session(cfg, args.verbose)))
     return 0
 
 

@@ -43,8 +43,12 @@ def pretrained_with_prompts(model_dir: str) -> bool:
     return bool(OmegaConf.select(OmegaConf.load(saved), "continual.prompts", default=False))
 
 
-def run_finetune(cfg: LifelongConfig, *, model: str | None = None) -> dict:
-    """Fine-tune the model on every task and seed of ``cfg.finetune`` (finished ones are kept)."""
+def run_finetune(cfg: LifelongConfig, *, model: str | None = None, start_ray=None) -> dict:
+    """Fine-tune the model on every task and seed of ``cfg.finetune`` (finished ones are kept).
+
+    ``start_ray``: called before the first job is trained, when Ray is not running yet (the command line's
+    session); with every job finished, Ray is not started at all.
+    """
     from ray import tune
 
     fc = cfg.finetune
@@ -72,7 +76,11 @@ def run_finetune(cfg: LifelongConfig, *, model: str | None = None) -> dict:
     key = job_key(cfg, uri, prompts)
     jobs = [f"{name}::{seed}" for name in tasks for seed in fc.seeds
             if not _record_path(out, name, seed, key).exists()]
-    if jobs:
+    if not jobs:
+        print(f"[finetune] all {len(tasks) * len(fc.seeds)} jobs finished before: kept")
+    else:
+        if start_ray is not None:
+            start_ray()
         trainable = tune.with_resources(
             tune.with_parameters(
                 _job, cfg=cfg, tasks=tasks, model_uri=uri, pad_id=pad_id, out=str(out), key=key

@@ -87,5 +87,7 @@ def test_a_run_finetunes_its_final_model_beyond_the_majority_class_and_a_rerun_k
     # `ray-lifelong finetune` on the same config (default model: the run's final_model) keeps both jobs
     again = cli("finetune", str(config), timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    # nothing left to train: no Ray cluster started for it
+    assert "[finetune] all 2 jobs finished before: kept" in again.stdout and "[ray]" not in again.stdout
     assert {p: p.stat().st_mtime_ns for p in records} == records  # finished jobs are not trained again
     assert json.loads((out / "downstream.json").read_text()) == summary
