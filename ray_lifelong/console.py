@@ -44,12 +44,14 @@ _DEDUP = re.compile(r"\s*(\x1b\[\d+m)?\s*\[repeated \d+x across cluster\].*$")
 
 
 def keep_lines(lines: list[str]) -> tuple[list[str], list[str]]:
-    """Split forwarded lines into ``(own, other)``, dropping Ray's known noise; the indented source line
-    that Python's warnings module prints after a dropped warning goes with it."""
+    """Split forwarded lines into ``(own, other)``, dropping Ray's known noise and blank lines; the indented
+    source line that Python's warnings module prints after a dropped warning goes with it."""
     own, other = [], []
     dropped_warning = False
     for raw in lines:
         line = _DEDUP.sub("", raw)
+        if not line.strip():  # a blank line says nothing, and Ray would print its process prefix alone
+            continue
         if dropped_warning and line.startswith(" "):
             dropped_warning = False
             continue

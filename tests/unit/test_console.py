@@ -55,3 +55,8 @@ def test_a_repeated_line_of_our_own_loses_rays_dedup_suffix():
     repeated = "[stage 01-cooking] start at step 0/60\x1b[32m [repeated 2x across cluster]\x1b[0m"
     own, other = keep_lines([repeated])
     assert own == ["[stage 01-cooking] start at step 0/60"] and other == []
+
+
+def test_a_blank_forwarded_line_is_dropped_not_printed_as_a_bare_process_prefix():
+    own, other = keep_lines(["", "   ", "[run] stages: 2", "\t", "ValueError: x"])
+    assert own == ["[run] stages: 2"] and other == ["ValueError: x"]
