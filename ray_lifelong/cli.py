@@ -153,18 +153,21 @@ def _pack(args) -> int:
 
 
 def _run(args) -> int:
-    from ray_lifelong.pipeline import check_run_start, prepare_start, run_lifelong
+    from ray_lifelong.pipeline import check_run_start, prepare_start, run_lifelong, unfinished_stages
 
     cfg = _config(args)
     check_run_start(cfg, args.resume)  # before starting Ray
     if cfg.model.init_from:  # its tokenizer and starting model too (a URI is copied now, once)
         prepare_start(cfg)
-    with ray_session(cfg, args.verbose):
+    with contextlib.ExitStack() as session:  # Ray only when a stage or a fine-tuning job is left to train
+        start_ray = _starts_ray_once(session, cfg, args.verbose)
+        if not args.resume or unfinished_stages(cfg):
+            start_ray()
         summary = run_lifelong(cfg, resume=args.resume)
         if cfg.finetune.tasks:  # downstream evaluation of the final model, when the config lists tasks
             from ray_lifelong.downstream.run import run_finetune
 
-            summary["downstream"] = run_finetune(cfg)
+            summary["downstream"] = run_finetune(cfg, start_ray=start_ray)
     print("AP (geometric) per stage:", ", ".join(f"{x:.2f}" for x in summary["AP"]))
     return 0
 
@@ -189,8 +192,9 @@ def _tune(args) -> int:
     cfg = _config(args)
     check_sweep_start(cfg, args.resume, args.config)  # before starting Ray
     check_start(cfg)
-    with ray_session(cfg, args.verbose):
-        run_sweep(cfg, resume=args.resume, where=args.config, verbose=args.verbose)
+    with contextlib.ExitStack() as session:  # Ray only when a trial is left to run
+        run_sweep(cfg, resume=args.resume, where=args.config, verbose=args.verbose,
+                  start_ray=_starts_ray_once(session, cfg, args.verbose))
     return 0
 
 
@@ -199,9 +203,20 @@ def _finetune(args) -> int:
 
     cfg = _config(args)
     with contextlib.ExitStack() as session:  # Ray only when a job is left to train
-        run_finetune(cfg, model=args.model,
-                     start_ray=lambda: session.enter_context(ray_session(cfg, args.verbose)))
+        run_finetune(cfg, model=args.model, start_ray=_starts_ray_once(session, cfg, args.verbose))
     return 0
+
+
+def _starts_ray_once(session: contextlib.ExitStack, cfg, verbose: bool):
+    """A function that enters the command's :func:`ray_session` into ``session`` the first time it is
+    called: a command calls it only when there is work for Ray left."""
+    def start() -> None:
+        if not started:
+            session.enter_context(ray_session(cfg, verbose))
+            started.append(True)
+
+    started: list[bool] = []
+    return start
 
 
 def _status(args) -> int:

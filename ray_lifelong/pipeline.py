@@ -81,10 +81,7 @@ def run_lifelong(
     tok_dir, start_ckpt = prepare_start(cfg)
     tok_files = read_tokenizer_files(tok_dir)
     names = [d.name for d in cfg.data.domains]
-    quiet_ray_data()
-    bad_log = bad_record_log(cfg.data.on_bad_record)
     opts = StreamOptions(tok_dir, cfg.model.arch, cfg.data)
-    valid = validation_rows(cfg.data.domains, opts, bad_log, prompts=cfg.continual.prompts)
     plans = stage_plans(cfg)
     replay = cfg.continual.replay
     tracker = RunTracker(cfg)
@@ -105,6 +102,12 @@ def run_lifelong(
             res.frw = res.frw or (_finished(lay, spec.frw_label) if plans[spec.index].frw_steps else None)
             done[spec.index] = res
             print(f"[run] stage {spec.console()} already finished: skipped")
+    # what only training needs: a run whose stages have all finished rewrites its results without Ray
+    bad_log = valid = None
+    if len(done) < len(specs):
+        quiet_ray_data()
+        bad_log = bad_record_log(cfg.data.on_bad_record)
+        valid = validation_rows(cfg.data.domains, opts, bad_log, prompts=cfg.continual.prompts)
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory")
     memories: dict = {}
     results: dict[int, StageResult] = dict(done)
@@ -161,6 +164,13 @@ def run_lifelong(
     tracker.close(lay.results)
     print(f"[run] done: {lay.results}, report.md, final_model/")
     return summary
+
+
+def unfinished_stages(cfg: LifelongConfig) -> list[str]:
+    """The labels of the stages of ``cfg``'s run that have no record yet (every stage of a new run): with
+    none left, ``ray-lifelong run --resume`` rewrites the results without starting Ray."""
+    lay = run_layout(cfg)
+    return [p.label for p in stage_plans(cfg) if not lay.stage_marker(p.label).exists()]
 
 
 def _finished(lay, label: str) -> StageResult | None:

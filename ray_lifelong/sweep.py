@@ -395,11 +395,37 @@ def check_sweep_start(cfg: LifelongConfig, resume: bool, where: str = "<config>"
         )
 
 
+def trials_in_sweep(cfg: LifelongConfig) -> int:
+    """How many trials the sweep runs: ``num_samples`` of each combination of the grid dimensions."""
+    grids = [len(d.grid) for d in cfg.tune.space.values() if d.grid is not None]
+    return cfg.tune.num_samples * math.prod(grids)
+
+
+def finished_sweep(cfg: LifelongConfig):
+    """The results (a Tune ``ResultGrid``) of ``cfg``'s sweep if every one of its trials has ended, read
+    from the sweep's storage without Ray; None while a trial is left to run, has failed (``--resume`` runs
+    it again) or was never started."""
+    from ray import tune
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    exp_path = experiment_path(cfg)
+    if not tune.Tuner.can_restore(exp_path):
+        return None
+    analysis = ExperimentAnalysis(exp_path)
+    ended = [t for t in analysis.trials if t.status == "TERMINATED"]
+    if len(ended) < trials_in_sweep(cfg) or len(ended) < len(analysis.trials):
+        return None
+    return ResultGrid(analysis)
+
+
 def run_sweep(
-    cfg: LifelongConfig, *, resume: bool = False, where: str = "<config>", verbose: bool = False
+    cfg: LifelongConfig, *, resume: bool = False, where: str = "<config>", verbose: bool = False,
+    start_ray=None,
 ) -> dict:
     """Run (or, with ``resume``, restore and finish) the sweep of ``cfg``; write and return the results.
-    ``verbose``: Tune's own console (a restored sweep keeps the console it was started with)."""
+    ``verbose``: Tune's own console (a restored sweep keeps the console it was started with).
+    ``start_ray``: called once it is known that a trial is left to run (the command line's session): a
+    finished sweep's ``--resume`` rewrites its results from storage without starting Ray."""
     import warnings
 
     import ray
@@ -410,20 +436,21 @@ def run_sweep(
 
     check_space(cfg, where)
     check_sweep_start(cfg, resume, where)
+    done = finished_sweep(cfg) if resume else None
+    if done is not None:
+        cfg, base, tok_dir, teacher_cfg = _sweep_inputs(cfg)
+        print(f"[tune] every trial of the sweep in {experiment_path(cfg)} has ended: its results are written "
+              f"again from there")
+        teacher_dir = str(run_layout(teacher_cfg).root) if teacher_cfg else None
+        return write_sweep_results(cfg, done, base, tokenizer_dir=tok_dir, teacher_dir=teacher_dir)
+    if start_ray is not None:
+        start_ray()
     resources = ray.cluster_resources()
     limit = concurrency(cfg, resources.get("CPU", 0.0), resources.get("GPU", 0.0), where)
-    cfg = absolute_paths(cfg)
+    cfg, base, tok_dir, teacher_cfg = _sweep_inputs(cfg)
     tu = cfg.tune
-    base = run_layout(cfg).root
-    base.mkdir(parents=True, exist_ok=True)
-    if cfg.data.pretokenize and not cfg.data.packed_path:  # every trial (and the teacher) reads one packing
-        cfg.data.packed_path = str(base / "packed")
-    prepare_demo(cfg)
-    tok_dir = prepare_tokenizer(cfg, base / "tokenizer")
     teacher_dir = None
-    if tu.base == "ki":  # one teacher for every trial, trained first (or found finished)
-        teacher_cfg = variants(cfg, tok_dir)["teacher"]
-        teacher_cfg.tune.space = {}
+    if teacher_cfg is not None:  # one teacher for every trial, trained first (or found finished)
         teacher = run_layout(teacher_cfg)
         teacher_dir = str(teacher.root)
         if teacher.results.exists():
@@ -462,6 +489,23 @@ def run_sweep(
                           verbose=verbose)
     grid = tuner.fit()
     return write_sweep_results(cfg, grid, base, tokenizer_dir=tok_dir, teacher_dir=teacher_dir)
+
+
+def _sweep_inputs(cfg: LifelongConfig):
+    """``cfg`` with absolute paths, the sweep's directory, its tokenizer (made once) and, for a KI sweep,
+    the config of the teacher that every trial distils from (None otherwise)."""
+    cfg = absolute_paths(cfg)
+    base = run_layout(cfg).root
+    base.mkdir(parents=True, exist_ok=True)
+    if cfg.data.pretokenize and not cfg.data.packed_path:  # every trial (and the teacher) reads one packing
+        cfg.data.packed_path = str(base / "packed")
+    prepare_demo(cfg)
+    tok_dir = prepare_tokenizer(cfg, base / "tokenizer")
+    teacher_cfg = None
+    if cfg.tune.base == "ki":
+        teacher_cfg = variants(cfg, tok_dir)["teacher"]
+        teacher_cfg.tune.space = {}
+    return cfg, base, tok_dir, teacher_cfg
 
 
 def trial_lines(metric: str, last_stage: int):

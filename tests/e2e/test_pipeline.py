@@ -149,6 +149,7 @@ def test_rerun_refuses_and_resume_skips_finished_stages(finished_run):
     proc = cli("run", str(REPO / "configs/demo.yaml"), *overrides, "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("already finished: skipped") == 2
+    assert "[ray]" not in proc.stdout  # nothing left to train: the results are rewritten without Ray
     assert json.loads((run / "results.json").read_text())["ppl_matrix"] == json.loads(before)["ppl_matrix"]
 
 

@@ -98,11 +98,13 @@ def test_a_sweep_on_s3_survives_a_killed_driver_restores_from_there_and_its_best
         assert sum(p.endswith("/result.json") for p in stored) == 2, stored
         assert not (base / "tune").exists()
 
-        # --resume of the finished sweep restores it from S3 and writes the same table
+        # --resume of the finished sweep reads its results from S3 and writes the same table, without Ray
         first = (base / "sweep_results.csv").read_text()
         (base / "sweep_results.csv").unlink()
         restored = cli("tune", str(REPO / "configs/tune_ki.yaml"), *overrides, "--resume", timeout=600)
         assert restored.returncode == 0, restored.stdout[-3000:] + restored.stderr[-3000:]
+        assert "every trial of the sweep in s3://sweeps/ki/tune" in restored.stdout, restored.stdout[-3000:]
+        assert "[ray]" not in restored.stdout
         assert (base / "sweep_results.csv").read_text() == first
 
         with open(base / "sweep_results.csv") as f:

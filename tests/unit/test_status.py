@@ -52,3 +52,18 @@ def test_status_reads_done_stages_and_the_current_stages_newest_complete_checkpo
 def test_status_of_a_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         run_status(tmp_path / "nope")
+
+
+def test_the_stages_left_are_those_without_a_record(tmp_path):
+    from ray_lifelong.pipeline import unfinished_stages
+
+    doms = "[{name: a, train: [x], valid: [x]}, {name: b, train: [x], valid: [x]}]"
+    cfg = load_config(None, [f"output_dir={tmp_path}", "run_name=r", f"data.domains={doms}"])
+    lay = run_layout(cfg)
+    assert unfinished_stages(cfg) == ["00-a", "01-b"]  # a new run
+    lay.stage_marker("00-a").parent.mkdir(parents=True)
+    lay.stage_marker("00-a").write_text("{}")
+    (lay.stage_marker("01-b").parent).mkdir(parents=True)  # started, not recorded
+    assert unfinished_stages(cfg) == ["01-b"]
+    lay.stage_marker("01-b").write_text("{}")
+    assert unfinished_stages(cfg) == []  # `run --resume` then starts no Ray

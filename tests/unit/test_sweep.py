@@ -9,7 +9,7 @@ import pytest
 
 from ray_lifelong.config import ConfigError, load_config, with_values
 from ray_lifelong.config.schema import SearchDim
-from ray_lifelong.sweep import absolute_paths, check_space, dimension, max_reports
+from ray_lifelong.sweep import absolute_paths, check_space, dimension, max_reports, trials_in_sweep
 from tests.conftest import REPO
 
 TUNE_KI = REPO / "configs/tune_ki.yaml"
@@ -68,6 +68,13 @@ def test_bad_dimensions_are_refused_at_load(space, words):
     with pytest.raises(ConfigError) as e:
         load_config(TUNE_KI, [f"tune.space={space}"])
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_a_sweep_runs_num_samples_trials_of_each_grid_combination():
+    assert trials_in_sweep(load_config(TUNE_KI, ["tune.num_samples=3"])) == 3  # no grid dimension
+    grid = ("tune.space={train.weight_decay: {grid: [0.1, 0.2]}, train.lr: {grid: [1.0e-3, 2.0e-3, 3.0e-3]}, "
+            "ki.inherit.alpha0: {uniform: [0.2, 0.8]}}")
+    assert trials_in_sweep(load_config(TUNE_KI, [grid, "tune.num_samples=2"])) == 2 * 2 * 3
 
 
 def test_grid_needs_random_search_and_unknown_scheduler_is_refused():
