@@ -8,8 +8,11 @@ workers as arrays.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -84,19 +87,27 @@ class TokenizePack:
     batch carry into the next one, and the rows are those of packing the whole stream at once. A larger
     pool hands batches to whichever actor is free, so a carry would make the rows depend on that
     assignment: there each batch is packed on its own and its leftover (less than one row) is dropped.
+
+    ``layouts``: the rows' layouts (:func:`pack_layouts`), made where the tokenizer is loaded through
+    transformers already; given, this instance encodes with the ``tokenizers`` library alone
+    (:func:`encodes_alike`), without importing transformers (~0.5 CPU-s of every tokenizer actor's start).
     """
 
     def __init__(self, tokenizer_dir: str, seq_len: int, arch: str, prompts: dict[int, str] | None = None,
-                 carry: bool = True) -> None:
-        self.tok = load_tokenizer(tokenizer_dir)
-        self.spec = pack_spec(self.tok, seq_len, arch)
+                 carry: bool = True, layouts: tuple[PackSpec, dict[int, PackSpec]] | None = None) -> None:
+        if layouts is None:
+            tok = load_tokenizer(tokenizer_dir)
+            self.encode = lambda texts: tok(texts, add_special_tokens=False)["input_ids"]
+            layouts = pack_layouts(tok, seq_len, arch, prompts)
+        else:
+            self.encode = backend_encoder(tokenizer_dir)
         # ELLE domain prompts: each domain's rows start with its own prompt token
-        self.specs = {d: pack_spec(self.tok, seq_len, arch, p) for d, p in (prompts or {}).items()}
+        self.spec, self.specs = layouts
         self.carry: dict[int, list[int]] = {}
         self.keep_carry = carry
 
     def __call__(self, batch: dict) -> dict:
-        enc = self.tok(list(batch["text"]), add_special_tokens=False)["input_ids"]
+        enc = self.encode(list(batch["text"]))
         ids = batch["domain_id"]
         rows, dom = [], []
         for d in dict.fromkeys(ids.tolist()):  # a batch may span two domains (validation): pack each apart
@@ -112,6 +123,51 @@ class TokenizePack:
                 "domain_id": np.zeros(0, np.int32),
             }
         return {"input_ids": np.concatenate(rows), "domain_id": np.concatenate(dom)}
+
+
+def pack_layouts(tokenizer, seq_len: int, arch: str, prompts: dict[int, str] | None = None
+                 ) -> tuple[PackSpec, dict[int, PackSpec]]:
+    """The rows' layout, and each prompted domain's (by domain id) when ``prompts``."""
+    return (pack_spec(tokenizer, seq_len, arch),
+            {d: pack_spec(tokenizer, seq_len, arch, p) for d, p in (prompts or {}).items()})
+
+
+def backend_encoder(tokenizer_dir: str):
+    """``texts -> token ids`` without special tokens, by the ``tokenizers`` library from the directory's
+    ``tokenizer.json``, neither truncated nor padded: what transformers' generic fast tokenizer calls
+    (:func:`encodes_alike`)."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    backend.no_truncation()
+    backend.no_padding()
+    return lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+
+@functools.lru_cache(maxsize=16)
+def _backend_layouts(tokenizer_dir: str, stamp, seq_len: int, arch: str, prompts: tuple):
+    """:func:`pack_layouts` for actors that encode with the ``tokenizers`` library, or None when it would
+    not encode alike; once per tokenizer file (``stamp``: its modification time and size) in a process,
+    which builds a dataset per stage and memory."""
+    tok = load_tokenizer(tokenizer_dir)
+    if not encodes_alike(tok, tokenizer_dir):
+        return None
+    return pack_layouts(tok, seq_len, arch, dict(prompts))
+
+
+def encodes_alike(tokenizer, tokenizer_dir: str) -> bool:
+    """Whether :func:`backend_encoder` gives ``tokenizer``'s own ids: it is transformers' generic fast
+    tokenizer (no Python-side handling of its own) and its backend is the directory's ``tokenizer.json``."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if type(tokenizer) is not PreTrainedTokenizerFast or not path.is_file():
+        return False
+
+    def model(text: str) -> dict:  # (truncation and padding: set by each call, off in both encoders)
+        return {k: v for k, v in json.loads(text).items() if k not in ("truncation", "padding")}
+
+    return model(path.read_text()) == model(tokenizer.backend_tokenizer.to_str())
 
 
 def pack_spec(tokenizer, seq_len: int, arch: str, prompt: str | None = None) -> PackSpec:
@@ -178,6 +234,12 @@ def files_dataset(
         ),
     )
     carry = carries_tokens(d)
+    prompt_names = {i: prompt_token(dom.name) for i, dom in domains} if prompts else None
+    # the rows' layouts made here: the actors then need the tokenizers library alone, when it encodes alike
+    stamp = Path(opts.tokenizer_dir, "tokenizer.json")
+    stamp = (stamp.stat().st_mtime_ns, stamp.stat().st_size) if stamp.is_file() else None
+    layouts = _backend_layouts(opts.tokenizer_dir, stamp, d.seq_len, opts.arch,
+                               tuple(sorted((prompt_names or {}).items())))
     return ds.map_batches(
         TokenizePack,
         batch_size=d.tokenize_batch_size,
@@ -191,8 +253,9 @@ def files_dataset(
             tokenizer_dir=opts.tokenizer_dir,
             seq_len=d.seq_len,
             arch=opts.arch,
-            prompts={i: prompt_token(dom.name) for i, dom in domains} if prompts else None,
+            prompts=prompt_names,
             carry=carry,
+            layouts=layouts,
         ),
     )
 

@@ -114,17 +114,62 @@ def test_tokenize_pack_udf_layout(tmp_path, corpus, kind, arch):
     )
     cooking = out["input_ids"][out["domain_id"] == 1]
     rows = out["input_ids"][out["domain_id"] == 0]
-    cid = udf.tok.convert_tokens_to_ids(prompt_token("cooking"))
+    tok = load_tokenizer(tmp_path / "t")
+    cid = tok.convert_tokens_to_ids(prompt_token("cooking"))
     # each domain its own prompt
     assert len(cooking) and (cooking[:, 1 if arch == "bert" else 0] == cid).all()
     assert rows.shape[1] == 16 and len(out["input_ids"]) == len(out["domain_id"]) and len(rows) > 0
-    tok = udf.tok
     pid = tok.convert_tokens_to_ids(prompt_token("sports"))
     if arch == "bert":
         assert (rows[:, 0] == tok.cls_token_id).all() and (rows[:, 1] == pid).all()
         assert (rows[:, -1] == tok.sep_token_id).all()
     else:
         assert (rows[:, 0] == pid).all()
+
+
+@pytest.mark.parametrize("style", ["wordpiece", "bpe", "llama", "roberta"])
+def test_a_tokenizer_actor_on_the_tokenizers_library_packs_the_rows_that_transformers_gives(
+        tmp_path, corpus, style):
+    """Given the layouts made where transformers loaded the tokenizer, a :class:`TokenizePack` encodes with
+    the ``tokenizers`` library alone: the same rows, batch after batch (with the carry), as one that loads
+    the tokenizer through transformers; a tokenizer with Python-side handling of its own keeps that path."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from transformers import BertTokenizerFast
+
+    from ray_lifelong.data.stream import encodes_alike, pack_layouts
+    from tests.conftest import checkpoint_tokenizer
+
+    texts = list(sample_texts(corpus, 100))
+    if style in ("wordpiece", "bpe"):
+        train_tokenizer(texts, tmp_path, kind=style, vocab_size=400, prompts=prompt_tokens(["sports"]))
+    else:
+        tok = checkpoint_tokenizer(texts, style)
+        ensure_prompt_tokens(tok, ["sports"])
+        tok.save_pretrained(str(tmp_path))
+    arch = {"wordpiece": "bert", "roberta": "bert", "bpe": "gpt2", "llama": "llama"}[style]
+    tok = load_tokenizer(tmp_path)
+    assert encodes_alike(tok, str(tmp_path))
+    prompts = {0: prompt_token("sports")}
+    layouts = pack_layouts(tok, 24, arch, prompts)
+    via_hf = TokenizePack(str(tmp_path), 24, arch, prompts)
+    alone = TokenizePack(str(tmp_path), 24, arch, prompts, layouts=layouts)
+    for start in range(0, 60, 20):  # three batches: the leftover of each carries into the next
+        batch = {"text": np.array(texts[start:start + 20], dtype=object), "domain_id": np.zeros(20, np.int32)}
+        a, b = via_hf(batch), alone(batch)
+        assert len(a["input_ids"]) > 0 and np.array_equal(a["input_ids"], b["input_ids"])
+        assert np.array_equal(a["domain_id"], b["domain_id"])
+    assert via_hf.carry == alone.carry
+    # a process that packs this way imports no transformers
+    code = (f"import sys, numpy as np; from ray_lifelong.data.stream import TokenizePack, backend_encoder; "
+            f"backend_encoder({str(tmp_path)!r})(['a b']); print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr[-2000:]
+    if style == "wordpiece":  # a class of its own (BERT's): not the generic one, so not encoded alone
+        BertTokenizerFast(tokenizer_object=tok.backend_tokenizer).save_pretrained(str(tmp_path / "bert"))
+        assert not encodes_alike(load_tokenizer(tmp_path / "bert"), str(tmp_path / "bert"))
 
 
 def test_wordpiece_merges_the_most_frequent_pair_first_and_breaks_ties_by_older_symbols():
