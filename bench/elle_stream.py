@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import CORPUS, REPO, write
+from bench.partial import save_partial
 
 DOMAINS = ["wb", "news", "reviews", "bio", "cs"]
 ELLE_FIRST = ["elle", "elle_no_prompts", "elle_no_frw", "elle_carry"]  # their steps are fixed
@@ -188,21 +189,6 @@ def run_arch(arch: str, args, out: Path) -> dict:
         results[method] = run_method(arch, method, out, tok_dir, m_steps, domains, args.resume)
         results = save_partial(partial, method, results[method])
     return results
-
-
-def save_partial(partial: Path, method: str, result: dict) -> dict:
-    """Add one finished method to partial-<arch>.json, merged under a lock so that several invocations on
-    one --out (one per method, on a machine with room for them side by side) keep each other's results."""
-    import fcntl
-
-    with open(partial.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        merged = json.loads(partial.read_text()) if partial.exists() else {}
-        merged[method] = result
-        tmp = partial.with_suffix(".tmp")
-        tmp.write_text(json.dumps(merged, indent=1))
-        tmp.replace(partial)
-    return merged
 
 
 # the methods each goal compares ELLE with; a goal is decided only when every one of them ran

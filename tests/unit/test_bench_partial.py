@@ -3,7 +3,7 @@
 import json
 import multiprocessing as mp
 
-from bench.elle_stream import save_partial
+from bench.partial import save_partial
 
 
 def _save(path, method):
@@ -19,7 +19,7 @@ def test_parallel_invocations_keep_each_others_results(tmp_path):
     for p in procs:
         p.start()
     for p in procs:
-        p.join(300)  # each child imports torch (via bench.common): slow on 2 busy cores
+        p.join(300)
         assert p.exitcode == 0
     merged = json.loads(partial.read_text())
     assert set(merged) == {"elle", *methods}
