@@ -69,7 +69,6 @@ def train_stages(config: dict) -> dict:
     """
     specs: list[StageSpec] = config["specs"]
     valid: ValidationRows = config["valid"]
-    own = config.get("streams")  # a one-worker run's streams, read by this worker itself
     cfg = specs[0].cfg
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
@@ -92,24 +91,21 @@ def train_stages(config: dict) -> dict:
                     _report_again(specs[pos], restored, rstate)
     if begin < len(specs):
         # the stream's cold start (its coordinator and tokenizer actors) overlaps the model's build
-        stream = _Stream(specs[begin], stream_shard(specs[begin].index, own))
+        stream = _Stream(specs[begin])
         stream.start_early()
     out = {}
     for pos in range(begin, len(specs)):
         following = specs[pos + 1] if pos + 1 < len(specs) else None
-        out, handoff, stream = _run_stage(specs[pos], valid, tokenizer, resume, handoff, stream, following,
-                                          own)
+        out, handoff, stream = _run_stage(specs[pos], valid, tokenizer, resume, handoff, stream, following)
         resume = None
     return out
 
 
 def _run_stage(spec: StageSpec, valid: ValidationRows, tokenizer, resume, handoff: "_Handoff | None",
-               stream: "_Stream | None", next_spec: StageSpec | None,
-               own: dict | None = None) -> tuple[dict, "_Handoff", "_Stream"]:
+               stream: "_Stream | None", next_spec: StageSpec | None) -> tuple[dict, "_Handoff", "_Stream"]:
     """One stage on this worker: [1] model, [2] DDP, [3] data, [4a] warmup, [4b] domain, [5] final
-    evaluation and report. ``stream``: this stage's stream when the stage before started it; ``own``: the
-    run's streams when this worker reads them itself (:func:`stream_shard`). Returns the stage's record (as
-    reported), the model the next stage starts from and the next stage's stream."""
+    evaluation and report. ``stream``: this stage's stream when the stage before started it. Returns the
+    stage's record (as reported), the model the next stage starts from and the next stage's stream."""
     cfg, t = spec.cfg, spec.cfg.train
     started = time.perf_counter()
     entered = time.time()  # wall clock: the driver measures the worker group's start against it
@@ -138,10 +134,8 @@ def _run_stage(spec: StageSpec, valid: ValidationRows, tokenizer, resume, handof
         objective = torch.compile(objective)
 
     # [3] data: this worker's share of the domain stream, the (unsplit) replay memories and validation sets
-    stream = stream or _Stream(spec, stream_shard(spec.index, own))
-    following = None
-    if next_spec is not None:
-        following = stream.then = _Stream(next_spec, stream_shard(next_spec.index, own))
+    stream = stream or _Stream(spec)
+    following = stream.then = _Stream(next_spec) if next_spec is not None else None
     # a memory written while the stage before trained may still be on its way (the driver writes it)
     memory = read_memories(wait_for_memories(spec.replay_uris)) if spec.replay_uris else None
     if state.phase == "frw" and memory is None:
@@ -283,8 +277,8 @@ class _Stream:
       stage in a later epoch reads the first one back first.
     """
 
-    def __init__(self, spec: StageSpec, shard):
-        self.shard = shard  # (:func:`stream_shard`)
+    def __init__(self, spec: StageSpec, shard=None):
+        self.shard = shard or ray.train.get_dataset_shard(train_dataset_name(spec.index))  # [ray]
         self.data, self.train = spec.cfg.data, spec.cfg.train
         self.early: tuple[threading.Thread, dict] | None = None
         self.cache: list | None = [] if self.data.epoch_cache_mb and not self.data.shuffle_buffer else None
@@ -399,18 +393,6 @@ def _to_cpu(obj):
 def train_dataset_name(index: int) -> str:
     """The Ray Train dataset of stage ``index`` (a run's stages each stream their own)."""
     return f"train_{index}"
-
-
-def stream_shard(index: int, own: dict | None = None):
-    """This worker's iterator of stage ``index``'s training rows. ``own``: the run's streams by stage, which
-    a run of one worker hands to it directly: its iterator is made here as Ray Train makes one of a stream
-    that is not split (:class:`ray.train.DataConfig`), without the dataset-manager actor (a process a run)
-    that would make it elsewhere. Otherwise this worker's split of the stream, from Ray Train."""
-    name = train_dataset_name(index)
-    if own is None:
-        return ray.train.get_dataset_shard(name)  # [ray]
-    return ray.train.DataConfig(datasets_to_split=[]).configure(
-        {name: own[index]}, world_size=1, worker_handles=None, worker_node_ids=None)[0][name]
 
 
 def wait_for_memories(uris: list[str], poll_s: float = 0.2) -> list[str]:

@@ -80,14 +80,10 @@ def run_stages(specs: list[StageSpec], *, tokenizer_dir: str, storage_path: str,
     first = specs[0]
     keep = cfg.ray.num_to_keep
     scaling = first.domain_cfg.scaling or cfg.scaling
-    stage_streams = {train_dataset_name(s.index): streams[s.index] for s in specs}
-    alone = scaling.num_workers == 1
     trainer = TorchTrainer(
         train_stages,
         train_loop_config={"specs": specs, "valid": valid,
-                           "recorded": first.index - 1 if recorded is None else recorded,
-                           # one worker reads each stream whole: it is handed the streams themselves
-                           "streams": {s.index: streams[s.index] for s in specs} if alone else None},
+                           "recorded": first.index - 1 if recorded is None else recorded},
         # stages may take their own workers (e.g. more after growth): a run holds stages of one scaling
         scaling_config=ray_scaling(scaling),
         run_config=RunConfig(
@@ -103,11 +99,11 @@ def run_stages(specs: list[StageSpec], *, tokenizer_dir: str, storage_path: str,
             callbacks=[_StageRecords(str(folder), storage_path), *(callbacks or [])]),
         # validation rows and replay memories travel apart: every worker scores all validation rows (its
         # share by index) and draws replayed rows from the whole memory
-        # more workers each read their split of every stream (a coordinator actor per stream hands out the
-        # rows); one worker reads its streams itself, as they are (a split of one would hand it the same
-        # rows in the same order through a coordinator, and Ray Train's datasets through a manager actor)
-        datasets={} if alone else stage_streams,
-        dataset_config=DataConfig(datasets_to_split=list(stage_streams)),
+        datasets={train_dataset_name(s.index): streams[s.index] for s in specs},
+        # one worker reads each stream whole, in its own process: a split would add a coordinator actor (a
+        # process) per stage to hand the same rows, in the same order, to that one worker
+        dataset_config=DataConfig(datasets_to_split=[train_dataset_name(s.index) for s in specs]
+                                  if scaling.num_workers > 1 else []),
     )
     by_index = {s.index: s for s in specs}
     results: list[StageResult] = []
