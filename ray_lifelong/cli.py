@@ -210,12 +210,14 @@ def _finetune(args) -> int:
 def _starts_ray_once(session: contextlib.ExitStack, cfg, verbose: bool):
     """A function that enters the command's :func:`ray_session` into ``session`` the first time it is
     called: a command calls it only when there is work for Ray left."""
+    started = False
+
     def start() -> None:
+        nonlocal started
         if not started:
             session.enter_context(ray_session(cfg, verbose))
-            started.append(True)
+            started = True
 
-    started: list[bool] = []
     return start
 
 

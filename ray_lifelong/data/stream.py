@@ -144,6 +144,15 @@ def backend_encoder(tokenizer_dir: str):
     return lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
+def backend_layouts(opts: StreamOptions, prompts: dict[int, str] | None):
+    """The rows' layouts for tokenizer actors that encode with the ``tokenizers`` library alone, or None when
+    that library would not encode as the run's tokenizer does (:func:`encodes_alike`)."""
+    path = Path(opts.tokenizer_dir, "tokenizer.json")
+    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
+    return _backend_layouts(opts.tokenizer_dir, stamp, opts.data.seq_len, opts.arch,
+                            tuple(sorted((prompts or {}).items())))
+
+
 @functools.lru_cache(maxsize=16)
 def _backend_layouts(tokenizer_dir: str, stamp, seq_len: int, arch: str, prompts: tuple):
     """:func:`pack_layouts` for actors that encode with the ``tokenizers`` library, or None when it would
@@ -235,11 +244,7 @@ def files_dataset(
     )
     carry = carries_tokens(d)
     prompt_names = {i: prompt_token(dom.name) for i, dom in domains} if prompts else None
-    # the rows' layouts made here: the actors then need the tokenizers library alone, when it encodes alike
-    stamp = Path(opts.tokenizer_dir, "tokenizer.json")
-    stamp = (stamp.stat().st_mtime_ns, stamp.stat().st_size) if stamp.is_file() else None
-    layouts = _backend_layouts(opts.tokenizer_dir, stamp, d.seq_len, opts.arch,
-                               tuple(sorted((prompt_names or {}).items())))
+    layouts = backend_layouts(opts, prompt_names)  # made here: the actors then need the tokenizers library
     return ds.map_batches(
         TokenizePack,
         batch_size=d.tokenize_batch_size,
